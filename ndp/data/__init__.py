@@ -1,0 +1,1 @@
+"""Data readers: Criteo TSV, preprocessed columnar shards, synthetic power-law data."""

@@ -1,0 +1,1 @@
+"""What a DLRM is: the embedding-half spec, the dense half, and the shared row initialiser."""

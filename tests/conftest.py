@@ -1,0 +1,29 @@
+"""Shared fixtures: one local Ray instance per test session, kept on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CRITEO_SAMPLE = REPO_ROOT / "data" / "criteo_day0_sample.tsv"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance on 127.0.0.1 shared by every test that needs actors."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from ndp.ray_local import init_local_ray
+
+    init_local_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def criteo_sample() -> Path:
+    return CRITEO_SAMPLE
