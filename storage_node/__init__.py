@@ -1,0 +1,1 @@
+"""The emulated computational storage device: sharded tables, tiers, optimizers, service."""
