@@ -1,0 +1,340 @@
+"""Flash tier: one shard (weights + optimizer state) in a paged file on local disk.
+
+A row record is ``fp32 weights [D]`` followed by ``fp32 optimizer state [S]``
+(``S = optimizer_state_width``), ``row_bytes = 4 * (D + S)``. The file is a header page
+followed by fixed-size *blocks*; a block is the unit of I/O and is page aligned:
+
+- if a row fits in a page, a block is one page holding ``rows_per_block = page // row_bytes``
+  rows (no row straddles a page; the tail of each page is padding);
+- otherwise a block is ``ceil(row_bytes / page)`` pages holding exactly one row.
+
+::
+
+    offset 0                 page_bytes            page_bytes + block_bytes
+    +------------------------+---------------------+---------------------+-----
+    | header page            | block 0             | block 1             | ...
+    |  magic  "NDPSHRD1"  8B | row 0 | row 1 | pad | row k | ...   | pad |
+    |  version         u32   +---------------------+---------------------+-----
+    |  complete        u32     row r lives in block r // rows_per_block at
+    |  num_rows        u64     byte (r % rows_per_block) * row_bytes of it
+    |  embedding_dim   u32
+    |  state_width     u32     row record: [ w_0 .. w_{D-1} | s_0 .. s_{S-1} ]  fp32 LE
+    |  page_bytes      u32
+    |  row_start       u64     (global row of local row 0, for the init check)
+    |  table_name  64B utf8
+    +------------------------+
+
+Reads and writes go in batches: the requested rows are mapped to blocks, the blocks are
+sorted, deduplicated and coalesced into runs of consecutive blocks, and the runs are issued
+in parallel (`io_threads`) with ``os.preadv``/``os.pwritev`` into one page-aligned
+(mmap-allocated) buffer, so ``O_DIRECT`` works when asked for. Writes are read-modify-write of
+whole blocks, as a flash device programs whole pages. The header's ``complete`` flag is
+written last when a new file is initialised, so an interrupted init is redone on reopen.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ndp.config import EmulationConfig
+from ndp.model.init import init_rows
+from storage_node.errors import ShardFileError
+from storage_node.stats import FlashCounters, transfer_delay_s
+
+MAGIC = b"NDPSHRD1"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIQIIIQ64s")
+INIT_CHUNK_BYTES = 8 << 20
+"""Bytes of blocks initialised per write when a new shard file is created."""
+MAX_RUN_BYTES = 1 << 20
+"""Largest single pread/pwrite; longer runs of consecutive blocks are split."""
+
+
+@dataclass(frozen=True)
+class FlashLayout:
+    """Where each row of a shard lives in its file (pure arithmetic, no I/O)."""
+
+    num_rows: int
+    embedding_dim: int
+    state_width: int
+    page_bytes: int
+
+    @property
+    def row_floats(self) -> int:
+        return self.embedding_dim + self.state_width
+
+    @property
+    def row_bytes(self) -> int:
+        return 4 * self.row_floats
+
+    @property
+    def rows_per_block(self) -> int:
+        return max(1, self.page_bytes // self.row_bytes)
+
+    @property
+    def block_bytes(self) -> int:
+        if self.row_bytes <= self.page_bytes:
+            return self.page_bytes
+        return -(-self.row_bytes // self.page_bytes) * self.page_bytes
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_rows // self.rows_per_block)
+
+    @property
+    def file_bytes(self) -> int:
+        return self.page_bytes + self.num_blocks * self.block_bytes
+
+    def block_offset(self, block: np.ndarray | int) -> np.ndarray | int:
+        """File offset of a block (or blocks)."""
+        return self.page_bytes + block * self.block_bytes
+
+
+def _runs(blocks: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coalesce sorted unique block ids into runs: (first block, length) per run."""
+    if blocks.size == 0:
+        return blocks, blocks
+    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [blocks.size]])
+    # split runs longer than max_blocks
+    lengths = ends - starts
+    pieces = -(-lengths // max_blocks)
+    run_first_idx = (
+        np.repeat(starts, pieces)
+        + (np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * max_blocks
+    )
+    run_end_idx = np.minimum(run_first_idx + max_blocks, np.repeat(ends, pieces))
+    return blocks[run_first_idx], run_end_idx - run_first_idx
+
+
+class FlashStore:
+    """A shard file with batched, parallel, page-granular row reads and writes.
+
+    Not thread-safe on its own: the node serialises calls (its thread pool is only used to
+    issue the runs of one batch in parallel).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        table_name: str,
+        table_num_rows: int,
+        row_start: int,
+        num_rows: int,
+        embedding_dim: int,
+        state_width: int,
+        seed: int,
+        page_bytes: int = 4096,
+        io_threads: int = 4,
+        use_odirect: bool = False,
+        emulation: EmulationConfig | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.layout = FlashLayout(num_rows, embedding_dim, state_width, page_bytes)
+        self.table_name = table_name
+        self.row_start = row_start
+        self.counters = FlashCounters()
+        self._emulation = emulation or EmulationConfig()
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ndp-flash")
+        self._max_run_blocks = max(1, MAX_RUN_BYTES // self.layout.block_bytes)
+        flags = os.O_RDWR | os.O_CREAT
+        if use_odirect:
+            if not hasattr(os, "O_DIRECT"):
+                raise ShardFileError(
+                    "storage.use_odirect: this platform has no O_DIRECT; set it to false"
+                )
+            flags |= os.O_DIRECT
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise ShardFileError(
+                f"cannot open shard file {self.path} ({exc.strerror}); with storage.use_odirect "
+                "the flash_dir must be on a file system that supports O_DIRECT"
+            ) from None
+        if not self._header_complete():
+            self._initialise(seed=seed, table_num_rows=table_num_rows)
+
+    # ------------------------------------------------------------------ header / init
+
+    def _header_bytes(self, complete: bool) -> bytes:
+        lay = self.layout
+        name = self.table_name.encode()[:64]
+        return _HEADER.pack(
+            MAGIC,
+            VERSION,
+            int(complete),
+            lay.num_rows,
+            lay.embedding_dim,
+            lay.state_width,
+            lay.page_bytes,
+            self.row_start,
+            name,
+        )
+
+    def _header_complete(self) -> bool:
+        """True if the file holds a finished shard of exactly this shape; raise if another."""
+        if os.fstat(self._fd).st_size < self.layout.page_bytes:
+            return False
+        page = self._aligned(self.layout.page_bytes)
+        os.preadv(self._fd, [page], 0)
+        magic, version, complete, *shape = _HEADER.unpack_from(page, 0)
+        if magic != MAGIC or not complete:
+            return False
+        expected = _HEADER.unpack(self._header_bytes(True))[3:]
+        found = tuple(shape)
+        if version != VERSION or found != expected:
+            names = ("num_rows", "embedding_dim", "state_width", "page_bytes", "row_start", "table")
+            diffs = ", ".join(
+                f"{n}: file {f!r} != expected {e!r}"
+                for n, f, e in zip(names, found, expected, strict=True)
+                if f != e
+            )
+            raise ShardFileError(
+                f"shard file {self.path} holds a different shard ({diffs or f'version {version}'}); "
+                "point storage.flash_dir elsewhere or delete the file to start fresh"
+            )
+        return True
+
+    def _initialise(self, *, seed: int, table_num_rows: int) -> None:
+        """Write every block from `init_rows`, chunk by chunk (never the whole shard in RAM)."""
+        lay = self.layout
+        os.ftruncate(self._fd, lay.file_bytes)
+        header = self._aligned(lay.page_bytes)
+        header[: _HEADER.size] = self._header_bytes(False)
+        os.pwritev(self._fd, [header], 0)
+        blocks_per_chunk = max(1, INIT_CHUNK_BYTES // lay.block_bytes)
+        for first_block in range(0, lay.num_blocks, blocks_per_chunk):
+            n_blocks = min(blocks_per_chunk, lay.num_blocks - first_block)
+            row_lo = first_block * lay.rows_per_block
+            row_hi = min(lay.num_rows, row_lo + n_blocks * lay.rows_per_block)
+            records = np.zeros((row_hi - row_lo, lay.row_floats), dtype=np.float32)
+            records[:, : lay.embedding_dim] = init_rows(
+                seed=seed,
+                table_name=self.table_name,
+                num_rows=table_num_rows,
+                embedding_dim=lay.embedding_dim,
+                row_start=self.row_start + row_lo,
+                row_end=self.row_start + row_hi,
+            )
+            buf = self._aligned(n_blocks * lay.block_bytes)
+            self._pack(buf, np.arange(row_hi - row_lo), records, first_local_row=row_lo)
+            os.pwritev(self._fd, [buf], lay.block_offset(first_block))
+        header[: _HEADER.size] = self._header_bytes(True)
+        os.pwritev(self._fd, [header], 0)
+        os.fsync(self._fd)
+
+    # ------------------------------------------------------------------ buffers
+
+    @staticmethod
+    def _aligned(num_bytes: int) -> mmap.mmap:
+        """Page-aligned zeroed buffer (valid for O_DIRECT)."""
+        return mmap.mmap(-1, max(num_bytes, 1))
+
+    def _float_index(self, block_pos: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Float offsets into a buffer of blocks of each row's record: [n, row_floats]."""
+        lay = self.layout
+        slot = rows % lay.rows_per_block
+        start = block_pos * (lay.block_bytes // 4) + slot * lay.row_floats
+        return start[:, None] + np.arange(lay.row_floats)[None, :]
+
+    def _pack(
+        self, buf: mmap.mmap, rows: np.ndarray, records: np.ndarray, *, first_local_row: int
+    ) -> None:
+        """Place `records` of consecutive rows (relative to `first_local_row`) into `buf`."""
+        lay = self.layout
+        absolute = rows + first_local_row
+        block_pos = absolute // lay.rows_per_block - first_local_row // lay.rows_per_block
+        view = np.frombuffer(buf, dtype=np.float32)
+        view[self._float_index(block_pos, absolute)] = records
+
+    # ------------------------------------------------------------------ batched I/O
+
+    def _throttle(self, num_bytes: int, bandwidth: float | None, latency: float | None) -> None:
+        delay = transfer_delay_s(num_bytes, bandwidth, latency)
+        if delay > 0:
+            self.counters.emulated_delay_s += delay
+            time.sleep(delay)
+
+    def _issue(self, op, buf: mmap.mmap, blocks: np.ndarray) -> None:
+        """Run `op` (os.preadv or os.pwritev) over the coalesced runs of `blocks`, in parallel.
+
+        Block i of the sorted unique `blocks` sits at byte i * block_bytes of `buf`.
+        """
+        lay = self.layout
+        firsts, lengths = _runs(blocks, self._max_run_blocks)
+        positions = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        with memoryview(buf) as whole:
+            chunks = [
+                whole[pos * lay.block_bytes : (pos + length) * lay.block_bytes]
+                for pos, length in zip(positions.tolist(), lengths.tolist(), strict=True)
+            ]
+            offsets = [lay.block_offset(first) for first in firsts.tolist()]
+            list(self._pool.map(lambda c, o: op(self._fd, [c], o), chunks, offsets))
+            for chunk in chunks:
+                chunk.release()
+
+    def _read_blocks(self, blocks: np.ndarray) -> mmap.mmap:
+        """Read sorted unique blocks into one page-aligned buffer."""
+        lay = self.layout
+        buf = self._aligned(blocks.size * lay.block_bytes)
+        self._issue(os.preadv, buf, blocks)
+        nbytes = blocks.size * lay.block_bytes
+        self.counters.bytes_read += nbytes
+        self.counters.pages_read += nbytes // lay.page_bytes
+        self.counters.read_batches += 1
+        emu = self._emulation
+        self._throttle(nbytes, emu.flash_read_bandwidth_mbps, emu.flash_read_latency_us)
+        return buf
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Records of local `rows` (any order, duplicates allowed): float32 [n, D + S]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lay = self.layout
+        if rows.size == 0:
+            return np.zeros((0, lay.row_floats), dtype=np.float32)
+        row_blocks = rows // lay.rows_per_block
+        blocks, block_pos = np.unique(row_blocks, return_inverse=True)
+        buf = self._read_blocks(blocks)
+        view = np.frombuffer(buf, dtype=np.float32)
+        return view[self._float_index(block_pos, rows)].copy()
+
+    def write_rows(self, rows: np.ndarray, records: np.ndarray) -> None:
+        """Write records of unique local `rows` (read-modify-write of their blocks)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        lay = self.layout
+        blocks, block_pos = np.unique(rows // lay.rows_per_block, return_inverse=True)
+        buf = self._read_blocks(blocks)
+        view = np.frombuffer(buf, dtype=np.float32)
+        view[self._float_index(block_pos, rows)] = records
+        del view
+        self._issue(os.pwritev, buf, blocks)
+        nbytes = blocks.size * lay.block_bytes
+        self.counters.bytes_written += nbytes
+        self.counters.pages_written += nbytes // lay.page_bytes
+        self.counters.write_batches += 1
+        emu = self._emulation
+        self._throttle(nbytes, emu.flash_write_bandwidth_mbps, emu.flash_write_latency_us)
+
+    def sync(self) -> None:
+        """Make every write durable (before a checkpoint copies the file)."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._pool.shutdown(wait=True)
