@@ -1,0 +1,235 @@
+"""A GPU worker's client of one storage node: the core's operations, over gRPC.
+
+Every operation has a blocking form (`lookup`) and an `*_async` form returning a future
+(`lookup_async(...).result()`), so a worker can send one request to every node at once and
+then collect the replies. Refusals come back as the `StorageNodeError` subclass the node
+raised (INVALID_ARGUMENT -> IndexOutOfRangeError / BadTensorError / UnknownFeatureError,
+FAILED_PRECONDITION -> StepOrderError, UNAUTHENTICATED -> UnauthenticatedError); a node
+that cannot be reached raises `StorageNodeUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+import grpc
+import torch
+
+from ndp.errors import StorageNodeError
+from protos import storage_node_pb2 as pb
+from protos import storage_node_pb2_grpc as pb_grpc
+from storage_node import codec
+from storage_node import errors as node_errors
+from storage_node.auth import ERROR_METADATA_KEY, UnauthenticatedError, token_metadata
+from storage_node.server import channel_options
+from storage_node.spec import Bags
+
+T = TypeVar("T")
+
+
+class StorageNodeUnavailableError(StorageNodeError):
+    """A storage node did not answer (down, unreachable, or past the RPC deadline)."""
+
+
+_ERRORS_BY_NAME: dict[str, type[StorageNodeError]] = {
+    cls.__name__: cls
+    for cls in (
+        *(
+            value
+            for value in vars(node_errors).values()
+            if isinstance(value, type) and issubclass(value, StorageNodeError)
+        ),
+        UnauthenticatedError,
+        StorageNodeUnavailableError,
+    )
+}
+
+_ERRORS_BY_CODE: dict[grpc.StatusCode, type[StorageNodeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: node_errors.BadTensorError,
+    grpc.StatusCode.FAILED_PRECONDITION: node_errors.StepOrderError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.UNAVAILABLE: StorageNodeUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: StorageNodeUnavailableError,
+}
+
+
+def error_from_rpc(error: grpc.RpcError, address: str) -> StorageNodeError:
+    """The `StorageNodeError` a failed call stands for (class from `ndp-error`, else the code)."""
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
+    trailing = dict(error.trailing_metadata() or ())
+    cls = _ERRORS_BY_NAME.get(trailing.get(ERROR_METADATA_KEY, ""))
+    if cls is None:
+        cls = _ERRORS_BY_CODE.get(code, StorageNodeError)
+    if cls is StorageNodeUnavailableError or cls is StorageNodeError:
+        hint = ""
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            hint = "; raise storage.max_message_bytes or lower train.batch_size"
+        details = f"storage node at {address}: {code.name}: {details}{hint}"
+    return cls(details)
+
+
+def pick_address(addresses: str | Mapping[str, Any]) -> str:
+    """The address to dial: the unix socket when the node is on this machine, else TCP.
+
+    Args:
+        addresses: a `host:port` string, or the mapping `StorageNodeActor.addresses()`
+            reports: {"tcp": "host:port", "unix": "unix:PATH" | None, "hostname": str}.
+    """
+    if isinstance(addresses, str):
+        return addresses
+    unix = addresses.get("unix")
+    if (
+        unix
+        and addresses.get("hostname") == socket.gethostname()
+        and os.path.exists(unix.removeprefix("unix:"))
+    ):
+        return unix
+    return addresses["tcp"]
+
+
+class ReplyFuture(Generic[T]):
+    """A call in flight; `.result()` waits, decodes the reply, or raises its StorageNodeError."""
+
+    def __init__(self, call: grpc.Future, decode: Callable[[Any], T], address: str) -> None:
+        self._call = call
+        self._decode = decode
+        self._address = address
+
+    def done(self) -> bool:
+        return self._call.done()
+
+    def result(self, timeout: float | None = None) -> T:
+        try:
+            reply = self._call.result(timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self._address) from None
+        return self._decode(reply)
+
+
+class StorageClient:
+    """Talks to one storage node.
+
+    Args:
+        address: `host:port`, `unix:PATH`, or an addresses mapping (see `pick_address`).
+        token: the cluster's shared token, sent with every call.
+        wire_dtype: dtype of pooled vectors and gradients on the wire (`fp32`, `fp16`, `bf16`).
+        max_message_bytes: largest request or reply (`storage.max_message_bytes`).
+        timeout_s: deadline of each call (`cluster.rpc_timeout_s`); a lookup waiting for the
+            previous step's update waits at most this long.
+    """
+
+    def __init__(
+        self,
+        address: str | Mapping[str, Any],
+        *,
+        token: str,
+        wire_dtype: str = "fp32",
+        max_message_bytes: int = 512 << 20,
+        timeout_s: float = 120.0,
+    ) -> None:
+        self.address = pick_address(address)
+        self.wire_dtype = codec.wire_dtype(wire_dtype)
+        self.timeout_s = timeout_s
+        self._metadata = token_metadata(token)
+        self._channel = grpc.insecure_channel(
+            self.address, options=channel_options(max_message_bytes)
+        )
+        self._stub = pb_grpc.StorageNodeStub(self._channel)
+
+    def _call(self, method: Any, request: Any, decode: Callable[[Any], T]) -> ReplyFuture[T]:
+        call = method.future(request, timeout=self.timeout_s, metadata=self._metadata)
+        return ReplyFuture(call, decode, self.address)
+
+    # ----------------------------------------------------------------- async forms
+
+    def lookup_async(
+        self, step: int, worker: int, bags: Mapping[str, Bags], *, train: bool = True
+    ) -> ReplyFuture[dict[str, torch.Tensor]]:
+        """Pooled vectors {feature: float32 [B, D]} of every feature in `bags`."""
+        request = codec.lookup_request(step, worker, bags, train=train, dtype=self.wire_dtype)
+        return self._call(
+            self._stub.Lookup,
+            request,
+            lambda reply: codec.decode_float_tensors(reply.pooled, what="pooled"),
+        )
+
+    def push_gradients_async(
+        self, step: int, worker: int, grads: Mapping[str, torch.Tensor]
+    ) -> ReplyFuture[bool]:
+        """Send d(loss)/d(pooled) {feature: [B, D]}; True when this push applied the step."""
+        request = pb.PushGradientsRequest(
+            step=step, worker=worker, grads=codec.encode_float_tensors(grads, self.wire_dtype)
+        )
+        return self._call(self._stub.PushGradients, request, lambda reply: reply.applied)
+
+    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> ReplyFuture[None]:
+        """Stage {feature: local rows int64 [n]} of a future step into the node's cache."""
+        return self._call(
+            self._stub.Prefetch, codec.prefetch_request(step, indices), lambda reply: None
+        )
+
+    def checkpoint_async(self, directory: str) -> ReplyFuture[dict]:
+        """Write the node's shards to `directory` (on the node's machine); the core's manifest."""
+        return self._call(
+            self._stub.Checkpoint,
+            pb.CheckpointRequest(directory=str(directory)),
+            lambda reply: json.loads(reply.manifest_json),
+        )
+
+    def restore_async(self, directory: str) -> ReplyFuture[None]:
+        """Load the node's shards from a checkpoint `directory`."""
+        return self._call(
+            self._stub.Restore, pb.RestoreRequest(directory=str(directory)), lambda reply: None
+        )
+
+    def stats_async(self) -> ReplyFuture[dict]:
+        return self._call(
+            self._stub.Stats, pb.StatsRequest(), lambda reply: json.loads(reply.stats_json)
+        )
+
+    def health_async(self) -> ReplyFuture[dict]:
+        return self._call(
+            self._stub.Health,
+            pb.HealthRequest(),
+            lambda reply: {"node_id": reply.node_id, "applied_step": reply.applied_step},
+        )
+
+    # ----------------------------------------------------------------- blocking forms
+
+    def lookup(
+        self, step: int, worker: int, bags: Mapping[str, Bags], *, train: bool = True
+    ) -> dict[str, torch.Tensor]:
+        return self.lookup_async(step, worker, bags, train=train).result()
+
+    def push_gradients(self, step: int, worker: int, grads: Mapping[str, torch.Tensor]) -> bool:
+        return self.push_gradients_async(step, worker, grads).result()
+
+    def prefetch(self, step: int, indices: Mapping[str, torch.Tensor]) -> None:
+        self.prefetch_async(step, indices).result()
+
+    def checkpoint(self, directory: str) -> dict:
+        return self.checkpoint_async(directory).result()
+
+    def restore(self, directory: str) -> None:
+        self.restore_async(directory).result()
+
+    def stats(self) -> dict:
+        return self.stats_async().result()
+
+    def health(self) -> dict:
+        """{"node_id": str, "applied_step": int}."""
+        return self.health_async().result()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> StorageClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,174 @@
+"""The storage node as a Ray actor: a plain class, wrapped with `ray.remote` where launched.
+
+Ray places and supervises the node; tensors never go through Ray. `start()` builds the core
+and a gRPC server on the node's own address and reports where it listens; GPU workers then
+talk to it directly with `gpu_worker.storage_client.StorageClient`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import socket
+import tempfile
+from typing import Any
+
+from ndp.config import Config
+from storage_node.node import StorageNodeCore
+from storage_node.server import RunningServer, serve
+from storage_node.spec import ShardSpec
+
+LOOPBACK = "127.0.0.1"
+
+
+def node_bind_host(bind_host: str | None) -> str:
+    """Where a storage node listens: `bind_host`, else loopback on a local Ray, else the
+    Ray node's address (never every interface)."""
+    if bind_host:
+        return bind_host
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return LOOPBACK
+        node_ip = ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (a test, the CLI): stay on loopback
+        return LOOPBACK
+    return LOOPBACK if ipaddress.ip_address(node_ip).is_loopback else node_ip
+
+
+def rpc_threads(num_workers: int) -> int:
+    """RPC threads: each worker may hold one lookup blocked on the step barrier while its
+    push (and everyone else's) still needs a thread."""
+    return max(16, 4 * num_workers + 4)
+
+
+class StorageNodeActor:
+    """One emulated CSD: a `StorageNodeCore` behind a gRPC server.
+
+    Args:
+        node_id: the node's index or name (names the core and the actor).
+        shards: pieces of tables this node holds (from the planner).
+        cfg: the run's config (storage, optimizer, seed, bind host, rpc timeout).
+        token: the cluster's shared token every RPC must carry.
+        num_workers: GPU workers whose pushes make up one step.
+        bind_host: address to listen on; None: `cfg.cluster.bind_host`, else see
+            `node_bind_host`.
+    """
+
+    def __init__(
+        self,
+        node_id: int | str,
+        shards: list[ShardSpec],
+        cfg: Config,
+        token: str,
+        num_workers: int,
+        bind_host: str | None = None,
+    ) -> None:
+        self.node_id = str(node_id)
+        self.shards = list(shards)
+        self.cfg = cfg
+        self._token = token
+        self.num_workers = num_workers
+        self.bind_host = bind_host or cfg.cluster.bind_host
+        self._core: StorageNodeCore | None = None
+        self._server: RunningServer | None = None
+        self._runtime_dir: str | None = None
+
+    def start(self) -> str:
+        """Create the core and start serving; returns the TCP address `host:port`.
+
+        Idempotent: a second call returns the running address. `addresses()` also reports
+        the unix socket for clients on the same machine.
+        """
+        if self._server is not None:
+            return self._server.address
+        # Private, short-pathed dir (unix socket paths are limited to ~107 bytes): holds the
+        # socket and, when storage.flash_dir is unset, the shard files; removed at shutdown.
+        self._runtime_dir = tempfile.mkdtemp(prefix=f"ndp-sn{self.node_id}-")
+        storage = self.cfg.storage
+        flash_dir = storage.flash_dir or os.path.join(self._runtime_dir, "flash")
+        os.makedirs(flash_dir, exist_ok=True)
+        try:
+            self._core = StorageNodeCore(
+                node_id=self.node_id,
+                shards=self.shards,
+                storage=storage,
+                optimizer=self.cfg.optimizer.sparse,
+                seed=self.cfg.train.seed,
+                num_workers=self.num_workers,
+                flash_dir=flash_dir,
+            )
+            self._server = serve(
+                self._core,
+                host=node_bind_host(self.bind_host),
+                port=0,
+                token=self._token,
+                max_message_bytes=storage.max_message_bytes,
+                unix_socket_path=(
+                    os.path.join(self._runtime_dir, "rpc.sock") if storage.use_unix_socket else None
+                ),
+                max_workers=rpc_threads(self.num_workers),
+                step_wait_timeout_s=self.cfg.cluster.rpc_timeout_s,
+            )
+        except BaseException:
+            self.shutdown()
+            raise
+        return self._server.address
+
+    def addresses(self) -> dict[str, Any]:
+        """{"tcp": "host:port", "unix": "unix:PATH" | None, "hostname": str}; see
+        `gpu_worker.storage_client.pick_address`."""
+        if self._server is None:
+            raise RuntimeError("storage node not started; call start() first")
+        return {
+            "tcp": self._server.address,
+            "unix": self._server.unix_address,
+            "hostname": socket.gethostname(),
+        }
+
+    def stats(self) -> dict:
+        """The core's counters (tiers, bytes, steps)."""
+        if self._core is None:
+            raise RuntimeError("storage node not started; call start() first")
+        return self._core.stats()
+
+    def shutdown(self) -> None:
+        """Stop the server, close the core, remove the private runtime directory."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._core is not None:
+            self._core.close()
+            self._core = None
+        if self._runtime_dir is not None:
+            shutil.rmtree(self._runtime_dir, ignore_errors=True)
+            self._runtime_dir = None
+
+
+def launch_storage_node(
+    cfg: Config,
+    node_id: int,
+    shards: list[ShardSpec],
+    token: str,
+    num_workers: int,
+    name: str | None = None,
+) -> Any:
+    """Create the named Ray actor `ndp-storage-node-<node_id>` (not started: call `start`).
+
+    Resources come from `cfg.cluster.storage_node_resources`; its `CPU`/`GPU` entries become
+    `num_cpus`/`num_gpus`, the rest custom resources such as {"storage_node": 1}.
+    """
+    import ray
+
+    resources = dict(cfg.cluster.storage_node_resources)
+    num_cpus = resources.pop("CPU", 0.0)
+    num_gpus = resources.pop("GPU", 0.0)
+    remote_class = ray.remote(StorageNodeActor)
+    return remote_class.options(
+        name=name or f"ndp-storage-node-{node_id}",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=resources,
+    ).remote(node_id, shards, cfg, token, num_workers, cfg.cluster.bind_host)

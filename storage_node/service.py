@@ -1,0 +1,141 @@
+"""The gRPC servicer: translates wire messages to calls on `StorageNodeCore` and back.
+
+Nothing here decides anything about embeddings: decode (storage_node.codec), call the core,
+encode. Errors are translated once, in `_translate_errors`:
+
+    IndexOutOfRangeError, UnknownFeatureError, BadTensorError,
+    any other StorageNodeError / NDPError      -> INVALID_ARGUMENT
+    StepOrderError, a step that never became ready,
+    ShardFileError (checkpoint or file that does not fit) -> FAILED_PRECONDITION
+    anything else (a bug)                      -> INTERNAL
+
+with the exception's message as details and its class name in trailing metadata
+`ndp-error`, so the client re-raises the same `StorageNodeError` subclass.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from ndp.errors import NDPError
+from protos import storage_node_pb2 as pb
+from protos import storage_node_pb2_grpc as pb_grpc
+from storage_node import codec
+from storage_node.auth import ERROR_METADATA_KEY
+from storage_node.errors import ShardFileError, StepOrderError
+
+if TYPE_CHECKING:
+    from storage_node.node import StorageNodeCore
+
+log = logging.getLogger(__name__)
+
+_STEP_WAIT_MARGIN_S = 0.05
+"""Time left to answer FAILED_PRECONDITION before the client's own deadline expires."""
+
+Reply = TypeVar("Reply")
+
+
+def status_for_error(error: BaseException) -> grpc.StatusCode:
+    """The status code a refused request gets."""
+    if isinstance(error, StepOrderError | ShardFileError | TimeoutError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, NDPError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def _translate_errors(
+    method: Callable[[Any, Any, grpc.ServicerContext], Reply],
+) -> Callable[[Any, Any, grpc.ServicerContext], Reply]:
+    @functools.wraps(method)
+    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Reply:
+        try:
+            return method(self, request, context)
+        except (NDPError, TimeoutError) as error:
+            name = (
+                StepOrderError.__name__ if isinstance(error, TimeoutError) else type(error).__name__
+            )
+            code, details = status_for_error(error), str(error)
+        except Exception as error:  # a bug: keep the node up, report it, tell the client
+            log.exception("storage node %s failed in %s", self.node_id, method.__name__)
+            name = type(error).__name__
+            code, details = grpc.StatusCode.INTERNAL, f"storage node bug: {name}: {error}"
+        context.set_trailing_metadata(((ERROR_METADATA_KEY, name),))
+        context.abort(code, details)
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    return handler
+
+
+class StorageNodeServicer(pb_grpc.StorageNodeServicer):
+    """One storage node's RPCs over one `StorageNodeCore`.
+
+    Args:
+        core: the node's pure core (thread-safe; several RPCs run at once).
+        step_wait_timeout_s: longest a lookup waits for the previous step's update; the
+            client's remaining deadline shortens it.
+    """
+
+    def __init__(self, core: StorageNodeCore, *, step_wait_timeout_s: float = 120.0) -> None:
+        self.core = core
+        self.node_id = getattr(core, "node_id", "?")
+        self.step_wait_timeout_s = step_wait_timeout_s
+
+    def _wait_timeout(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self.step_wait_timeout_s
+        return max(0.0, min(self.step_wait_timeout_s, remaining - _STEP_WAIT_MARGIN_S))
+
+    @_translate_errors
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        bags, answer_dtype = codec.parse_lookup_request(request)
+        # A training lookup reads weights that step s-1's update must already have changed;
+        # an evaluation lookup only needs them not to be older than that.
+        if request.train or self.core.applied_step < request.step - 1:
+            self.core.wait_for_step(request.step, self._wait_timeout(context))
+        pooled = self.core.lookup(request.step, request.worker, bags, train=request.train)
+        return pb.LookupResponse(pooled=codec.encode_float_tensors(pooled, answer_dtype))
+
+    @_translate_errors
+    def Prefetch(
+        self, request: pb.PrefetchRequest, context: grpc.ServicerContext
+    ) -> pb.PrefetchResponse:
+        self.core.prefetch(request.step, codec.parse_prefetch_request(request))
+        return pb.PrefetchResponse()
+
+    @_translate_errors
+    def PushGradients(
+        self, request: pb.PushGradientsRequest, context: grpc.ServicerContext
+    ) -> pb.PushGradientsResponse:
+        grads = codec.decode_float_tensors(request.grads, what="gradient")
+        applied = self.core.push_gradients(request.step, request.worker, grads)
+        return pb.PushGradientsResponse(applied=bool(applied))
+
+    @_translate_errors
+    def Checkpoint(
+        self, request: pb.CheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.CheckpointResponse:
+        manifest = self.core.checkpoint(request.directory)
+        return pb.CheckpointResponse(manifest_json=json.dumps(manifest, default=str))
+
+    @_translate_errors
+    def Restore(
+        self, request: pb.RestoreRequest, context: grpc.ServicerContext
+    ) -> pb.RestoreResponse:
+        self.core.restore(request.directory)
+        return pb.RestoreResponse()
+
+    @_translate_errors
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        return pb.StatsResponse(stats_json=json.dumps(self.core.stats(), default=str))
+
+    @_translate_errors
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        return pb.HealthResponse(node_id=str(self.node_id), applied_step=self.core.applied_step)
