@@ -427,6 +427,8 @@ class StorageConfig:
     """gRPC max send/receive message size."""
     use_unix_socket: bool = True
     """Clients on the same machine talk over a unix-domain socket instead of TCP."""
+    step_wait_timeout_s: float = 300.0
+    """How long a training lookup for a future step waits for the previous step's update."""
     emulation: EmulationConfig = field(default_factory=EmulationConfig)
     """Device emulation throttles."""
     energy: EnergyConfig = field(default_factory=EnergyConfig)
@@ -439,6 +441,7 @@ class StorageConfig:
         _positive(path, "io_threads", self.io_threads)
         _positive(path, "cache_bytes", self.cache_bytes)
         _positive(path, "max_message_bytes", self.max_message_bytes)
+        _positive(path, "step_wait_timeout_s", self.step_wait_timeout_s)
         if not 0 <= self.hot_fraction <= 1:
             _fail(_join(path, "hot_fraction"), f"{self.hot_fraction} must be in [0, 1]")
 
