@@ -1,0 +1,63 @@
+"""`ndp-data`: turn Criteo TSV or a synthetic config into the preprocessed columnar format.
+
+    ndp-data preprocess --input PATH... --output DIR [--config PATH] [--val-fraction F]
+    ndp-data synth --config PATH --output DIR
+
+`preprocess` takes `data.bad_line_policy` / `data.nan_policy` / `data.val_fraction` from the
+config when one is given (defaults otherwise); `--val-fraction` overrides the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ndp.cli import run_cli
+from ndp.config import DataConfig, load_config
+from ndp.data.preprocess import prepare_output_dir, preprocess_criteo
+from ndp.data.synthetic import write_synthetic
+
+PROG = "ndp-data"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pre = commands.add_parser("preprocess", help="Criteo TSV -> columnar .npy splits")
+    pre.add_argument("--input", nargs="+", required=True, help="TSV files or directories")
+    pre.add_argument("--output", required=True, help="new or empty output directory")
+    pre.add_argument("--config", help="YAML config (data.* policies and val_fraction)")
+    pre.add_argument("--val-fraction", type=float, help="last fraction of lines -> val/")
+    synth = commands.add_parser("synth", help="write synthetic data of a config")
+    synth.add_argument("--config", required=True, help="YAML config (model, data.synthetic)")
+    synth.add_argument("--output", required=True, help="new or empty output directory")
+    return parser
+
+
+def _preprocess(args: argparse.Namespace) -> None:
+    data = load_config(args.config).data if args.config else DataConfig()
+    val_fraction = data.val_fraction if args.val_fraction is None else args.val_fraction
+    meta = preprocess_criteo(args.input, args.output, data=data, val_fraction=val_fraction)
+    counts = {split: info["num_samples"] for split, info in meta["splits"].items()}
+    print(json.dumps({"output": args.output, **counts, "skipped_lines": meta["skipped_lines"]}))
+
+
+def _synth(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config)
+    prepare_output_dir(args.output)
+    meta = write_synthetic(cfg, args.output)
+    counts = {split: info["num_samples"] for split, info in meta["splits"].items()}
+    print(json.dumps({"output": args.output, **counts}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
+    command = {"preprocess": _preprocess, "synth": _synth}[args.command]
+    return run_cli(lambda: command(args), prog=PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
