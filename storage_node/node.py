@@ -1,0 +1,687 @@
+"""`StorageNodeCore`: the pure core of one emulated computational storage device.
+
+A node holds one piece (`ShardSpec`) of each of several tables. Each piece is a flash file
+(`flash.FlashStore`) behind a DRAM row cache (`cache.RowCache`); the node's cache budget is
+split between pieces in proportion to their bytes. The node answers pooled lookups and
+applies the sparse optimizer near the data, in step order:
+
+1. ``lookup(step, worker, bags)`` (training) waits until ``applied_step == step - 1``, pools
+   the rows and records the bags of (step, worker) so the gradient can be scattered later.
+2. ``push_gradients(step, worker, grads)`` turns d(loss)/d(pooled) into per-occurrence row
+   gradients (mean pooling divides by the bag length, per-sample weights multiply).
+3. When all `num_workers` workers pushed, the gradients of the step are concatenated,
+   duplicates merged (``unique`` + ``index_add``), the optimizer applied to each unique row
+   once, ``applied_step = step``, rows pinned by ``prefetch(step)`` are released, and waiters
+   are woken.
+
+Every request is validated completely before anything changes, so a rejected request
+(unknown feature, index out of range, bad tensor, wrong step) leaves no trace. One lock
+serialises all state changes; ``wait_for_step`` waits on a condition of that lock, so several
+gRPC threads can call in at once.
+
+Checkpoints are a directory holding, per node, ``<node_id>.manifest.json`` and one copy of
+each shard file (``<node_id>.<table>.<start>-<end>.shard``, sha256 in the manifest), each
+written to a temporary name and renamed, manifest last. Nodes may share a directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ndp.config import SparseOptimizerConfig, StorageConfig
+from ndp.errors import StorageNodeError
+from ndp.model.spec import optimizer_state_width
+from storage_node.cache import RowCache
+from storage_node.errors import (
+    BadTensorError,
+    IndexOutOfRangeError,
+    ShardFileError,
+    StepOrderError,
+    UnknownFeatureError,
+)
+from storage_node.flash import FlashStore
+from storage_node.optimizers import apply_update
+from storage_node.spec import Bags, ShardSpec
+from storage_node.stats import CacheCounters, add_counters, summarize
+
+CHECKPOINT_FORMAT = "ndp-storage-node-checkpoint/1"
+_COPY_CHUNK_BYTES = 8 << 20
+
+
+@dataclass
+class _Piece:
+    """One table piece on this node: flash file + cache."""
+
+    spec: ShardSpec
+    flash: FlashStore
+    cache: RowCache
+
+    @property
+    def num_rows(self) -> int:
+        return self.spec.row_end - self.spec.row_start
+
+
+@dataclass
+class _RecordedBags:
+    """What a push needs from the lookup of one feature: which row each value hit, how scaled."""
+
+    rows: torch.Tensor
+    """int64 [nnz] local rows."""
+    bag_of_value: torch.Tensor
+    """int64 [nnz] bag (sample) of each value."""
+    scale: torch.Tensor | None
+    """float32 [nnz] per-value gradient factor (weights, 1/length), None = 1."""
+    batch_size: int
+
+
+@dataclass
+class _PendingStep:
+    """Lookups and pushes collected for the step that is applied next."""
+
+    lookups: dict[int, dict[str, _RecordedBags]] = field(default_factory=dict)
+    pushed: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
+def _file_stem(node_id: str, spec: ShardSpec) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{node_id}.{spec.table_name}")
+    return f"{safe}.{spec.row_start}-{spec.row_end}.shard"
+
+
+def _copy_with_sha256(src: Path, dst: Path) -> str:
+    """Copy `src` to `dst` via a temporary name + rename; returns the sha256 of the bytes."""
+    digest = hashlib.sha256()
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while chunk := fin.read(_COPY_CHUNK_BYTES):
+            digest.update(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dst)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fin:
+        while chunk := fin.read(_COPY_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class StorageNodeCore:
+    """Sharded embedding tables with tiered storage and near-data optimizers (thread-safe)."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        shards: list[ShardSpec],
+        storage: StorageConfig,
+        optimizer: SparseOptimizerConfig,
+        seed: int,
+        num_workers: int = 1,
+        flash_dir: str | Path,
+    ) -> None:
+        if num_workers < 1:
+            raise StorageNodeError(f"num_workers={num_workers} must be >= 1")
+        self.node_id = node_id
+        self.storage = storage
+        self.optimizer = optimizer
+        self.seed = seed
+        self.num_workers = num_workers
+        self.flash_dir = Path(flash_dir)
+        self.applied_step = -1
+        self.optimizer_step = 0
+        """Updates applied so far: FBGEMM's iteration counter (Adam bias correction)."""
+        self._lock = threading.RLock()
+        self._step_applied = threading.Condition(self._lock)
+        self._pending: dict[int, _PendingStep] = {}
+        self._pins: dict[int, list[tuple[_Piece, np.ndarray]]] = {}
+        self._closed = False
+        self._pieces: dict[str, _Piece] = {}
+        self._piece_of_feature: dict[str, _Piece] = {}
+        self._validate_shards(shards)
+        total_bytes = sum(
+            (s.row_end - s.row_start) * self._row_bytes(s.embedding_dim) for s in shards
+        )
+        for spec in shards:
+            share = (spec.row_end - spec.row_start) * self._row_bytes(spec.embedding_dim)
+            piece = self._open_piece(spec, cache_bytes=storage.cache_bytes * share // total_bytes)
+            self._pieces[spec.table_name] = piece
+            for feature in spec.features:
+                self._piece_of_feature[feature] = piece
+
+    # ------------------------------------------------------------------ construction
+
+    def _row_bytes(self, dim: int) -> int:
+        return 4 * (dim + optimizer_state_width(self.optimizer.name, dim))
+
+    @staticmethod
+    def _validate_shards(shards: list[ShardSpec]) -> None:
+        if not shards:
+            raise StorageNodeError("a storage node needs at least one shard")
+        tables: set[str] = set()
+        features: set[str] = set()
+        for spec in shards:
+            if spec.table_name in tables:
+                raise StorageNodeError(
+                    f"table {spec.table_name!r} has two pieces on one node; a node holds at "
+                    "most one piece per table (merge the row ranges in the plan)"
+                )
+            tables.add(spec.table_name)
+            if not 0 <= spec.row_start < spec.row_end <= spec.table_num_rows:
+                raise StorageNodeError(
+                    f"table {spec.table_name!r}: rows [{spec.row_start}, {spec.row_end}) are not "
+                    f"a non-empty range inside [0, {spec.table_num_rows})"
+                )
+            if spec.embedding_dim <= 0:
+                raise StorageNodeError(f"table {spec.table_name!r}: embedding_dim must be > 0")
+            for feature in spec.features:
+                if feature in features:
+                    raise StorageNodeError(
+                        f"feature {feature!r} is mapped to two tables on this node"
+                    )
+                features.add(feature)
+
+    def _open_flash(self, spec: ShardSpec) -> FlashStore:
+        return FlashStore(
+            self.flash_dir / _file_stem(self.node_id, spec),
+            table_name=spec.table_name,
+            table_num_rows=spec.table_num_rows,
+            row_start=spec.row_start,
+            num_rows=spec.row_end - spec.row_start,
+            embedding_dim=spec.embedding_dim,
+            state_width=optimizer_state_width(self.optimizer.name, spec.embedding_dim),
+            seed=self.seed,
+            page_bytes=self.storage.page_bytes,
+            io_threads=self.storage.io_threads,
+            use_odirect=self.storage.use_odirect,
+            emulation=self.storage.emulation,
+        )
+
+    def _open_piece(self, spec: ShardSpec, *, cache_bytes: int) -> _Piece:
+        flash = self._open_flash(spec)
+        cache = RowCache(
+            flash,
+            capacity_bytes=cache_bytes,
+            policy=self.storage.cache_policy,
+            hot_fraction=self.storage.hot_fraction,
+            counters=CacheCounters(),
+        )
+        return _Piece(spec=spec, flash=flash, cache=cache)
+
+    # ------------------------------------------------------------------ validation
+
+    def _piece_for(self, feature: str) -> _Piece:
+        piece = self._piece_of_feature.get(feature)
+        if piece is None:
+            served = ", ".join(sorted(self._piece_of_feature)) or "none"
+            raise UnknownFeatureError(
+                f"node {self.node_id!r} does not serve feature {feature!r}; it serves: {served}"
+            )
+        return piece
+
+    @staticmethod
+    def _int_vector(tensor: object, what: str) -> torch.Tensor:
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
+            raise BadTensorError(f"{what} must be a 1-D integer tensor")
+        if tensor.dtype not in (torch.int64, torch.int32):
+            raise BadTensorError(f"{what} has dtype {tensor.dtype}; use int64 (or int32)")
+        return tensor.to(torch.int64)
+
+    def _check_range(self, piece: _Piece, feature: str, indices: torch.Tensor) -> None:
+        if indices.numel() == 0:
+            return
+        bad = (indices < 0) | (indices >= piece.num_rows)
+        if bool(bad.any()):
+            value = int(indices[bad][0])
+            spec = piece.spec
+            raise IndexOutOfRangeError(
+                f"table {spec.table_name!r}, feature {feature!r}: index {value} is outside "
+                f"[0, {piece.num_rows}), the local rows of this piece (global rows "
+                f"[{spec.row_start}, {spec.row_end}) of {spec.table_num_rows}); the value "
+                f"as a global row would be {value + spec.row_start}"
+            )
+
+    def _validated_bags(self, feature: str, bags: Bags) -> tuple[_Piece, Bags]:
+        """Checked and normalised (int64 indices/offsets, float32 weights) copy of `bags`."""
+        piece = self._piece_for(feature)
+        indices = self._int_vector(bags.indices, f"feature {feature!r}: indices")
+        offsets = self._int_vector(bags.offsets, f"feature {feature!r}: offsets")
+        nnz = indices.numel()
+        if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
+            raise BadTensorError(
+                f"feature {feature!r}: offsets must have B + 1 entries from 0 to len(indices)={nnz}"
+            )
+        if bool((offsets[1:] < offsets[:-1]).any()):
+            raise BadTensorError(f"feature {feature!r}: offsets must be non-decreasing")
+        batch = offsets.numel() - 1
+        weights = bags.per_sample_weights
+        if weights is not None:
+            if not isinstance(weights, torch.Tensor) or weights.shape != (nnz,):
+                raise BadTensorError(
+                    f"feature {feature!r}: per_sample_weights must be a float tensor [{nnz}]"
+                )
+            weights = weights.to(torch.float32)
+        divisor = bags.mean_divisor
+        if divisor is not None:
+            if not isinstance(divisor, torch.Tensor) or divisor.shape != (batch,):
+                raise BadTensorError(
+                    f"feature {feature!r}: mean_divisor must be a float tensor [{batch}]"
+                )
+            divisor = divisor.to(torch.float32)
+        self._check_range(piece, feature, indices)
+        return piece, Bags(indices, offsets, weights, divisor)
+
+    def _check_worker(self, worker: int) -> None:
+        if not 0 <= worker < self.num_workers:
+            raise BadTensorError(
+                f"worker {worker} is outside 0..{self.num_workers - 1} "
+                f"(this node was started for {self.num_workers} workers)"
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageNodeError(f"storage node {self.node_id!r} is closed")
+
+    # ------------------------------------------------------------------ steps
+
+    def wait_for_step(self, step: int, timeout_s: float) -> None:
+        """Block until the update of `step - 1` is applied (so step's inputs are final).
+
+        Raises:
+            StepOrderError: `step` was already applied, or the wait timed out.
+        """
+        with self._step_applied:
+            if not self._step_applied.wait_for(
+                lambda: self.applied_step >= step - 1, timeout=timeout_s
+            ):
+                raise StepOrderError(
+                    f"timed out after {timeout_s}s waiting for step {step - 1} to be applied "
+                    f"(node {self.node_id!r} has applied step {self.applied_step}; are all "
+                    f"{self.num_workers} workers pushing gradients?)"
+                )
+            if self.applied_step >= step:
+                raise StepOrderError(
+                    f"step {step} is already applied on node {self.node_id!r} "
+                    f"(applied_step={self.applied_step}); a training lookup must be for step "
+                    f"{self.applied_step + 1} or later"
+                )
+
+    # ------------------------------------------------------------------ lookup
+
+    def lookup(
+        self, step: int, worker: int, bags: dict[str, Bags], *, train: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Pooled vectors per feature: float32 [B, D].
+
+        With `train`, waits for `applied_step == step - 1` (up to
+        `storage.step_wait_timeout_s`) and records the bags for the push of (step, worker);
+        `train=False` pools the current rows and records nothing.
+        """
+        with self._lock:
+            self._check_open()
+            self._check_worker(worker)
+            checked = {f: self._validated_bags(f, b) for f, b in bags.items()}
+            if train:
+                self.wait_for_step(step, self.storage.step_wait_timeout_s)
+            pooled: dict[str, torch.Tensor] = {}
+            recorded: dict[str, _RecordedBags] = {}
+            for feature, (piece, fbags) in checked.items():
+                pooled[feature], recorded[feature] = self._pool(piece, fbags)
+            if train:
+                pending = self._pending.setdefault(step, _PendingStep())
+                pending.lookups.setdefault(worker, {}).update(recorded)
+            return pooled
+
+    def _pool(self, piece: _Piece, bags: Bags) -> tuple[torch.Tensor, _RecordedBags]:
+        """Pool one feature's bags from the unique rows it touches."""
+        dim = piece.spec.embedding_dim
+        batch = bags.offsets.numel() - 1
+        unique_rows, inverse = torch.unique(bags.indices, return_inverse=True)
+        records = piece.cache.fetch(unique_rows.numpy())
+        weights = torch.from_numpy(records[:, :dim])
+        if bags.indices.numel():
+            pooled = F.embedding_bag(
+                inverse,
+                weights,
+                bags.offsets,
+                mode="sum",
+                per_sample_weights=bags.per_sample_weights,
+                include_last_offset=True,
+            )
+        else:
+            pooled = torch.zeros(batch, dim, dtype=torch.float32)
+        lengths = bags.offsets[1:] - bags.offsets[:-1]
+        bag_of_value = torch.repeat_interleave(torch.arange(batch), lengths)
+        scale = bags.per_sample_weights
+        if piece.spec.pooling == "mean":
+            divisor = lengths.to(torch.float32) if bags.mean_divisor is None else bags.mean_divisor
+            inv = 1.0 / divisor.clamp(min=1.0)
+            pooled = pooled * inv[:, None]
+            scale = inv[bag_of_value] if scale is None else scale * inv[bag_of_value]
+        return pooled, _RecordedBags(bags.indices, bag_of_value, scale, batch)
+
+    # ------------------------------------------------------------------ push / update
+
+    def push_gradients(self, step: int, worker: int, grads: dict[str, torch.Tensor]) -> bool:
+        """Accept d(loss)/d(pooled) [B, D] per feature of (step, worker).
+
+        Returns:
+            True when the step's update is applied (by this push, or earlier: a repeated push
+            of an applied step is acknowledged without effect); False while other workers'
+            pushes for the step are still missing (a repeated push here is also ignored).
+        """
+        with self._lock:
+            self._check_open()
+            self._check_worker(worker)
+            if step <= self.applied_step:
+                return True
+            if step != self.applied_step + 1:
+                raise StepOrderError(
+                    f"push for step {step} arrived but node {self.node_id!r} applies step "
+                    f"{self.applied_step + 1} next; steps are applied in order"
+                )
+            pending = self._pending.get(step)
+            recorded = None if pending is None else pending.lookups.get(worker)
+            if recorded is None:
+                raise StepOrderError(
+                    f"push for step {step} from worker {worker} without a training lookup of "
+                    "that step on this node; call lookup(step, worker, ..., train=True) first"
+                )
+            if worker in pending.pushed:
+                return False
+            row_grads = self._row_gradients(recorded, grads)
+            pending.pushed[worker] = row_grads
+            if len(pending.pushed) < self.num_workers:
+                return False
+            self._apply_step(step, pending)
+            return True
+
+    def _row_gradients(
+        self, recorded: dict[str, _RecordedBags], grads: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per table: (local rows [n], per-occurrence gradients [n, D]); validates first."""
+        missing = sorted(set(recorded) - set(grads))
+        if missing:
+            raise BadTensorError(f"gradients missing for looked-up features: {missing}")
+        for feature, grad in grads.items():
+            if feature not in recorded:
+                self._piece_for(feature)  # unknown feature -> UnknownFeatureError
+                raise BadTensorError(
+                    f"gradient for feature {feature!r}, which this worker did not look up"
+                )
+            dim = self._piece_of_feature[feature].spec.embedding_dim
+            expected = (recorded[feature].batch_size, dim)
+            if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+                raise BadTensorError(f"gradient for feature {feature!r} must be a float tensor")
+            if tuple(grad.shape) != expected:
+                raise BadTensorError(
+                    f"gradient for feature {feature!r} has shape {tuple(grad.shape)}, "
+                    f"expected {expected} (batch, dim)"
+                )
+            if not bool(torch.isfinite(grad).all()):
+                raise BadTensorError(f"gradient for feature {feature!r} contains NaN or Inf")
+        per_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for feature, rec in recorded.items():
+            values = grads[feature].to(torch.float32)[rec.bag_of_value]
+            if rec.scale is not None:
+                values = values * rec.scale[:, None]
+            table = self._piece_of_feature[feature].spec.table_name
+            per_table.setdefault(table, []).append((rec.rows, values))
+        return {
+            table: (torch.cat([r for r, _ in parts]), torch.cat([g for _, g in parts]))
+            for table, parts in per_table.items()
+        }
+
+    def _apply_step(self, step: int, pending: _PendingStep) -> None:
+        """Sum all workers' gradients, merge duplicates, update each unique row once."""
+        iteration = self.optimizer_step + 1
+        for table, piece in self._pieces.items():
+            parts = [
+                pending.pushed[w][table] for w in sorted(pending.pushed) if table in pending.pushed[w]
+            ]
+            if not parts:
+                continue
+            rows = torch.cat([r for r, _ in parts])
+            values = torch.cat([g for _, g in parts])
+            if rows.numel() == 0:
+                continue
+            unique_rows, inverse = torch.unique(rows, return_inverse=True)
+            merged = torch.zeros(unique_rows.numel(), values.shape[1], dtype=torch.float32)
+            merged.index_add_(0, inverse, values)
+            unique_np = unique_rows.numpy()
+            records = torch.from_numpy(piece.cache.fetch(unique_np))
+            dim = piece.spec.embedding_dim
+            apply_update(
+                self.optimizer,
+                records[:, :dim],
+                records[:, dim:],
+                merged,
+                iteration=iteration,
+            )
+            piece.cache.store(unique_np, records.numpy())
+        self.optimizer_step = iteration
+        self.applied_step = step
+        del self._pending[step]
+        self._release_pins(up_to_step=step)
+        for piece in self._pieces.values():
+            piece.cache.on_step()
+        self._step_applied.notify_all()
+
+    # ------------------------------------------------------------------ prefetch / pins
+
+    def prefetch(self, step: int, indices: dict[str, torch.Tensor]) -> None:
+        """Stage the rows of a future step into the cache, pinned until that step is applied.
+
+        Rows that find no slot (cache full of pinned rows) are left on flash and read there
+        when used. A prefetch for an already-applied step does nothing.
+        """
+        with self._lock:
+            self._check_open()
+            checked: list[tuple[_Piece, torch.Tensor]] = []
+            for feature, values in indices.items():
+                piece = self._piece_for(feature)
+                values = self._int_vector(values, f"feature {feature!r}: prefetch indices")
+                self._check_range(piece, feature, values)
+                checked.append((piece, values))
+            if step <= self.applied_step:
+                return
+            per_piece: dict[str, list[torch.Tensor]] = {}
+            for piece, values in checked:
+                per_piece.setdefault(piece.spec.table_name, []).append(values)
+            for table, parts in per_piece.items():
+                piece = self._pieces[table]
+                rows = torch.unique(torch.cat(parts)).numpy()
+                pinned = piece.cache.pin(rows)
+                self._pins.setdefault(step, []).append((piece, pinned))
+
+    def _release_pins(self, *, up_to_step: int) -> None:
+        for step in [s for s in self._pins if s <= up_to_step]:
+            for piece, rows in self._pins.pop(step):
+                piece.cache.unpin(rows)
+
+    # ------------------------------------------------------------------ inspection
+
+    def read_rows(self, table_name: str, global_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current weights [n, D] and optimizer state [n, S] of global rows of a table."""
+        with self._lock:
+            self._check_open()
+            piece = self._pieces.get(table_name)
+            if piece is None:
+                raise UnknownFeatureError(
+                    f"node {self.node_id!r} holds no piece of table {table_name!r}; "
+                    f"it holds: {', '.join(sorted(self._pieces))}"
+                )
+            rows = self._int_vector(global_rows, f"table {table_name!r}: rows")
+            spec = piece.spec
+            outside = (rows < spec.row_start) | (rows >= spec.row_end)
+            if bool(outside.any()):
+                raise IndexOutOfRangeError(
+                    f"table {table_name!r}: row {int(rows[outside][0])} is outside this node's "
+                    f"piece [{spec.row_start}, {spec.row_end})"
+                )
+            unique_rows, inverse = torch.unique(rows - spec.row_start, return_inverse=True)
+            records = torch.from_numpy(
+                piece.cache.fetch(unique_rows.numpy(), admit=False, count=False)
+            )[inverse]
+            dim = spec.embedding_dim
+            return records[:, :dim].clone(), records[:, dim:].clone()
+
+    def stats(self) -> dict:
+        """Counters per tier (cache, flash), hit rate, energy estimate, step, occupancy."""
+        with self._lock:
+            total: dict = {}
+            tables: dict[str, dict] = {}
+            for name, piece in self._pieces.items():
+                part = summarize(piece.cache.counters, piece.flash.counters, self.storage.energy)
+                part["cache"].update(
+                    capacity_rows=piece.cache.capacity_rows,
+                    cached_rows=int(piece.cache.cached_rows().size),
+                    pinned_rows=int(piece.cache.pinned_rows().size),
+                    hot_rows=int(piece.cache.hot.sum()),
+                )
+                tables[name] = part
+                total = add_counters(total, part)
+            cache = total["cache"]
+            lookups = cache["hits"] + cache["misses"]
+            cache["hit_rate"] = cache["hits"] / lookups if lookups else 0.0
+            return {
+                "node_id": self.node_id,
+                "applied_step": self.applied_step,
+                "optimizer_step": self.optimizer_step,
+                **total,
+                "tables": tables,
+            }
+
+    def health(self) -> dict:
+        """Liveness and position (cheap; no I/O)."""
+        with self._lock:
+            return {
+                "ok": not self._closed,
+                "node_id": self.node_id,
+                "applied_step": self.applied_step,
+                "tables": sorted(self._pieces),
+                "pending_steps": sorted(self._pending),
+            }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _manifest_path(self, directory: Path) -> Path:
+        return directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.node_id)}.manifest.json"
+
+    def checkpoint(self, directory: str | Path) -> dict:
+        """Write a consistent copy of every piece (at the current step barrier).
+
+        Dirty cached rows are flushed first. Gradients of a step not yet applied are not
+        part of a checkpoint (take checkpoints between steps).
+
+        Returns:
+            The manifest (also written as `<node_id>.manifest.json`).
+        """
+        directory = Path(directory)
+        with self._lock:
+            self._check_open()
+            directory.mkdir(parents=True, exist_ok=True)
+            shards = []
+            for piece in self._pieces.values():
+                piece.cache.flush()
+                piece.flash.sync()
+                name = _file_stem(self.node_id, piece.spec)
+                digest = _copy_with_sha256(piece.flash.path, directory / name)
+                shards.append(
+                    {
+                        "spec": {**asdict(piece.spec), "features": list(piece.spec.features)},
+                        "file": name,
+                        "sha256": digest,
+                        "bytes": piece.flash.layout.file_bytes,
+                    }
+                )
+            manifest = {
+                "format": CHECKPOINT_FORMAT,
+                "node_id": self.node_id,
+                "applied_step": self.applied_step,
+                "optimizer_step": self.optimizer_step,
+                "optimizer": self.optimizer.name,
+                "shards": shards,
+            }
+            path = self._manifest_path(directory)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=2))
+            os.replace(tmp, path)
+            return manifest
+
+    def restore(self, directory: str | Path) -> None:
+        """Replace every piece and the step counters with a checkpoint of this node.
+
+        Everything is verified (format, optimizer, shard specs, sha256) before anything is
+        replaced; pending lookups/pushes and prefetch pins are dropped.
+        """
+        directory = Path(directory)
+        with self._lock:
+            self._check_open()
+            manifest = self._read_manifest(directory)
+            by_table = {entry["spec"]["table_name"]: entry for entry in manifest["shards"]}
+            for table, piece in self._pieces.items():
+                entry = by_table.get(table)
+                expected = {**asdict(piece.spec), "features": list(piece.spec.features)}
+                if entry is None or entry["spec"] != expected:
+                    raise ShardFileError(
+                        f"checkpoint {directory} does not hold table {table!r} as this node "
+                        f"does ({expected}); restore from a checkpoint of the same plan"
+                    )
+                if _sha256(directory / entry["file"]) != entry["sha256"]:
+                    raise ShardFileError(
+                        f"checkpoint file {directory / entry['file']} is corrupt (sha256 mismatch)"
+                    )
+            for table, piece in self._pieces.items():
+                counters = piece.flash.counters
+                piece.cache.invalidate()
+                piece.flash.close()
+                _copy_with_sha256(directory / by_table[table]["file"], piece.flash.path)
+                piece.flash = self._open_flash(piece.spec)
+                piece.flash.counters = counters
+                piece.cache.flash = piece.flash
+            self.applied_step = int(manifest["applied_step"])
+            self.optimizer_step = int(manifest["optimizer_step"])
+            self._pending.clear()
+            self._pins.clear()
+            self._step_applied.notify_all()
+
+    def _read_manifest(self, directory: Path) -> dict:
+        path = self._manifest_path(directory)
+        if not path.is_file():
+            raise ShardFileError(f"no checkpoint of node {self.node_id!r} in {directory} ({path.name})")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != CHECKPOINT_FORMAT:
+            raise ShardFileError(f"{path}: format {manifest.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        if manifest.get("optimizer") != self.optimizer.name:
+            raise ShardFileError(
+                f"{path} was written with sparse optimizer {manifest.get('optimizer')!r}; this "
+                f"node uses {self.optimizer.name!r} (set optimizer.sparse.name to match)"
+            )
+        return manifest
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self) -> None:
+        """Write back dirty rows and close the shard files (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            for piece in self._pieces.values():
+                piece.cache.flush()
+                piece.flash.close()
+            self._closed = True
+            self._step_applied.notify_all()
