@@ -1,0 +1,58 @@
+"""The GPU worker as a Ray actor: `DenseWorker` wrapped with `ray.remote` where launched."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from gpu_worker.worker import DenseWorker
+from ndp.config import Config
+
+
+class GpuWorkerActor(DenseWorker):
+    """A `DenseWorker` plus what only makes sense inside an actor (rendezvous address)."""
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """An address and free port on this worker's node for the torch.distributed store."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        return host, port
+
+    def ping(self) -> bool:
+        return True
+
+
+def launch_gpu_worker(
+    cfg: Config,
+    rank: int,
+    plan: dict,
+    node_addresses: list[Any],
+    token: str,
+) -> Any:
+    """Create the named Ray actor `ndp-gpu-worker-<rank>` with `cfg.cluster.gpu_worker_resources`."""
+    import ray
+
+    resources = dict(cfg.cluster.gpu_worker_resources)
+    num_cpus = resources.pop("CPU", 0.0)
+    num_gpus = resources.pop("GPU", 0.0)
+    return (
+        ray.remote(GpuWorkerActor)
+        .options(
+            name=f"ndp-gpu-worker-{rank}",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            resources=resources,
+        )
+        .remote(
+            rank=rank,
+            world_size=cfg.cluster.num_gpu_workers,
+            cfg=cfg,
+            plan=plan,
+            node_addresses=node_addresses,
+            token=token,
+        )
+    )

@@ -1,0 +1,213 @@
+"""The dense half of one data-parallel rank: the GPU worker's pure core.
+
+A worker holds a full replica of the dense half. For its share of a batch it asks every
+storage node for the pooled vectors of the rows that node owns (concurrently, one call per
+node), adds up the partials of row-wise pieces, runs the dense forward and backward, averages
+the dense gradients with the other workers (torch.distributed: gloo on cpu, nccl on cuda) and
+sends d(loss)/d(pooled) back to the storage nodes, which apply the sparse optimizer.
+
+Why the loss is divided by the number of workers before backward: the reference trains on the
+mean loss of the whole batch B. Worker r holds B/M samples, so d(mean_B)/d(theta) is the sum
+over workers of d(mean_{B/M})/d(theta) / M: summing (not averaging) the scaled dense gradients
+and sending the scaled pooled gradients (which the nodes sum over workers) gives exactly the
+reference's gradients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpu_worker.storage_client import StorageClient
+from ndp.config import Config
+from ndp.model.dense import build_dense_half
+from ndp.planner import ShardingPlan
+from ndp.reference import build_dense_optimizer, resolve_device
+from ndp.routing import reassemble, route_gradients
+from storage_node.spec import Bags
+
+RoutedBags = Mapping[int, Mapping[str, Bags]]
+"""{node: {feature: Bags}} for one worker's share of a batch (from `ndp.routing.route_lookup`)."""
+
+
+class DenseWorker:
+    """One data-parallel rank of the dense half.
+
+    Args:
+        rank: this worker's rank in [0, world_size).
+        world_size: number of GPU workers M.
+        cfg: the run's config.
+        plan: the sharding plan (as `ShardingPlan.to_dict()` or the object).
+        node_addresses: per storage node, an address accepted by `StorageClient`.
+        token: the job's token for storage-node RPCs.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        cfg: Config,
+        plan: ShardingPlan | dict,
+        node_addresses: Sequence[Any],
+        token: str,
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.cfg = cfg
+        self.plan = plan if isinstance(plan, ShardingPlan) else ShardingPlan.from_dict(plan)
+        self.device = resolve_device(cfg.train.device)
+        self.dense_half = build_dense_half(cfg.model, seed=cfg.train.seed).to(self.device)
+        self.optimizer = build_dense_optimizer(
+            cfg.optimizer.dense, list(self.dense_half.parameters())
+        )
+        self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
+        self.clients = [
+            StorageClient(
+                address,
+                token=token,
+                wire_dtype=cfg.storage.wire_dtype,
+                max_message_bytes=cfg.storage.max_message_bytes,
+                timeout_s=cfg.cluster.rpc_timeout_s,
+            )
+            for address in node_addresses
+        ]
+        self._seconds: dict[str, float] = defaultdict(float)
+        self._counters: dict[str, float] = defaultdict(float)
+        self._group_ready = world_size == 1
+
+    # ----------------------------------------------------------------- process group
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        """Join the workers' torch.distributed group (gloo on cpu, nccl on cuda)."""
+        if self.world_size == 1:
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self._group_ready = True
+
+    # ----------------------------------------------------------------- steps
+
+    def train_step(
+        self, step: int, dense: torch.Tensor, labels: torch.Tensor, routed: RoutedBags
+    ) -> float:
+        """Steps 3-5 of the design's data path for this worker's share; returns its mean loss."""
+        pooled = self._lookup(step, routed, train=True)
+        with self._phase("dense_compute_s"):
+            leaves = {f: t.to(self.device).requires_grad_() for f, t in pooled.items()}
+            logits = self.dense_half(dense.to(self.device), leaves)
+            loss = self.loss_fn(logits, labels.to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss / self.world_size).backward()
+        with self._phase("allreduce_s"):
+            self._sum_dense_gradients()
+        with self._phase("dense_optimizer_s"):
+            self.optimizer.step()
+        grads = {f: leaf.grad.detach().cpu() for f, leaf in leaves.items()}
+        self._push_gradients(step, grads)
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, step: int, dense: torch.Tensor, routed: RoutedBags) -> torch.Tensor:
+        """Logits [B/M] on CPU through the same lookup path, without any update."""
+        self.dense_half.eval()
+        pooled = self._lookup(step, routed, train=False)
+        logits = self.dense_half(
+            dense.to(self.device), {f: t.to(self.device) for f, t in pooled.items()}
+        )
+        self.dense_half.train()
+        return logits.float().cpu()
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase and counters since the last call."""
+        out = {**self._seconds, **self._counters}
+        self._seconds = defaultdict(float)
+        self._counters = defaultdict(float)
+        return out
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The dense half's parameters, on CPU."""
+        return {k: v.detach().cpu().clone() for k, v in self.dense_half.state_dict().items()}
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_dense_state(self, model_state: dict, optimizer_state: dict | None) -> None:
+        self.dense_half.load_state_dict(model_state)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        if self.world_size > 1 and self._group_ready and dist.is_initialized():
+            dist.destroy_process_group()
+            self._group_ready = False
+
+    # ----------------------------------------------------------------- internals
+
+    def _lookup(self, step: int, routed: RoutedBags, *, train: bool) -> dict[str, torch.Tensor]:
+        with self._phase("lookup_wait_s"):
+            futures = {
+                node: self.clients[node].lookup_async(step, self.rank, bags, train=train)
+                for node, bags in routed.items()
+            }
+            partials = {node: future.result() for node, future in futures.items()}
+        self._counters["link_bytes_in"] += _pooled_bytes(partials, self.cfg.storage.wire_dtype)
+        return reassemble(partials, self.plan)
+
+    def _push_gradients(self, step: int, grads: dict[str, torch.Tensor]) -> None:
+        routed = route_gradients(grads, self.plan)
+        with self._phase("gradient_push_s"):
+            futures = [
+                self.clients[node].push_gradients_async(step, self.rank, node_grads)
+                for node, node_grads in routed.items()
+            ]
+            for future in futures:
+                future.result()
+        self._counters["link_bytes_out"] += _pooled_bytes(routed, self.cfg.storage.wire_dtype)
+
+    def _sum_dense_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in self.dense_half.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _phase(self, name: str) -> _Phase:
+        return _Phase(self._seconds, name)
+
+
+class _Phase:
+    def __init__(self, seconds: dict[str, float], name: str) -> None:
+        self.seconds, self.name = seconds, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self.name] += time.perf_counter() - self.start
+
+
+_WIRE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _pooled_bytes(tensors: Mapping[int, Mapping[str, torch.Tensor]], wire_dtype: str) -> float:
+    """Payload bytes of pooled vectors/gradients as they travel (elements x wire dtype size)."""
+    elements = sum(t.numel() for per_node in tensors.values() for t in per_node.values())
+    return float(elements * _WIRE_BYTES[wire_dtype])

@@ -1,0 +1,192 @@
+"""The coordinator: plans the model, places it on Ray and drives synchronous steps.
+
+`NdpEngine` implements the training loop's StepEngine over actors. One training step reads
+as the design's data path:
+
+    1. the loader yields batch s (done by `ndp.train_loop`),
+    2. `route_lookup` splits each worker's share of the sparse features by storage node,
+    3. workers ask the storage nodes for pooled vectors (nodes pool near the data),
+    4. workers run the dense half and all-reduce dense gradients,
+    5. workers push d(loss)/d(pooled); nodes scatter, merge and apply the sparse optimizer.
+
+Everything the engine starts (storage-node actors, their gRPC servers, GPU-worker actors and
+a local Ray instance) is torn down by `close()`, also after an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from gpu_worker.actor import launch_gpu_worker
+from ndp.config import Config
+from ndp.data.batch import Batch
+from ndp.errors import NDPError
+from ndp.planner import ShardingPlan, plan_shards
+from ndp.ray_local import init_local_ray
+from ndp.routing import route_lookup
+from storage_node.actor import launch_storage_node
+
+log = logging.getLogger(__name__)
+
+
+class NdpEngine:
+    """Synchronous ndp training on storage-node and GPU-worker actors (a StepEngine).
+
+    Args:
+        cfg: the run's config.
+        plan: a precomputed plan; default: `plan_shards(cfg)`.
+        address: Ray cluster address; default `cfg.cluster.address`, else a local instance.
+    """
+
+    def __init__(
+        self, cfg: Config, *, plan: ShardingPlan | None = None, address: str | None = None
+    ) -> None:
+        import ray
+
+        self.cfg = cfg
+        self.plan = plan or plan_shards(cfg)
+        self.tables = cfg.model.effective_tables()
+        self.num_workers = cfg.cluster.num_gpu_workers
+        self._token = secrets.token_urlsafe(32)  # per job; handed to actors, never logged
+        self._started_ray = not ray.is_initialized()
+        self._nodes: list[Any] = []
+        self._workers: list[Any] = []
+        self._worker_timings: dict[str, float] = defaultdict(float)
+        try:
+            init_local_ray(address=address or cfg.cluster.address)
+            self._start_storage_nodes()
+            self._start_gpu_workers()
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------- set-up
+
+    def _start_storage_nodes(self) -> None:
+        import ray
+
+        for node in range(self.plan.num_nodes):
+            shards = self.plan.shards_for_node(node, self.tables)
+            self._nodes.append(
+                launch_storage_node(self.cfg, node, shards, self._token, self.num_workers)
+            )
+        ray.get([n.start.remote() for n in self._nodes])
+        self.node_addresses = ray.get([n.addresses.remote() for n in self._nodes])
+
+    def _start_gpu_workers(self) -> None:
+        import ray
+
+        plan = self.plan.to_dict()
+        self._workers = [
+            launch_gpu_worker(self.cfg, rank, plan, self.node_addresses, self._token)
+            for rank in range(self.num_workers)
+        ]
+        if self.num_workers > 1:
+            host, port = ray.get(self._workers[0].rendezvous_address.remote())
+            _get(
+                [w.init_process_group.remote(host, port) for w in self._workers],
+            )
+        else:
+            ray.get(self._workers[0].ping.remote())
+
+    # ----------------------------------------------------------------- StepEngine
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        """One synchronous step; returns the whole batch's mean loss (before the update)."""
+        parts = batch.split(self.num_workers)
+        refs = [
+            worker.train_step.remote(
+                step, part.dense, part.labels, route_lookup(part.sparse, self.plan, self.tables)
+            )
+            for worker, part in zip(self._workers, parts, strict=True)
+        ]
+        losses = _get(refs)
+        return float(sum(losses) / len(losses))
+
+    def predict(self, step: int, batch: Batch) -> torch.Tensor:
+        """Logits [B] through the storage nodes, without updates (`step`: next training step)."""
+        parts = batch.split(self.num_workers)
+        refs = [
+            worker.predict.remote(
+                step, part.dense, route_lookup(part.sparse, self.plan, self.tables)
+            )
+            for worker, part in zip(self._workers, parts, strict=True)
+        ]
+        return torch.cat(_get(refs))
+
+    def timings(self) -> dict[str, float]:
+        """Per-phase seconds summed over workers plus link bytes, since the last call."""
+        merged: dict[str, float] = defaultdict(float)
+        for worker_timings in _get([w.timings.remote() for w in self._workers]):
+            for key, value in worker_timings.items():
+                merged[key] += value
+        return dict(merged)
+
+    def node_stats(self) -> list[dict]:
+        """Each storage node's counters (cache hits, bytes, steps)."""
+        return _get([n.stats.remote() for n in self._nodes])
+
+    # ----------------------------------------------------------------- model access
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The dense half's parameters (all workers hold the same replica; rank 0's)."""
+        return _get(self._workers[0].dense_state_dict.remote())
+
+    def table_rows(self, table_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole table's weights [rows, D] and optimizer state [rows, S], gathered from its pieces."""
+        weights, states = [], []
+        for piece in self.plan.pieces_of(table_name):
+            rows = torch.arange(piece.row_start, piece.row_end, dtype=torch.int64)
+            w, s = _get(self._nodes[piece.node].read_rows.remote(table_name, rows))
+            weights.append(w)
+            states.append(s)
+        return torch.cat(weights), torch.cat(states)
+
+    # ----------------------------------------------------------------- tear-down
+
+    def close(self) -> None:
+        """Stop workers and storage nodes (servers closed, flash dirs removed), then Ray if ours."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for worker in self._workers:
+            _quietly(lambda w=worker: ray.get(w.close.remote(), timeout=30))
+            _quietly(lambda w=worker: ray.kill(w))
+        for node in self._nodes:
+            _quietly(lambda n=node: ray.get(n.shutdown.remote(), timeout=30))
+            _quietly(lambda n=node: ray.kill(n))
+        self._workers, self._nodes = [], []
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> NdpEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _get(refs: Any) -> Any:
+    """ray.get that re-raises a user error (NDPError) from an actor as itself."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, NDPError):
+            raise cause from None
+        raise
+
+
+def _quietly(action: Any) -> None:
+    try:
+        action()
+    except Exception as exc:  # tear-down must go on past a dead actor
+        log.debug("tear-down step failed: %s", exc)
