@@ -70,15 +70,22 @@ def route_lookup(
             )
             requests.setdefault(pieces[0].node, {})[feature] = bags
             continue
+        # group the values by piece with one stable sort (keeps each bag's order), then
+        # count each piece's share of each bag: lengths [pieces, B]
         piece_of_value = _piece_of(values, pieces)
+        narrow = piece_of_value.to(torch.int16) if len(pieces) < 2**15 else piece_of_value
+        order = torch.sort(narrow, stable=True).indices  # small keys sort ~3x faster
         bag_of_value = torch.repeat_interleave(torch.arange(batch_size), lengths)
+        local_lengths = torch.bincount(
+            piece_of_value * batch_size + bag_of_value, minlength=len(pieces) * batch_size
+        ).reshape(len(pieces), batch_size)
+        bounds = _offsets(local_lengths.sum(dim=1)).tolist()
         for i, piece in enumerate(pieces):
-            mask = piece_of_value == i
-            local_lengths = torch.bincount(bag_of_value[mask], minlength=batch_size)
+            take = order[bounds[i] : bounds[i + 1]]
             requests.setdefault(piece.node, {})[feature] = Bags(
-                indices=values[mask] - piece.row_start,
-                offsets=_offsets(local_lengths),
-                per_sample_weights=None if weights is None else weights[mask],
+                indices=values[take] - piece.row_start,
+                offsets=_offsets(local_lengths[i]),
+                per_sample_weights=None if weights is None else weights[take],
                 mean_divisor=mean_divisor,
             )
     return requests

@@ -73,16 +73,17 @@ def test_table_larger_than_a_node_is_split_row_wise_covering_every_row_once(make
 
 
 def test_row_wise_split_respects_the_free_room_of_partly_filled_nodes(make_config):
-    # "whole" (300 rows) fills most of one node first; "huge" must bend around it.
+    # "a" and "b" go whole first (biggest first) and leave 50 and 200 rows of room;
+    # "c" fits neither, and an even 120/120 split would overflow node 0.
     cfg = make_config(
-        [("huge", 700), ("whole", 300)], num_nodes=2, capacity_bytes=500 * SGD_ROW_BYTES
+        [("a", 450), ("b", 300), ("c", 240)], num_nodes=2, capacity_bytes=500 * SGD_ROW_BYTES
     )
 
     plan = plan_shards(cfg)
 
-    assert_tiles_rows(plan, "huge", 700)
-    assert all(b <= cfg.cluster.node_capacity_bytes for b in plan.node_bytes)
-    assert sum(plan.node_bytes) == 1000 * SGD_ROW_BYTES
+    assert_tiles_rows(plan, "c", 240)
+    assert [(p.node, p.num_rows) for p in plan.pieces_of("c")] == [(0, 50), (1, 190)]
+    assert plan.node_bytes == (500 * SGD_ROW_BYTES, 490 * SGD_ROW_BYTES)
 
 
 def test_more_nodes_than_rows_leaves_no_empty_piece(make_config):
@@ -260,3 +261,20 @@ def test_index_sample_outside_the_table_raises_plan_error(make_config):
 
     with pytest.raises(PlanError, match="index 12 outside"):
         plan_shards(cfg, index_frequencies={"t": np.array([1, 12, 3])})
+
+
+def test_a_table_too_big_for_one_of_its_allowed_nodes_goes_table_row_wise_over_them(make_config):
+    cfg = make_config(
+        [("t", 150)],
+        num_nodes=4,
+        capacity_bytes=100 * SGD_ROW_BYTES,
+        constraints={"t": {"nodes": [0, 2]}},
+    )
+
+    plan = plan_shards(cfg)
+
+    assert [(p.node, p.sharding_type) for p in plan.pieces_of("t")] == [
+        (0, "table_row_wise"),
+        (2, "table_row_wise"),
+    ]
+    assert_tiles_rows(plan, "t", 150)
