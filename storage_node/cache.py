@@ -118,9 +118,7 @@ class RowCache:
             1, min(lay.num_rows, capacity_bytes // (lay.row_bytes + SLOT_METADATA_BYTES))
         )
         cap = self.capacity_rows
-        self.hot_rows = (
-            min(int(hot_fraction * cap), cap - 1) if policy == "hot+lfu" else 0
-        )
+        self.hot_rows = min(int(hot_fraction * cap), cap - 1) if policy == "hot+lfu" else 0
         self.counters = counters or CacheCounters()
         self.slot_rows = np.full(cap, -1, dtype=np.int64)
         self.records = np.zeros((cap, lay.row_floats), dtype=np.float32)
@@ -131,7 +129,9 @@ class RowCache:
         self.freq = np.zeros(cap, dtype=np.float64)
         self._tick = 0
         self.index: DenseRowIndex | SortedRowIndex = (
-            DenseRowIndex(lay.num_rows) if lay.num_rows <= DENSE_INDEX_MAX_ROWS else SortedRowIndex()
+            DenseRowIndex(lay.num_rows)
+            if lay.num_rows <= DENSE_INDEX_MAX_ROWS
+            else SortedRowIndex()
         )
 
     # ------------------------------------------------------------------ reads and writes

@@ -450,7 +450,9 @@ class StorageNodeCore:
         iteration = self.optimizer_step + 1
         for table, piece in self._pieces.items():
             parts = [
-                pending.pushed[w][table] for w in sorted(pending.pushed) if table in pending.pushed[w]
+                pending.pushed[w][table]
+                for w in sorted(pending.pushed)
+                if table in pending.pushed[w]
             ]
             if not parts:
                 continue
@@ -514,7 +516,9 @@ class StorageNodeCore:
 
     # ------------------------------------------------------------------ inspection
 
-    def read_rows(self, table_name: str, global_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_rows(
+        self, table_name: str, global_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Current weights [n, D] and optimizer state [n, S] of global rows of a table."""
         with self._lock:
             self._check_open()
@@ -662,10 +666,14 @@ class StorageNodeCore:
     def _read_manifest(self, directory: Path) -> dict:
         path = self._manifest_path(directory)
         if not path.is_file():
-            raise ShardFileError(f"no checkpoint of node {self.node_id!r} in {directory} ({path.name})")
+            raise ShardFileError(
+                f"no checkpoint of node {self.node_id!r} in {directory} ({path.name})"
+            )
         manifest = json.loads(path.read_text())
         if manifest.get("format") != CHECKPOINT_FORMAT:
-            raise ShardFileError(f"{path}: format {manifest.get('format')!r} is not {CHECKPOINT_FORMAT}")
+            raise ShardFileError(
+                f"{path}: format {manifest.get('format')!r} is not {CHECKPOINT_FORMAT}"
+            )
         if manifest.get("optimizer") != self.optimizer.name:
             raise ShardFileError(
                 f"{path} was written with sparse optimizer {manifest.get('optimizer')!r}; this "

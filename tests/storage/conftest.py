@@ -59,7 +59,9 @@ def make_node(tmp_path) -> Callable[..., StorageNodeCore]:
 
             slot = row_bytes(optimizer, shards[0].embedding_dim) + SLOT_METADATA_BYTES
             storage = StorageConfig(
-                page_bytes=512, io_threads=2, cache_bytes=cache_rows * slot * len(shards),
+                page_bytes=512,
+                io_threads=2,
+                cache_bytes=cache_rows * slot * len(shards),
                 **storage_fields,
             )
         node = StorageNodeCore(

@@ -67,9 +67,7 @@ def random_bags(rng: np.random.Generator, weighted: bool) -> Bags:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
-@pytest.mark.parametrize(
-    ("pooling", "weighted"), [("sum", False), ("mean", False), ("sum", True)]
-)
+@pytest.mark.parametrize(("pooling", "weighted"), [("sum", False), ("mean", False), ("sum", True)])
 def test_steps_match_fbgemm_with_a_tiny_evicting_cache(make_node, optimizer, pooling, weighted):
     emb = fbgemm_table(optimizer, pooling)
     node = make_node(
@@ -91,9 +89,7 @@ def test_steps_match_fbgemm_with_a_tiny_evicting_cache(make_node, optimizer, poo
         assert node.push_gradients(step, 0, {"f_t0": grad})
 
         weights, state = node.read_rows("t0", all_rows)
-        torch.testing.assert_close(
-            weights, emb.split_embedding_weights()[0], rtol=1e-6, atol=1e-7
-        )
+        torch.testing.assert_close(weights, emb.split_embedding_weights()[0], rtol=1e-6, atol=1e-7)
         if optimizer != "sgd":
             fb_state = emb.split_optimizer_states()[0][0].reshape(NUM_ROWS, -1)
             torch.testing.assert_close(state, fb_state, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,121 @@
+"""The flash tier: paged layout, chunked init, persistence, header checks, throttles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ndp.config import EmulationConfig
+from ndp.model.init import init_rows
+from storage_node import flash as flash_module
+from storage_node.errors import ShardFileError
+from storage_node.flash import FlashLayout, FlashStore
+from storage_node.stats import link_delay_s, transfer_delay_s
+
+
+def open_store(path, *, num_rows=50, dim=8, state=8, row_start=10, **kwargs) -> FlashStore:
+    return FlashStore(
+        path,
+        table_name="t",
+        table_num_rows=100,
+        row_start=row_start,
+        num_rows=num_rows,
+        embedding_dim=dim,
+        state_width=state,
+        seed=3,
+        page_bytes=512,
+        io_threads=2,
+        **kwargs,
+    )
+
+
+def test_no_row_straddles_a_page_when_it_fits():
+    layout = FlashLayout(num_rows=100, embedding_dim=20, state_width=1, page_bytes=512)
+    assert layout.row_bytes == 84 and layout.rows_per_block == 6 and layout.block_bytes == 512
+    slots = np.arange(layout.rows_per_block)
+    assert ((slots * layout.row_bytes + layout.row_bytes) <= layout.page_bytes).all()
+
+
+def test_a_row_larger_than_a_page_takes_whole_pages():
+    layout = FlashLayout(num_rows=3, embedding_dim=64, state_width=128, page_bytes=512)
+    assert layout.rows_per_block == 1 and layout.block_bytes == 1024
+    assert layout.file_bytes == 512 + 3 * 1024
+
+
+def test_new_shard_holds_init_rows_and_zero_state(tmp_path):
+    store = open_store(tmp_path / "s")
+    records = store.read_rows(np.array([0, 49, 7, 7]))
+    expected = init_rows(
+        seed=3, table_name="t", num_rows=100, embedding_dim=8, row_start=10, row_end=60
+    )
+    np.testing.assert_array_equal(records[:, :8], expected[[0, 49, 7, 7]])
+    assert (records[:, 8:] == 0).all()
+    store.close()
+
+
+def test_chunked_init_of_a_shard_larger_than_a_chunk_equals_init_of_the_whole_range(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(flash_module, "INIT_CHUNK_BYTES", 1024)  # 2 pages = 16 rows per chunk
+    store = open_store(tmp_path / "s", num_rows=90, state=0)
+    assert store.layout.num_blocks * store.layout.block_bytes > 2 * flash_module.INIT_CHUNK_BYTES
+    expected = init_rows(
+        seed=3, table_name="t", num_rows=100, embedding_dim=8, row_start=10, row_end=100
+    )
+    np.testing.assert_array_equal(store.read_rows(np.arange(90)), expected)
+    store.close()
+
+
+def test_writes_survive_close_and_reopen(tmp_path):
+    store = open_store(tmp_path / "s")
+    rows = np.array([3, 40, 17])
+    records = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    store.write_rows(rows, records)
+    untouched = store.read_rows(np.array([4]))
+    store.close()
+    reopened = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(reopened.read_rows(rows), records)
+    np.testing.assert_array_equal(reopened.read_rows(np.array([4])), untouched)
+    reopened.close()
+
+
+def test_reopening_with_another_shape_names_the_mismatch(tmp_path):
+    open_store(tmp_path / "s").close()
+    with pytest.raises(ShardFileError, match="num_rows: file 50 != expected 51"):
+        open_store(tmp_path / "s", num_rows=51)
+
+
+def test_an_interrupted_init_is_redone(tmp_path):
+    store = open_store(tmp_path / "s")
+    initial = store.read_rows(np.array([5]))
+    store.write_rows(np.array([5]), np.full((1, 16), 9.0, dtype=np.float32))
+    store.close()
+    with open(tmp_path / "s", "r+b") as f:  # clear the header's "complete" flag
+        f.seek(12)
+        f.write(b"\0\0\0\0")
+    store = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(store.read_rows(np.array([5])), initial)
+    store.close()
+
+
+def test_reads_are_whole_pages_and_coalesced(tmp_path):
+    store = open_store(tmp_path / "s")  # 64-byte rows, 8 rows per page
+    store.read_rows(np.array([0, 1, 8, 9, 40]))  # pages 0, 1, 5
+    assert store.counters.pages_read == 3
+    assert store.counters.bytes_read == 3 * 512
+    assert store.counters.read_batches == 1
+    store.close()
+
+
+def test_emulated_flash_delay_is_computed_from_bytes(tmp_path):
+    emulation = EmulationConfig(flash_read_bandwidth_mbps=100.0, flash_read_latency_us=50.0)
+    store = open_store(tmp_path / "s", emulation=emulation)
+    store.read_rows(np.array([0]))  # one 512-byte page
+    assert store.counters.emulated_delay_s == pytest.approx(50e-6 + 512 / 100e6)
+    store.close()
+
+
+def test_link_delay_helper_uses_the_link_bandwidth():
+    assert link_delay_s(EmulationConfig(), 10**6) == 0.0
+    assert link_delay_s(EmulationConfig(link_bandwidth_mbps=1000.0), 10**6) == pytest.approx(1e-3)
+    assert transfer_delay_s(0, None, 20.0) == pytest.approx(20e-6)
