@@ -6,6 +6,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ndp.config import Config, config_from_dict
+from ndp.data.batch import Batch
 
 
 def tiny_config(**sections) -> Config:
@@ -46,3 +47,57 @@ def random_sparse(cfg: Config, batch_size: int, seed: int, max_bag: int = 3) -> 
     return KeyedJaggedTensor.from_lengths_sync(
         keys=cfg.model.feature_names, values=torch.cat(values), lengths=torch.cat(lengths)
     )
+
+
+class InMemoryDataset:
+    """A split held in memory, served in fixed order as full batches (the loader's contract)."""
+
+    def __init__(
+        self,
+        dense: torch.Tensor,
+        sparse_rows: torch.Tensor,
+        labels: torch.Tensor,
+        features: list[str],
+    ) -> None:
+        self.dense, self.sparse_rows, self.labels, self.features = (
+            dense,
+            sparse_rows,
+            labels,
+            features,
+        )
+        self.num_samples = int(labels.shape[0])
+
+    def batches(self, batch_size: int, *, start_batch: int = 0):
+        for start in range(start_batch * batch_size, self.num_samples - batch_size + 1, batch_size):
+            end = start + batch_size
+            rows = self.sparse_rows[start:end]  # [B, F] one row per feature
+            sparse = KeyedJaggedTensor.from_lengths_sync(
+                keys=self.features,
+                values=rows.T.reshape(-1),
+                lengths=torch.ones(len(self.features) * batch_size, dtype=torch.int64),
+            )
+            yield Batch(dense=self.dense[start:end], sparse=sparse, labels=self.labels[start:end])
+
+
+def learnable_splits(cfg: Config, num_train: int, num_val: int, seed: int = 0):
+    """One-hot data whose click probability is a hidden score of the row of feature f0.
+
+    Only the embedding of table t0 can learn the score, so a rising AUC means the embedding
+    half trains through the fused backward, not only the dense half.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows_of = {f: t.num_rows for t in cfg.model.effective_tables() for f in t.features}
+    hidden_score = torch.randn(rows_of["f0"], generator=gen) * 3.0
+
+    def split(num_samples: int) -> InMemoryDataset:
+        columns = [
+            torch.randint(0, rows_of[f], (num_samples,), generator=gen)
+            for f in cfg.model.feature_names
+        ]
+        sparse_rows = torch.stack(columns, dim=1)
+        probability = torch.sigmoid(hidden_score[sparse_rows[:, 0]])
+        labels = torch.bernoulli(probability, generator=gen)
+        dense = torch.randn(num_samples, cfg.model.dense_in_features, generator=gen)
+        return InMemoryDataset(dense, sparse_rows, labels, cfg.model.feature_names)
+
+    return split(num_train), split(num_val)
