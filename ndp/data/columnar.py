@@ -92,10 +92,12 @@ class NpyAppender:
         self._handle.close()
 
 
-def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+def write_meta(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write meta.json (format and version added); returns what was written."""
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     assert full["layout"] in LAYOUTS
     (directory / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
+    return full
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ndp.config import NUM_DENSE_FEATURES, DataConfig
-from ndp.data.columnar import META_FILE, NpyAppender, write_meta
+from ndp.data.columnar import NpyAppender, write_meta
 from ndp.data.criteo import (
     CHUNK_LINES,
     NUM_CATEGORICAL_FEATURES,
@@ -96,6 +96,5 @@ def preprocess_criteo(
         "bad_line_policy": data.bad_line_policy,
         "nan_policy": data.nan_policy,
     }
-    write_meta(output, meta)  # last: a directory without meta.json is never taken as data
-    assert (output / META_FILE).is_file()
-    return meta
+    # written last: a directory without meta.json is never taken for data
+    return write_meta(output, meta)

@@ -401,5 +401,4 @@ def write_synthetic(cfg: Config, output_dir: str | Path) -> dict:
         "source": "synthetic",
         "synthetic": to_dict(cfg.data.synthetic),
     }
-    write_meta(output, meta)
-    return meta
+    return write_meta(output, meta)
