@@ -55,6 +55,7 @@ class StorageNodeActor:
         num_workers: GPU workers whose pushes make up one step.
         bind_host: address to listen on; None: `cfg.cluster.bind_host`, else see
             `node_bind_host`.
+        port: TCP port; 0 (the default) picks a free one.
     """
 
     def __init__(
@@ -65,6 +66,8 @@ class StorageNodeActor:
         token: str,
         num_workers: int,
         bind_host: str | None = None,
+        *,
+        port: int = 0,
     ) -> None:
         self.node_id = str(node_id)
         self.shards = list(shards)
@@ -72,6 +75,7 @@ class StorageNodeActor:
         self._token = token
         self.num_workers = num_workers
         self.bind_host = bind_host or cfg.cluster.bind_host
+        self.port = port
         self._core: StorageNodeCore | None = None
         self._server: RunningServer | None = None
         self._runtime_dir: str | None = None
@@ -103,14 +107,14 @@ class StorageNodeActor:
             self._server = serve(
                 self._core,
                 host=node_bind_host(self.bind_host),
-                port=0,
+                port=self.port,
                 token=self._token,
                 max_message_bytes=storage.max_message_bytes,
                 unix_socket_path=(
                     os.path.join(self._runtime_dir, "rpc.sock") if storage.use_unix_socket else None
                 ),
                 max_workers=rpc_threads(self.num_workers),
-                step_wait_timeout_s=self.cfg.cluster.rpc_timeout_s,
+                step_wait_timeout_s=storage.step_wait_timeout_s,
             )
         except BaseException:
             self.shutdown()

@@ -1,0 +1,48 @@
+"""`ndp-storage-node`: what it serves and how it takes its token."""
+
+from __future__ import annotations
+
+import pytest
+
+from ndp.errors import ConfigError
+from storage_node import cli
+from wire.tiny_node import tiny_config
+
+
+def test_tables_flag_serves_whole_tables():
+    shards = cli.shards_for(tiny_config(), 0, ["t1"])
+    assert [(s.table_name, s.row_start, s.row_end, s.features) for s in shards] == [
+        ("t1", 0, 25, ("f2",))
+    ]
+    assert shards[0].pooling == "mean"
+
+
+def test_unknown_table_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown table.*nope.*tables: t0, t1"):
+        cli.shards_for(tiny_config(), 0, ["nope"])
+
+
+def test_without_tables_the_plan_decides():
+    cfg = tiny_config()
+    pieces = cli.shards_for(cfg, 0, None) + cli.shards_for(cfg, 1, None)
+    assert sorted(s.table_name for s in pieces) == ["t0", "t1"]
+
+
+def test_token_comes_from_the_file_first_line(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("s3cret\nignored\n")
+    assert cli.read_token(str(path)) == "s3cret"
+
+
+def test_missing_token_says_how_to_give_one(monkeypatch):
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    with pytest.raises(ConfigError, match="--token-file"):
+        cli.read_token(None)
+
+
+def test_wildcard_host_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(cli.TOKEN_ENV, "t")
+    config = tmp_path / "c.yaml"
+    config.write_text(tiny_config().to_yaml())
+    assert cli.main(["--config", str(config), "--host", "0.0.0.0", "--tables", "t0"]) == 2
+    assert "every interface" in capsys.readouterr().err

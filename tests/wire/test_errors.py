@@ -1,0 +1,192 @@
+"""Refusals over the wire: the right status code, a message a person can act on, the matching
+StorageNodeError subclass at the client, and nothing changed on the node."""
+
+from __future__ import annotations
+
+import pickle
+
+import grpc
+import pytest
+import torch
+
+from gpu_worker.storage_client import StorageNodeUnavailableError, error_from_rpc
+from ndp.errors import ConfigError
+from protos import storage_node_pb2 as pb
+from protos import storage_node_pb2_grpc as pb_grpc
+from storage_node import codec
+from storage_node.auth import TOKEN_METADATA_KEY, UnauthenticatedError, token_metadata
+from storage_node.errors import (
+    BadTensorError,
+    IndexOutOfRangeError,
+    StepOrderError,
+    UnknownFeatureError,
+)
+from storage_node.server import serve
+from storage_node.spec import Bags
+from wire.tiny_node import TOKEN, random_bags, random_grads
+
+AUTH = token_metadata(TOKEN)
+
+
+def raw_call(node, method: str, request, metadata=AUTH) -> grpc.RpcError:
+    """Send `request` with the generated stub (no client-side encoding) and return its error."""
+    with grpc.insecure_channel(node.server.address) as channel:
+        stub = pb_grpc.StorageNodeStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            getattr(stub, method)(request, metadata=metadata, timeout=30)
+    return caught.value
+
+
+def snapshot(core) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """applied_step and every row of every table (weights and optimizer state)."""
+    w0, s0 = core.read_rows("t0", torch.arange(40))
+    w1, s1 = core.read_rows("t1", torch.arange(25))
+    return core.applied_step, torch.cat([w0, w1]), torch.cat([s0, s1])
+
+
+def assert_unchanged(core, before) -> None:
+    after = snapshot(core)
+    assert after[0] == before[0]
+    assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])
+
+
+def lookup_with(bags_message: pb.FeatureBags) -> pb.LookupRequest:
+    return pb.LookupRequest(step=0, worker=0, train=True, features=[bags_message])
+
+
+def test_out_of_range_index_is_invalid_argument_naming_table_feature_and_value(cfg, serve_node):
+    node = serve_node(cfg)
+    before = snapshot(node.core)
+    bags = {"f1": Bags(indices=torch.tensor([3, 97]), offsets=torch.tensor([0, 1, 2]))}
+    request = codec.lookup_request(0, 0, bags, train=True, dtype=torch.float32)
+    error = raw_call(node, "Lookup", request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    for name in ("t0", "f1", "97"):
+        assert name in error.details()
+    with node.client() as client, pytest.raises(IndexOutOfRangeError, match="97"):
+        client.lookup(0, 0, bags)
+    assert_unchanged(node.core, before)
+    with node.client() as client:  # the node still works
+        client.lookup(0, 0, random_bags(2, seed=0))
+        assert client.push_gradients(0, 0, random_grads(2, seed=0)) is True
+
+
+def test_malformed_tensor_bytes_are_invalid_argument(cfg, serve_node):
+    node = serve_node(cfg)
+    message = codec.encode_bags("f0", random_bags(2, seed=0)["f0"])
+    message.offsets.data = message.offsets.data[:-3]
+    error = raw_call(node, "Lookup", lookup_with(message))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed" in error.details() and "offsets" in error.details()
+    assert isinstance(error_from_rpc(error, node.server.address), BadTensorError)
+
+
+def test_wrong_dtype_is_invalid_argument(cfg, serve_node):
+    node = serve_node(cfg)
+    message = codec.encode_bags("f0", random_bags(2, seed=0)["f0"])
+    message.indices.CopyFrom(codec.encode_tensor(torch.tensor([1.0, 2.0, 3.0])))
+    error = raw_call(node, "Lookup", lookup_with(message))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "'float32' is not accepted; send int64" in error.details()
+
+
+def test_wrong_shape_is_invalid_argument(cfg, serve_node):
+    node = serve_node(cfg)
+    message = codec.encode_bags("f0", random_bags(2, seed=0)["f0"])
+    message.offsets.CopyFrom(codec.encode_tensor(torch.zeros(1, 3, dtype=torch.int64)))
+    error = raw_call(node, "Lookup", lookup_with(message))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "rank 2, expected rank 1" in error.details()
+
+
+def test_gradient_of_wrong_width_is_refused_and_changes_nothing(cfg, serve_node):
+    node = serve_node(cfg)
+    grads = random_grads(2, seed=0)
+    grads["f2"] = torch.zeros(2, 5)
+    with node.client() as client:
+        client.lookup(0, 0, random_bags(2, seed=0))
+        before = snapshot(node.core)
+        with pytest.raises(BadTensorError, match=r"'f2' has shape \(2, 5\), expected \(2, 16\)"):
+            client.push_gradients(0, 0, grads)
+    assert_unchanged(node.core, before)
+
+
+def test_unknown_feature_is_invalid_argument(cfg, serve_node):
+    node = serve_node(cfg)
+    bags = {"not_a_feature": Bags(indices=torch.tensor([0]), offsets=torch.tensor([0, 1]))}
+    request = codec.lookup_request(0, 0, bags, train=True, dtype=torch.float32)
+    error = raw_call(node, "Lookup", request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not_a_feature" in error.details()
+    with node.client() as client, pytest.raises(UnknownFeatureError):
+        client.lookup(0, 0, bags)
+
+
+def test_out_of_order_push_is_failed_precondition_and_changes_nothing(cfg, serve_node):
+    node = serve_node(cfg)
+    before = snapshot(node.core)
+    request = pb.PushGradientsRequest(
+        step=1, worker=0, grads=codec.encode_float_tensors(random_grads(2, 0), torch.float32)
+    )
+    error = raw_call(node, "PushGradients", request)
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    with node.client() as client, pytest.raises(StepOrderError):
+        client.push_gradients(1, 0, random_grads(2, seed=0))
+    assert_unchanged(node.core, before)
+
+
+def test_lookup_whose_previous_step_never_lands_is_failed_precondition(cfg, serve_node):
+    node = serve_node(cfg)
+    with node.client(timeout_s=1.0) as client, pytest.raises(StepOrderError):
+        client.lookup(1, 0, random_bags(2, seed=0))  # step 0 is never pushed
+    assert node.core.applied_step == -1
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [(), ((TOKEN_METADATA_KEY, "wrong-token"),), ((TOKEN_METADATA_KEY, ""),)],
+    ids=["missing", "wrong", "empty"],
+)
+def test_bad_token_is_unauthenticated_and_changes_nothing(cfg, serve_node, metadata):
+    node = serve_node(cfg)
+    before = snapshot(node.core)
+    request = pb.PushGradientsRequest(
+        step=0, worker=0, grads=codec.encode_float_tensors(random_grads(2, 0), torch.float32)
+    )
+    error = raw_call(node, "PushGradients", request, metadata=metadata)
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "wrong-token" not in error.details()
+    assert_unchanged(node.core, before)
+
+
+def test_client_with_wrong_token_raises_unauthenticated_error(cfg, serve_node):
+    node = serve_node(cfg)
+    before = snapshot(node.core)
+    with node.client(token="wrong-token") as client:
+        with pytest.raises(UnauthenticatedError, match="ndp-token"):
+            client.push_gradients(0, 0, random_grads(2, seed=0))
+        with pytest.raises(UnauthenticatedError):
+            client.lookup(0, 0, random_bags(2, seed=0))
+    assert_unchanged(node.core, before)
+
+
+def test_unreachable_node_raises_unavailable_error():
+    from gpu_worker.storage_client import StorageClient
+
+    with StorageClient("unix:/nonexistent/ndp.sock", token=TOKEN, timeout_s=5.0) as client:
+        with pytest.raises(StorageNodeUnavailableError, match="UNAVAILABLE"):
+            client.health()
+
+
+def test_errors_from_the_wire_pickle_with_class_and_message(cfg, serve_node):
+    node = serve_node(cfg)
+    with node.client() as client, pytest.raises(StepOrderError) as caught:
+        client.push_gradients(5, 0, random_grads(2, seed=0))
+    clone = pickle.loads(pickle.dumps(caught.value))
+    assert type(clone) is StepOrderError and str(clone) == str(caught.value)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_serve_refuses_to_listen_on_every_interface(cfg, make_core, host):
+    with pytest.raises(ConfigError, match="every interface"):
+        serve(make_core(cfg), host=host, token=TOKEN, max_message_bytes=1 << 20)
