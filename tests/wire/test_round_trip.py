@@ -98,7 +98,8 @@ def test_prefetch_stats_checkpoint_and_restore_work_over_the_wire(cfg, serve_nod
         assert isinstance(manifest, dict)
         client.push_gradients(0, 0, random_grads(4, seed=3))
         assert client.health()["applied_step"] == 0
-        assert isinstance(client.stats(), dict)
+        stats = client.stats()
+        assert stats["applied_step"] == 0 and stats["node_id"] == "0"
         client.restore(str(tmp_path / "ckpt"))
         assert client.health()["applied_step"] == -1
         after = client.lookup(0, 0, bags)
