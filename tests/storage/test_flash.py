@@ -119,3 +119,15 @@ def test_link_delay_helper_uses_the_link_bandwidth():
     assert link_delay_s(EmulationConfig(), 10**6) == 0.0
     assert link_delay_s(EmulationConfig(link_bandwidth_mbps=1000.0), 10**6) == pytest.approx(1e-3)
     assert transfer_delay_s(0, None, 20.0) == pytest.approx(20e-6)
+
+
+def test_odirect_reads_and_writes_whole_aligned_pages(tmp_path):
+    try:
+        store = open_store(tmp_path / "s", use_odirect=True)
+    except ShardFileError as exc:  # e.g. tmpfs: the error says what to change
+        assert "O_DIRECT" in str(exc)
+        pytest.skip(f"file system refuses O_DIRECT: {exc}")
+    records = np.ones((2, 16), dtype=np.float32)
+    store.write_rows(np.array([1, 30]), records)
+    np.testing.assert_array_equal(store.read_rows(np.array([30, 1])), records)
+    store.close()
