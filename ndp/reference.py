@@ -2,7 +2,7 @@
 
 Why it exists: synchronous ndp must produce the same model as this engine (same init, data
 order and optimizers), so it is the yardstick for equivalence tests and the baseline for
-benchmarks. It implements the `StepEngine` protocol that `ndp.train_loop.run_training`
+benchmarks. It implements `ndp.train_loop.StepEngine`, the protocol that `run_training`
 drives.
 
 One step, split at the same seam as ndp (the pooled vectors)::
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -25,24 +24,6 @@ from ndp.data.batch import Batch
 from ndp.errors import ConfigError
 from ndp.model.dense import DenseHalf, build_dense_half
 from ndp.model.embedding import ReferenceEmbeddings, build_reference_embeddings
-
-
-class StepEngine(Protocol):
-    """What the training loop drives (docs/internals.md)."""
-
-    def train_step(self, step: int, batch: Batch) -> float:
-        """Loss of the batch computed before the update, then the update."""
-        ...
-
-    def predict(self, step: int, batch: Batch) -> torch.Tensor:
-        """Logits [B], no update."""
-        ...
-
-    def timings(self) -> dict[str, float]:
-        """Seconds per phase since the last call."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,7 +54,7 @@ def build_dense_optimizer(
 
 
 class ReferenceEngine:
-    """Whole-model training in one process (StepEngine).
+    """Whole-model training in one process (a `ndp.train_loop.StepEngine`).
 
     Attributes:
         device: where both halves run.

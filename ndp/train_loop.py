@@ -24,13 +24,34 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from tqdm import tqdm
 
 from ndp.config import Config
 from ndp.data.batch import Batch
 from ndp.errors import DataError
 from ndp.metrics import BinaryEvaluator, MetricsWriter
-from ndp.reference import StepEngine
+
+TRAIN_RECORD_KEYS = ("type", "step", "loss", "samples_per_s", "time_s")
+"""Keys of a train record the loop owns; the engine's per-phase timings follow them."""
+
+
+class StepEngine(Protocol):
+    """What the loop drives: `ndp.reference.ReferenceEngine`, `ndp.coordinator.NdpEngine`."""
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        """Loss of the batch computed before the update, then the update."""
+        ...
+
+    def predict(self, step: int, batch: Batch) -> torch.Tensor:
+        """Logits [B], no update."""
+        ...
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase since the last call."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Dataset(Protocol):
@@ -159,12 +180,12 @@ def run_training(
                     samples_per_s = len(window_losses) * batch_size / max(window_seconds, 1e-9)
                     writer.write(
                         {
-                            **engine.timings(),
                             "type": "train",
                             "step": step,
                             "loss": sum(window_losses) / len(window_losses),
                             "samples_per_s": samples_per_s,
                             "time_s": now - run_start,
+                            **_without(engine.timings(), TRAIN_RECORD_KEYS),
                         }
                     )
                     progress.set_postfix(
@@ -201,6 +222,10 @@ def run_training(
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _without(mapping: dict[str, float], reserved: tuple[str, ...]) -> dict[str, float]:
+    return {key: value for key, value in mapping.items() if key not in reserved}
 
 
 class _StopOnCtrlC:

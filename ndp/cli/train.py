@@ -1,0 +1,152 @@
+"""`ndp-train`: train a DLRM from a YAML config, through ndp or the single-process reference.
+
+    ndp-train [--config PATH] [--set KEY=VALUE]... [--mode ndp|reference] [--output-dir DIR]
+              [--address RAY_ADDRESS] [--dry-run] [--resume [PATH]]
+
+A run writes DIR/config.yaml (the resolved config), DIR/metrics.jsonl and DIR/summary.json
+(DIR defaults to runs/<timestamp>). Exit status: 0 success, 2 user error (one line on
+stderr, no traceback), 1 a bug, 130 interrupted by Ctrl-C (the summary is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import ndp
+from ndp.cli import run_cli
+from ndp.config import Config, load_config
+from ndp.errors import ConfigError, NotAvailableError
+from ndp.run_dir import make_run_dir
+from ndp.train_loop import StepEngine, run_training
+
+PROG = "ndp-train"
+DEFAULT_CONFIG = Path(ndp.__file__).resolve().parent.parent / "configs" / "dlrm.yaml"
+"""The embedded default config, resolved against the repository root."""
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG})"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("ndp", "reference"),
+        default="ndp",
+        help="ndp: storage nodes + GPU workers on Ray; reference: the whole model in this process",
+    )
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: runs/<timestamp>")
+    parser.add_argument(
+        "--address", default=None, help="join this Ray cluster (--mode ndp; sets cluster.address)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate and plan, then stop without training"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="PATH",
+        help="resume from a checkpoint (default: the newest in the run's checkpoint dir)",
+    )
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Config file + --set overrides + --address, validated."""
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    if args.address is not None:
+        if args.mode != "ndp":
+            raise ConfigError(
+                "--address joins a Ray cluster, which only --mode ndp uses; drop it for --mode reference"
+            )
+        cfg = replace(cfg, cluster=replace(cfg.cluster, address=args.address))
+    return cfg
+
+
+def engine_factory(mode: str) -> Callable[[Config], StepEngine]:
+    """The StepEngine constructor of `mode`; fails before any data is read if it is missing."""
+    if mode == "reference":
+        from ndp.reference import ReferenceEngine
+
+        return ReferenceEngine
+    try:
+        from ndp.coordinator import NdpEngine
+    except ModuleNotFoundError as exc:
+        if exc.name != "ndp.coordinator":
+            raise
+        raise NotAvailableError(
+            "--mode ndp: the distributed engine (ndp.coordinator) is not available yet in "
+            "this build; use --mode reference"
+        ) from None
+    return NdpEngine
+
+
+def _refuse_unwired(args: argparse.Namespace) -> None:
+    # The place where --dry-run and --resume get wired once planning output and
+    # checkpoints are part of ndp-train.
+    if args.dry_run:
+        raise NotAvailableError("--dry-run is not available yet; run without it")
+    if args.resume is not None:
+        raise NotAvailableError("--resume is not available yet; start a new run without it")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Resolve config, data and engine, run the loop, print the final summary."""
+    _refuse_unwired(args)
+    cfg = resolve_config(args)
+    make_engine = engine_factory(args.mode)
+    from ndp.data.loader import build_datasets
+
+    train_data, val_data = build_datasets(cfg)
+    run_dir = make_run_dir(args.output_dir)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    engine = make_engine(cfg)
+    try:
+        summary = run_training(
+            cfg, engine, run_dir, train_data=train_data, val_data=val_data, mode=args.mode
+        )
+    finally:
+        engine.close()
+    print(format_summary(summary, run_dir))
+    return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def format_summary(summary: dict, run_dir: Path) -> str:
+    """The lines printed at the end of a run."""
+    final_eval = summary.get("final_eval") or {}
+    auc = final_eval.get("auc")
+    quality = "validation AUC n/a" if auc is None else f"validation AUC {auc:.4f}"
+    if final_eval.get("logloss") is not None:
+        quality += f", logloss {final_eval['logloss']:.4f}"
+    status = " (interrupted)" if summary["interrupted"] else ""
+    return (
+        f"{PROG}: {summary['mode']}: {summary['steps']} steps{status}, "
+        f"{summary['samples_per_s']:.0f} samples/s, {quality}\n"
+        f"{PROG}: outputs in {run_dir}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
+    return run_cli(lambda: train(args), prog=PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Where a run writes its outputs: config.yaml, metrics.jsonl, summary.json (and checkpoints).
+
+Why refuse a directory that already holds a run: metrics.jsonl is appended to, so a second
+run into the same directory would silently interleave two runs' records.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ndp.errors import ConfigError
+
+RUN_FILES = ("metrics.jsonl", "summary.json")
+"""Files whose presence marks a directory as holding a run."""
+
+
+def make_run_dir(output_dir: str | Path | None, *, root: str | Path = "runs") -> Path:
+    """Create the run directory: `output_dir`, or `root/<YYYYmmdd-HHMMSS>` (suffixed if taken).
+
+    Raises:
+        ConfigError: `output_dir` already holds a run, or is a file.
+    """
+    if output_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        candidate = Path(root) / stamp
+        suffix = 1
+        while candidate.exists():
+            candidate = Path(root) / f"{stamp}-{suffix}"
+            suffix += 1
+        path = candidate
+    else:
+        path = Path(output_dir)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--output-dir: {path} is a file; name a directory")
+        taken = [name for name in RUN_FILES if (path / name).exists()]
+        if taken:
+            raise ConfigError(
+                f"--output-dir: {path} already holds a run ({taken[0]}); "
+                "choose a new directory or remove the old run"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
