@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from gpu_worker.storage_client import StorageClient
 from ndp.errors import ConfigError
 from storage_node import cli
 from wire.tiny_node import tiny_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tables_flag_serves_whole_tables():
@@ -46,3 +56,24 @@ def test_wildcard_host_is_refused(tmp_path, capsys, monkeypatch):
     config.write_text(tiny_config().to_yaml())
     assert cli.main(["--config", str(config), "--host", "0.0.0.0", "--tables", "t0"]) == 2
     assert "every interface" in capsys.readouterr().err
+
+
+def test_cli_serves_until_sigterm_and_removes_its_socket(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(tiny_config().to_yaml())
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-token\n")
+    command = [sys.executable, "-m", "storage_node.cli", "--config", str(config)]
+    command += ["--tables", "t0,t1", "--token-file", str(token_file)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(process.stdout.readline())
+        assert info["address"].startswith("127.0.0.1:")
+        with StorageClient(info["address"], token="cli-token", timeout_s=30) as client:
+            assert client.health() == {"node_id": "0", "applied_step": -1}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not os.path.exists(info["unix_address"].removeprefix("unix:"))
