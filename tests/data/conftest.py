@@ -10,17 +10,6 @@ import pytest
 
 from ndp.config import Config, config_from_dict
 
-SAMPLE_CATS = [f"{i:08x}" for i in range(0x10, 0x10 + 26)]
-
-
-def tsv_line(
-    label: str = "0", dense: list[str] | None = None, cats: list[str] | None = None
-) -> str:
-    """One Criteo line (without newline): label, 13 integer fields, 26 hex fields."""
-    dense = ["1"] * 13 if dense is None else dense
-    cats = SAMPLE_CATS if cats is None else cats
-    return "\t".join([label, *dense, *cats])
-
 
 @pytest.fixture()
 def make_tsv(tmp_path: Path) -> Callable[..., Path]:

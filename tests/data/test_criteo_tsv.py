@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_CATS, tsv_line
+from criteo_lines import SAMPLE_CATS, tsv_line
 
 from ndp.config import config_from_dict
 from ndp.data.criteo import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_CATS, tsv_line
+from criteo_lines import SAMPLE_CATS, tsv_line
 
 from ndp.data.criteo import CriteoReader, tsv_files
 from ndp.errors import DataError

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import tsv_line
+from criteo_lines import tsv_line
 
 from ndp.config import DataConfig
 from ndp.data.columnar import read_meta
