@@ -31,13 +31,21 @@ def make_run_dir(output_dir: str | Path | None, *, root: str | Path = "runs") ->
         path = candidate
     else:
         path = Path(output_dir)
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"--output-dir: {path} is a file; name a directory")
-        taken = [name for name in RUN_FILES if (path / name).exists()]
-        if taken:
-            raise ConfigError(
-                f"--output-dir: {path} already holds a run ({taken[0]}); "
-                "choose a new directory or remove the old run"
-            )
+        check_output_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_output_dir(output_dir: str | Path | None) -> None:
+    """Fail early (before data is read) if `output_dir` cannot take a new run."""
+    if output_dir is None:
+        return
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir: {path} is a file; name a directory")
+    taken = [name for name in RUN_FILES if (path / name).exists()]
+    if taken:
+        raise ConfigError(
+            f"--output-dir: {path} already holds a run ({taken[0]}); "
+            "choose a new directory or remove the old run"
+        )

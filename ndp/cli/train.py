@@ -16,13 +16,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ndp
 from ndp.cli import run_cli
 from ndp.config import Config, load_config
 from ndp.errors import ConfigError, NotAvailableError
-from ndp.run_dir import make_run_dir
-from ndp.train_loop import StepEngine, run_training
+from ndp.run_dir import check_output_dir, make_run_dir
+
+if TYPE_CHECKING:
+    from ndp.train_loop import StepEngine
 
 PROG = "ndp-train"
 DEFAULT_CONFIG = Path(ndp.__file__).resolve().parent.parent / "configs" / "dlrm.yaml"
@@ -110,8 +113,12 @@ def train(args: argparse.Namespace) -> int:
     """Resolve config, data and engine, run the loop, print the final summary."""
     _refuse_unwired(args)
     cfg = resolve_config(args)
+    check_output_dir(args.output_dir)
     make_engine = engine_factory(args.mode)
+    # torch, torchrec and Ray load only once the arguments are known to be good: a typo in
+    # --set is answered in a fraction of a second.
     from ndp.data.loader import build_datasets
+    from ndp.train_loop import run_training
 
     train_data, val_data = build_datasets(cfg)
     run_dir = make_run_dir(args.output_dir)
