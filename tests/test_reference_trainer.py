@@ -8,8 +8,15 @@ import signal
 
 import pytest
 import torch
-from model.tiny import InMemoryDataset, learnable_splits, tiny_config
+from model.tiny import (
+    InMemoryDataset,
+    learnable_splits,
+    random_sparse,
+    tiny_config,
+    torchrec_dlrm_with_same_weights,
+)
 
+from ndp.data.batch import Batch
 from ndp.errors import ConfigError, DataError
 from ndp.metrics import read_metrics
 from ndp.reference import ReferenceEngine
@@ -221,3 +228,39 @@ def test_in_memory_dataset_yields_full_batches_only():
     train, _ = learnable_splits(cfg, 70, 32)
     assert isinstance(train, InMemoryDataset)
     assert [b.batch_size for b in train.batches(32)] == [32, 32]
+
+
+def test_one_sgd_step_equals_plain_autograd_through_a_torchrec_dlrm():
+    """Cutting the graph at the pooled vectors and the fused sparse update change nothing."""
+    cfg = tiny_config(
+        train={"batch_size": 8, "device": "cpu"},
+        optimizer={"dense": {"name": "sgd", "lr": 0.3}, "sparse": {"name": "sgd", "lr": 0.7}},
+    )
+    engine = ReferenceEngine(cfg)
+    dlrm = torchrec_dlrm_with_same_weights(cfg, engine.embeddings, engine.dense_half)
+    batch = Batch(
+        dense=torch.randn(8, 13, generator=torch.Generator().manual_seed(4)),
+        sparse=random_sparse(cfg, batch_size=8, seed=9),
+        labels=torch.tensor([1.0, 0, 0, 1, 1, 0, 1, 0]),
+    )
+
+    loss = engine.train_step(0, batch)
+    expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        dlrm(batch.dense, batch.sparse).squeeze(-1), batch.labels
+    )
+    expected_loss.backward()
+    with torch.no_grad():
+        for name, param in dlrm.named_parameters():
+            param -= (0.7 if name.startswith("sparse_arch.") else 0.3) * param.grad
+
+    assert loss == pytest.approx(float(expected_loss.detach()), rel=1e-6)
+    for name, param in engine.dense_half.state_dict().items():
+        torch.testing.assert_close(param, dlrm.state_dict()[name], rtol=1e-5, atol=1e-6)
+    bags = dlrm.sparse_arch.embedding_bag_collection.embedding_bags
+    for table in cfg.model.tables:
+        torch.testing.assert_close(
+            engine.embeddings.table_weights(table.name),
+            bags[table.name].weight,
+            rtol=1e-5,
+            atol=1e-6,
+        )

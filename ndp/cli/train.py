@@ -151,7 +151,9 @@ def format_summary(summary: dict, run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
+    # ndp's own progress messages at INFO; libraries (FBGEMM's kernel loading...) only warn.
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
+    logging.getLogger("ndp").setLevel(logging.INFO)
     return run_cli(lambda: train(args), prog=PROG)
 
 

@@ -4,48 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from model.tiny import random_sparse, tiny_config
+from model.tiny import random_sparse, tiny_config, torchrec_dlrm_with_same_weights
 from ndp.model.dense import build_dense_half
 from ndp.model.embedding import build_reference_embeddings
-
-
-def _torchrec_dlrm_with_same_weights(cfg, embeddings, dense_half) -> DLRM:
-    pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
-    ebc = EmbeddingBagCollection(
-        tables=[
-            EmbeddingBagConfig(
-                name=t.name,
-                embedding_dim=t.embedding_dim,
-                num_embeddings=t.num_rows,
-                feature_names=list(t.features),
-                pooling=pooling[t.pooling],
-            )
-            for t in cfg.model.effective_tables()
-        ]
-    )
-    with torch.no_grad():
-        for t in cfg.model.effective_tables():
-            ebc.embedding_bags[t.name].weight.copy_(embeddings.table_weights(t.name))
-    dlrm = DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=cfg.model.dense_in_features,
-        dense_arch_layer_sizes=list(cfg.model.bottom_mlp),
-        over_arch_layer_sizes=list(cfg.model.top_mlp),
-    )
-    result = dlrm.load_state_dict(dense_half.state_dict(), strict=False)
-    assert not result.unexpected_keys
-    assert all(key.startswith("sparse_arch.") for key in result.missing_keys)
-    return dlrm
 
 
 def test_dense_half_plus_pooled_embeddings_reproduces_torchrec_dlrm_logits(cfg):
     embeddings = build_reference_embeddings(cfg)
     dense_half = build_dense_half(cfg.model, seed=3)
-    dlrm = _torchrec_dlrm_with_same_weights(cfg, embeddings, dense_half)
+    dlrm = torchrec_dlrm_with_same_weights(cfg, embeddings, dense_half)
     sparse = random_sparse(cfg, batch_size=6, seed=0)
     dense = torch.randn(6, cfg.model.dense_in_features, generator=torch.Generator().manual_seed(1))
 

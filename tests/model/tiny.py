@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ndp.config import Config, config_from_dict
@@ -101,3 +104,33 @@ def learnable_splits(cfg: Config, num_train: int, num_val: int, seed: int = 0):
         return InMemoryDataset(dense, sparse_rows, labels, cfg.model.feature_names)
 
     return split(num_train), split(num_val)
+
+
+def torchrec_dlrm_with_same_weights(cfg: Config, embeddings, dense_half) -> DLRM:
+    """A torchrec DLRM (EmbeddingBagCollection tables) holding the same weights as our halves."""
+    pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name=t.name,
+                embedding_dim=t.embedding_dim,
+                num_embeddings=t.num_rows,
+                feature_names=list(t.features),
+                pooling=pooling[t.pooling],
+            )
+            for t in cfg.model.effective_tables()
+        ]
+    )
+    with torch.no_grad():
+        for t in cfg.model.effective_tables():
+            ebc.embedding_bags[t.name].weight.copy_(embeddings.table_weights(t.name))
+    dlrm = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=cfg.model.dense_in_features,
+        dense_arch_layer_sizes=list(cfg.model.bottom_mlp),
+        over_arch_layer_sizes=list(cfg.model.top_mlp),
+    )
+    result = dlrm.load_state_dict(dense_half.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all(key.startswith("sparse_arch.") for key in result.missing_keys)
+    return dlrm
