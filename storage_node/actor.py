@@ -138,6 +138,12 @@ class StorageNodeActor:
             raise RuntimeError("storage node not started; call start() first")
         return self._core.stats()
 
+    def read_rows(self, table_name: str, global_rows: Any) -> tuple[Any, Any]:
+        """Weights [n, D] and optimizer state [n, S] of global rows (exports, equivalence checks)."""
+        if self._core is None:
+            raise RuntimeError("storage node not started; call start() first")
+        return self._core.read_rows(table_name, global_rows)
+
     def shutdown(self) -> None:
         """Stop the server, close the core, remove the private runtime directory."""
         if self._server is not None:
