@@ -36,7 +36,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -188,6 +188,46 @@ def _decode(
     return np.where(valid, values, 0), valid
 
 
+_MAX_FIELD_BYTES = _MAX_DECIMAL_DIGITS + 2  # longer fields are malformed whatever they hold
+
+
+def _split_fields(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Split lines at tabs without a Python object per field.
+
+    Returns:
+        counts: int64 [lines], fields per line.
+        fields: bytes array [lines with 40 fields, 40] of at most `_MAX_FIELD_BYTES` bytes per
+            cell; a longer field is replaced by an invalid byte so that it fails to decode.
+    """
+    text = b"".join(lines)
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    text = text.replace(b"\r\n", b"\n")
+    buf = np.frombuffer(text, dtype=np.uint8)
+    is_separator = (buf == ord("\t")) | (buf == ord("\n"))
+    separators = np.flatnonzero(is_separator)
+    line_ends = separators[buf[separators] == ord("\n")]
+    assert line_ends.size == len(lines), "one newline per line"
+    fields_before = np.searchsorted(separators, line_ends, side="right")
+    counts = np.diff(fields_before, prepend=0)
+    starts = np.concatenate([[0], separators[:-1] + 1])
+    lengths = separators - starts
+    keep = np.repeat(counts == NUM_FIELDS, counts)
+    starts, lengths = starts[keep], lengths[keep]
+    width = max(1, min(int(lengths.max(initial=0)), _MAX_FIELD_BYTES))
+    cells = np.zeros((starts.size, width), np.uint8)
+    for pos in range(width):  # one gather per byte position, not per field
+        inside = pos < lengths
+        cells[inside, pos] = buf[starts[inside] + pos]
+    cells[lengths > width, 0] = 0xFF
+    fields = np.ascontiguousarray(cells).view(f"S{width}").reshape(-1, NUM_FIELDS)
+    return counts, fields
+
+
+def _fields_of(line: bytes) -> list[bytes]:
+    return line.rstrip(b"\r\n").split(b"\t")
+
+
 def _describe_problem(
     line: bytes, fields: list[bytes], label_ok: bool, dense_bad: np.ndarray, cat_bad: np.ndarray
 ) -> str:
@@ -238,12 +278,8 @@ def parse_lines(
     Raises:
         DataError: `source:line: problem` for the first malformed line under `fail`.
     """
-    split = [line.rstrip(b"\r\n").split(b"\t") for line in lines]
-    counts = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+    counts, fields = _split_fields(lines)
     whole = np.flatnonzero(counts == NUM_FIELDS)
-    fields = np.array(list(chain.from_iterable(split[i] for i in whole)) or [b""], dtype=np.bytes_)[
-        : len(whole) * NUM_FIELDS
-    ].reshape(len(whole), NUM_FIELDS)
 
     labels = fields[:, 0]
     label_ok = (labels == b"1") | (labels == b"0")
@@ -268,10 +304,16 @@ def parse_lines(
                 continue
             if row >= 0:
                 problem = _describe_problem(
-                    lines[i], split[i], bool(label_ok[row]), ~dense_ok[row], ~cat_ok[row]
+                    lines[i],
+                    _fields_of(lines[i]),
+                    bool(label_ok[row]),
+                    ~dense_ok[row],
+                    ~cat_ok[row],
                 )
             else:
-                problem = _describe_problem(lines[i], split[i], True, np.zeros(0), np.zeros(0))
+                problem = _describe_problem(
+                    lines[i], _fields_of(lines[i]), True, np.zeros(0), np.zeros(0)
+                )
             if bad_line_policy == "fail":
                 raise DataError(
                     f"{source}:{first_line + i}: {problem} "

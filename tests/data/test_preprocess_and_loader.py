@@ -211,3 +211,18 @@ def test_model_feature_missing_from_preprocessed_data_is_a_data_error(synth_dir,
     cfg = criteo_config(synth_dir, {"f0": 1000, "f9": 10})
     with pytest.raises(DataError, match="no feature 'f9'.*holds f0, f1"):
         build_datasets(cfg)
+
+
+def test_shipped_default_config_builds_the_sample_split():
+    from pathlib import Path
+
+    from ndp.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "dlrm.yaml")
+    train, val = build_datasets(cfg)
+    assert (train.num_samples, val.num_samples) == (7000, 1000)
+    batch = next(train.batches(cfg.train.batch_size))
+    assert batch.sparse.keys() == cfg.model.feature_names
+    capped = {t.features[0]: t.num_rows for t in cfg.model.effective_tables()}
+    for name, jagged in batch.sparse.to_dict().items():
+        assert int(jagged.values().max()) < capped[name]
