@@ -26,8 +26,9 @@ other than 0/1, binary garbage, NaN/Inf under `nan_policy=fail`) raise `DataErro
 `file:line` (1-based) and what is wrong; with `data.bad_line_policy=skip` they are dropped and
 counted (`CriteoReader.skipped_lines`, and a log line).
 
-Parsing is vectorised per chunk of lines: fields become a numpy bytes array `[lines, 40]`
-whose digits are decoded with lookup tables; Python touches each line only to split it.
+Parsing is vectorised per chunk of lines: tab and newline positions of the joined chunk are
+found with numpy, fields are gathered into a bytes array `[lines, 40]`, and digits are decoded
+with lookup tables. Python code runs per line only to describe a malformed one.
 """
 
 from __future__ import annotations
