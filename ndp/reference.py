@@ -63,6 +63,9 @@ class ReferenceEngine:
         dense_optimizer: torch.optim over `dense_half`'s parameters.
     """
 
+    mode = "reference"
+    """Name of the engine in summaries and `ndp-train --mode`."""
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)

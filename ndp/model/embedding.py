@@ -133,9 +133,13 @@ class ReferenceEmbeddings(nn.Module):
         optimizer to the rows the batch touched.
         """
         self._check_keys(sparse)
-        order = {name: i for i, name in enumerate(sparse.keys())}
-        grouped = sparse.permute([order[f] for g in self._groups for f in g.features])
-        pieces = grouped.split([len(g.features) for g in self._groups])
+        tbe_order = [f for g in self._groups for f in g.features]
+        if list(sparse.keys()) == tbe_order and len(self._groups) == 1:
+            pieces = [sparse]  # the common case: one pooling mode, keys in model order
+        else:
+            order = {name: i for i, name in enumerate(sparse.keys())}
+            grouped = sparse.permute([order[f] for f in tbe_order])
+            pieces = grouped.split([len(g.features) for g in self._groups])
         outputs = []
         for tbe, piece in zip(self.tbes, pieces, strict=True):
             weights = piece.weights_or_none()

@@ -104,3 +104,23 @@ def test_adam_on_cpu_is_refused_naming_the_field():
     cfg = tiny_config(optimizer={"sparse": {"name": "adam"}})
     with pytest.raises(ConfigError, match=r"optimizer\.sparse\.name.*cuda"):
         build_reference_embeddings(cfg, device="cpu")
+
+
+def test_single_pooling_mode_and_shuffled_keys_pool_the_same():
+    cfg = tiny_config(
+        model={
+            "tables": [
+                {"name": "a", "num_rows": 40, "embedding_dim": 8, "features": ["x", "y"]},
+                {"name": "b", "num_rows": 10, "embedding_dim": 8, "features": ["z"]},
+            ]
+        }
+    )
+    embeddings = build_reference_embeddings(cfg)
+    sparse = random_sparse(cfg, batch_size=4, seed=3)
+    shuffled = sparse.permute([2, 0, 1])
+    assert shuffled.keys() == ["z", "x", "y"]
+    with torch.no_grad():
+        in_order, out_of_order = embeddings(sparse), embeddings(shuffled)
+    for feature in cfg.model.feature_names:
+        torch.testing.assert_close(in_order[feature], out_of_order[feature])
+    torch.testing.assert_close(in_order["z"], _manual_pool(cfg, embeddings, sparse)["z"])
