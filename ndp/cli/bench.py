@@ -1,0 +1,89 @@
+"""`ndp-bench`: measure ndp and write results.json, results.md and results.png.
+
+    ndp-bench storage [--config PATH] [--output-dir DIR] [--quick]
+    ndp-bench train   [--config PATH] [--output-dir DIR] [--quick]   (not available yet)
+
+`storage` measures pooled lookups/s of a storage node over gRPC against in-process
+`embedding_bag` (pooling 1, 8, 32) and the hit rate of each cache policy against Belady's
+optimum; it prints each figure against its target. `--config` supplies
+`storage.hot_fraction` and, when `data.path` names a Criteo TSV, the trace file. The output
+directory defaults to bench-results/<subcommand>-<timestamp>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ndp.bench.report import write_results
+from ndp.cli import EXIT_USER_ERROR, run_cli
+from ndp.config import load_config
+from ndp.errors import NotAvailableError
+
+PROG = "ndp-bench"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("storage", "lookups over gRPC vs in process; cache policies vs Belady"),
+        ("train", "end-to-end training throughput (not available yet)"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", help="YAML config (storage.hot_fraction, data.path)")
+        sub.add_argument("--output-dir", help="default: bench-results/<command>-<timestamp>")
+        sub.add_argument("--quick", action="store_true", help="smaller sizes, a few minutes")
+        sub.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    return parser
+
+
+def default_output_dir(command: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("bench-results") / f"{command}-{stamp}"
+
+
+def _storage(args: argparse.Namespace, command_line: str) -> int:
+    from ndp.bench.storage import StorageBenchOptions, run_storage_bench
+
+    options = StorageBenchOptions.quick() if args.quick else StorageBenchOptions.full()
+    if args.config:
+        cfg = load_config(args.config)
+        options = replace(options, hot_fraction=cfg.storage.hot_fraction)
+        if cfg.data.source == "criteo" and cfg.data.path and Path(cfg.data.path).is_file():
+            options = replace(options, criteo_path=cfg.data.path)
+    if args.scale != 1.0:
+        options = options.scaled(args.scale)
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("storage")
+    results = run_storage_bench(
+        options, command=command_line, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr)
+    )
+    paths = write_results(results, output_dir)
+    for line in results["summary"]:
+        print(line)
+    print(f"results: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _train(args: argparse.Namespace, command_line: str) -> int:
+    raise NotAvailableError(
+        "ndp-bench train is not available yet; run `ndp-bench storage` for the storage benchmark"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    command_line = shlex.join([PROG, *argv])
+    body = {"storage": _storage, "train": _train}[args.command]
+    status = run_cli(lambda: body(args, command_line), prog=PROG)
+    assert args.command != "train" or status == EXIT_USER_ERROR
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
