@@ -27,7 +27,7 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Write `record` (JSON-serialisable; non-finite floats become null)."""
-        self._file.write(json.dumps(_finite(record)) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -92,11 +92,12 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, flo
     return evaluator.compute()
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats replaced by None (strict JSON has no NaN or Infinity)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from ndp.config import Config
 from ndp.data.batch import Batch
 from ndp.errors import DataError
-from ndp.metrics import BinaryEvaluator, MetricsWriter
+from ndp.metrics import BinaryEvaluator, MetricsWriter, json_safe
+from ndp.pipeline import with_lookahead
 
 TRAIN_RECORD_KEYS = ("type", "step", "loss", "samples_per_s", "time_s")
 """Keys of a train record the loop owns; the engine's per-phase timings follow them."""
@@ -168,7 +169,8 @@ def run_training(
     with MetricsWriter(output_dir / "metrics.jsonl") as writer, _StopOnCtrlC() as ctrl_c:
         engine.timings()  # start the engine's phase clock with the loop
         try:
-            for step, batch in training_batches(train_data, batch_size, total_steps):
+            batches = training_batches(train_data, batch_size, total_steps)
+            for step, batch in with_lookahead(batches, engine, cfg.pipeline):
                 last_loss = engine.train_step(step, batch)
                 steps_done = step + 1
                 window_losses.append(last_loss)
@@ -220,7 +222,8 @@ def run_training(
         "final_eval": last_eval,
         "interrupted": interrupted,
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = json_safe(summary)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 
 

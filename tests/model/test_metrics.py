@@ -1,0 +1,58 @@
+"""Validation metrics and the JSON-lines writer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ndp.metrics import BinaryEvaluator, MetricsWriter, evaluate_logits, read_metrics
+
+
+def test_perfectly_ranked_logits_have_auc_1_and_reversed_ones_auc_0():
+    labels = torch.tensor([0.0, 0, 1, 1])
+    logits = torch.tensor([-2.0, -1.0, 1.0, 3.0])
+    assert evaluate_logits(logits, labels)["auc"] == pytest.approx(1.0)
+    assert evaluate_logits(-logits, labels)["auc"] == pytest.approx(0.0)
+
+
+def test_logloss_is_mean_bce_and_accuracy_thresholds_the_sigmoid_at_half():
+    labels = torch.tensor([1.0, 0, 1, 0])
+    logits = torch.tensor([2.0, 0.5, -1.0, -3.0])  # right, wrong, wrong, right
+    metrics = evaluate_logits(logits, labels)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    assert metrics["logloss"] == pytest.approx(float(expected), rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx(0.5)
+    assert metrics["num_samples"] == 4
+
+
+def test_streaming_over_batches_equals_one_shot():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, generator=gen)
+    labels = (torch.rand(300, generator=gen) < torch.sigmoid(logits)).float()
+    evaluator = BinaryEvaluator()
+    for start in range(0, 300, 64):
+        evaluator.update(logits[start : start + 64], labels[start : start + 64])
+    streamed, one_shot = evaluator.compute(), evaluate_logits(logits, labels)
+    assert streamed == pytest.approx(one_shot, rel=1e-6)
+
+
+def test_no_samples_give_nan_metrics():
+    metrics = BinaryEvaluator().compute()
+    assert metrics["num_samples"] == 0 and math.isnan(metrics["auc"])
+
+
+def test_writer_appends_one_json_object_per_line_and_nulls_non_finite(tmp_path):
+    path = tmp_path / "sub" / "metrics.jsonl"
+    with MetricsWriter(path) as writer:
+        writer.write({"type": "train", "step": 0, "loss": 0.5})
+        writer.write({"type": "eval", "step": 0, "auc": float("nan")})
+    with MetricsWriter(path) as writer:
+        writer.write({"type": "train", "step": 1, "loss": float("inf")})
+
+    assert read_metrics(path) == [
+        {"type": "train", "step": 0, "loss": 0.5},
+        {"type": "eval", "step": 0, "auc": None},
+        {"type": "train", "step": 1, "loss": None},
+    ]
