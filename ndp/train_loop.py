@@ -31,7 +31,6 @@ from ndp.config import Config
 from ndp.data.batch import Batch
 from ndp.errors import DataError
 from ndp.metrics import BinaryEvaluator, MetricsWriter, json_safe
-from ndp.pipeline import with_lookahead
 
 TRAIN_RECORD_KEYS = ("type", "step", "loss", "samples_per_s", "time_s")
 """Keys of a train record the loop owns; the engine's per-phase timings follow them."""
@@ -169,8 +168,7 @@ def run_training(
     with MetricsWriter(output_dir / "metrics.jsonl") as writer, _StopOnCtrlC() as ctrl_c:
         engine.timings()  # start the engine's phase clock with the loop
         try:
-            batches = training_batches(train_data, batch_size, total_steps)
-            for step, batch in with_lookahead(batches, engine, cfg.pipeline):
+            for step, batch in training_batches(train_data, batch_size, total_steps):
                 last_loss = engine.train_step(step, batch)
                 steps_done = step + 1
                 window_losses.append(last_loss)
