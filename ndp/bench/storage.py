@@ -71,8 +71,8 @@ class StorageBenchOptions:
     def quick() -> StorageBenchOptions:
         return StorageBenchOptions(
             lookup_rows=20_000,
-            rounds=3,
-            calls_per_round=2,
+            rounds=5,
+            calls_per_round=3,
             criteo_tables=4,
             zipf_rows=200_000,
             zipf_samples=200_000,
