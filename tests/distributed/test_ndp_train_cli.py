@@ -1,0 +1,130 @@
+"""`ndp-train` in its default (ndp) mode, and the engine's clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_equivalence import tiny_config
+
+from ndp.coordinator import NdpEngine
+from ndp.data.loader import build_datasets
+from ndp.errors import StorageNodeError
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+NDP_TRAIN = Path(sys.executable).with_name("ndp-train")
+
+
+def test_ndp_train_runs_the_default_config_on_storage_nodes_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    result = subprocess.run(
+        [
+            str(NDP_TRAIN),
+            "--config",
+            str(REPO / "configs" / "dlrm.yaml"),
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.batch_size=64",
+            "--set",
+            "train.eval_batches=2",
+            "--set",
+            "logging.interval_steps=1",
+            "--set",
+            "logging.progress_bar=false",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "validation AUC" in result.stdout
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["type"] == "train"]
+    assert [line["step"] for line in train_lines] == list(range(6))
+    assert all(line["lookup_wait_s"] >= 0 and line["link_bytes_in"] > 0 for line in train_lines)
+    eval_lines = [line for line in lines if line["type"] == "eval"]
+    assert eval_lines and 0.0 <= eval_lines[-1]["auc"] <= 1.0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "ndp" and summary["steps"] == 6
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["num_nodes"] == 2
+    assert "train:" in (out / "config.yaml").read_text()
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
+    result = subprocess.run(
+        [
+            str(NDP_TRAIN),
+            "--config",
+            str(REPO / "configs" / "dlrm.yaml"),
+            "--dry-run",
+            "--output-dir",
+            str(tmp_path / "never"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "t_cat_25" in result.stdout and "imbalance" in result.stdout
+    assert not (tmp_path / "never").exists()
+
+
+def test_dry_run_of_a_plan_that_cannot_fit_says_how_much_is_missing():
+    result = subprocess.run(
+        [
+            str(NDP_TRAIN),
+            "--config",
+            str(REPO / "configs" / "dlrm.yaml"),
+            "--dry-run",
+            "--set",
+            "cluster.node_capacity_bytes=1000000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "missing" in result.stderr and "Traceback" not in result.stderr
+
+
+def _listening(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex((host, int(port))) == 0
+
+
+def _ndp_actor_names(ray) -> list[str]:
+    return [n for n in ray.util.list_named_actors() if n.startswith("ndp-")]
+
+
+def test_close_leaves_no_actors_or_listening_ports_even_after_a_worker_error(ray_session):
+    cfg = tiny_config("sgd")
+    batch = next(iter(build_datasets(cfg)[0].batches(cfg.train.batch_size)))
+    engine = NdpEngine(cfg)
+    addresses = [a["tcp"] for a in engine.node_addresses]
+    assert all(_listening(a) for a in addresses)
+    assert len(_ndp_actor_names(ray_session)) == 4
+
+    engine.train_step(0, batch)
+    with pytest.raises(StorageNodeError):
+        engine.train_step(0, batch)  # step 0 again: the nodes refuse it inside the workers
+    engine.close()
+
+    assert _ndp_actor_names(ray_session) == []
+    assert not any(_listening(a) for a in addresses)
