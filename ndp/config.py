@@ -480,11 +480,19 @@ class CheckpointConfig:
     """Retention: keep the newest n checkpoints."""
     enabled: bool = False
     """Write checkpoints at all."""
+    max_restarts: int = 3
+    """Failure recovery: how many times a run restarts its actors and rolls back to the last
+    checkpoint (after a storage node or GPU worker dies) before it gives up; 0: never."""
 
     def validate(self, path: str) -> None:
         _positive(path, "interval_steps", self.interval_steps)
         _positive(path, "interval_minutes", self.interval_minutes)
         _positive(path, "keep_last", self.keep_last)
+        if self.max_restarts < 0:
+            _fail(
+                _join(path, "max_restarts"),
+                f"{self.max_restarts} is negative; use 0 to never restart, or a positive count",
+            )
 
 
 # --------------------------------------------------------------------------- logging

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import defaultdict
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +33,9 @@ from ndp.planner import ShardingPlan, plan_shards
 from ndp.ray_local import init_local_ray
 from ndp.routing import route_lookup
 from storage_node.actor import launch_storage_node
+
+if TYPE_CHECKING:
+    from ndp.checkpoint import Checkpoint, EngineState
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +153,101 @@ class NdpEngine:
             states.append(s)
         return torch.cat(weights), torch.cat(states)
 
+    # ----------------------------------------------------------------- checkpoints, recovery
+
+    def export_state(self) -> EngineState:
+        """Everything a checkpoint needs, taken at the current step barrier (see ndp.checkpoint).
+
+        Rows are read from the nodes through their caches (`read_rows` does not admit or
+        count), chunk by chunk, so the checkpoint sees exactly the rows training sees.
+        """
+        from ndp.checkpoint import EngineState, TableChunk, chunk_ranges
+
+        def chunks() -> Iterator[TableChunk]:
+            for table in self.tables:
+                for piece in self.plan.pieces_of(table.name):
+                    for lo, hi in chunk_ranges(piece.row_start, piece.row_end):
+                        rows = torch.arange(lo, hi, dtype=torch.int64)
+                        w, s = _get(self._nodes[piece.node].read_rows.remote(table.name, rows))
+                        yield TableChunk(table.name, lo, hi, torch.cat([w, s], dim=1).numpy())
+
+        optimizer_steps = {int(s["optimizer_step"]) for s in self.node_stats()}
+        assert len(optimizer_steps) == 1, f"nodes disagree on the optimizer step: {optimizer_steps}"
+        return EngineState(
+            dense_model=self.dense_state_dict(),
+            dense_optimizer=_get(self._workers[0].optimizer_state_dict.remote()),
+            tables=chunks(),
+            sparse_optimizer_step=optimizer_steps.pop(),
+            plan=self.plan.to_dict(),
+        )
+
+    def import_state(self, checkpoint: Checkpoint) -> None:
+        """Load a checkpoint into the running actors (this engine's plan may differ from the
+        checkpoint's: each node gets its pieces re-sliced from the global-row chunks)."""
+        import shutil
+        import tempfile
+
+        from gpu_worker.storage_client import StorageClient
+        from ndp.checkpoint import write_node_restore_dir
+
+        checkpoint.check_fits(self.cfg)
+        model, optimizer = checkpoint.dense_model(), checkpoint.dense_optimizer()
+        _get([w.load_dense_state.remote(model, optimizer) for w in self._workers])
+        staging = Path(tempfile.mkdtemp(prefix="ndp-restore-"))
+        try:
+            for node, addresses in enumerate(self.node_addresses):
+                directory = write_node_restore_dir(
+                    checkpoint,
+                    staging / f"node-{node}",
+                    node_id=str(node),
+                    shards=self.plan.shards_for_node(node, self.tables),
+                    cfg=self.cfg,
+                )
+                client = StorageClient(
+                    addresses,
+                    token=self._token,
+                    max_message_bytes=self.cfg.storage.max_message_bytes,
+                    timeout_s=self.cfg.cluster.rpc_timeout_s,
+                )
+                try:
+                    client.restore(str(directory))
+                finally:
+                    client.close()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def restart(self) -> None:
+        """Kill every storage-node and GPU-worker actor (dead or alive) and start fresh ones.
+
+        The fresh nodes hold initial rows; call `import_state` to roll back to a checkpoint.
+        """
+        import ray
+
+        names = [f"ndp-gpu-worker-{r}" for r in range(len(self._workers))]
+        names += [f"ndp-storage-node-{n}" for n in range(len(self._nodes))]
+        for actor in [*self._workers, *self._nodes]:
+            _quietly(lambda a=actor: ray.kill(a, no_restart=True))
+        self._workers, self._nodes = [], []
+        for name in names:  # a killed actor's name is released asynchronously
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name)
+                except ValueError:
+                    break
+                time.sleep(0.1)
+        self._start_storage_nodes()
+        self._start_gpu_workers()
+
+    def component_pids(self) -> dict[str, int]:
+        """{"storage-node-<n>" | "gpu-worker-<r>": process id} (fault tests kill them)."""
+        import os
+
+        actors = {f"storage-node-{n}": a for n, a in enumerate(self._nodes)}
+        actors.update({f"gpu-worker-{r}": a for r, a in enumerate(self._workers)})
+        pids = _get([a.__ray_call__.remote(lambda _self: os.getpid()) for a in actors.values()])
+        return dict(zip(actors, pids, strict=True))
+
     # ----------------------------------------------------------------- tear-down
 
     def close(self) -> None:
@@ -177,6 +278,11 @@ def _get(refs: Any) -> Any:
     import ray
 
     try:
+        if isinstance(refs, list):  # fail on the first error, not behind a blocked peer
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)

@@ -121,6 +121,7 @@ def run_training(
     train_data: Dataset,
     val_data: Dataset,
     mode: str | None = None,
+    start_step: int = 0,
 ) -> dict[str, Any]:
     """Train `engine` for the configured steps; write metrics.jsonl and summary.json.
 
@@ -155,7 +156,7 @@ def run_training(
         eval_seconds += time.perf_counter() - start
         return record
 
-    steps_done = 0
+    steps_done = start_step  # > 0 when resumed from a checkpoint
     last_loss: float | None = None
     last_eval: dict[str, Any] | None = None
     window_losses: list[float] = []
@@ -168,7 +169,8 @@ def run_training(
     with MetricsWriter(output_dir / "metrics.jsonl") as writer, _StopOnCtrlC() as ctrl_c:
         engine.timings()  # start the engine's phase clock with the loop
         try:
-            for step, batch in training_batches(train_data, batch_size, total_steps):
+            batches = training_batches(train_data, batch_size, total_steps, start_step=start_step)
+            for step, batch in batches:
                 last_loss = engine.train_step(step, batch)
                 steps_done = step + 1
                 window_losses.append(last_loss)
@@ -207,7 +209,7 @@ def run_training(
         if not interrupted and steps_done > 0:
             last_eval = validate(steps_done - 1) or last_eval
 
-    samples = steps_done * batch_size
+    samples = (steps_done - start_step) * batch_size  # trained by this process
     summary = {
         "mode": mode or getattr(engine, "mode", type(engine).__name__),
         "steps": steps_done,

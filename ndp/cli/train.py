@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ndp
 from ndp.cli import run_cli
@@ -105,15 +105,17 @@ def _refuse_unwired(args: argparse.Namespace) -> None:
     # checkpoints are part of ndp-train.
     if args.dry_run:
         raise NotAvailableError("--dry-run is not available yet; run without it")
-    if args.resume is not None:
-        raise NotAvailableError("--resume is not available yet; start a new run without it")
+    if args.resume is not None and args.mode != "ndp":
+        raise NotAvailableError("--resume: only --mode ndp writes checkpoints; use --mode ndp")
 
 
 def train(args: argparse.Namespace) -> int:
     """Resolve config, data and engine, run the loop, print the final summary."""
     _refuse_unwired(args)
     cfg = resolve_config(args)
-    check_output_dir(args.output_dir)
+    resuming = args.resume is not None
+    if not resuming:  # a resumed run appends to its own directory
+        check_output_dir(args.output_dir)
     make_engine = engine_factory(args.mode)
     # torch, torchrec and Ray load only once the arguments are known to be good: a typo in
     # --set is answered in a fraction of a second.
@@ -121,17 +123,54 @@ def train(args: argparse.Namespace) -> int:
     from ndp.train_loop import run_training
 
     train_data, val_data = build_datasets(cfg)
-    run_dir = make_run_dir(args.output_dir)
+    if resuming and args.output_dir is not None:
+        run_dir = Path(args.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = make_run_dir(args.output_dir)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     engine = make_engine(cfg)
     try:
+        engine, start_step = _with_checkpoints(args, cfg, engine, run_dir, train_data)
         summary = run_training(
-            cfg, engine, run_dir, train_data=train_data, val_data=val_data, mode=args.mode
+            cfg,
+            engine,
+            run_dir,
+            train_data=train_data,
+            val_data=val_data,
+            mode=args.mode,
+            start_step=start_step,
         )
     finally:
         engine.close()
     print(format_summary(summary, run_dir))
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def _with_checkpoints(
+    args: argparse.Namespace, cfg: Config, engine: StepEngine, run_dir: Path, train_data: Any
+) -> tuple[StepEngine, int]:
+    """--resume (load the checkpoint) and, in ndp mode, periodic checkpoints + recovery."""
+    if args.mode != "ndp":
+        return engine, 0
+    from ndp.checkpoint import checkpoint_root, resolve_checkpoint
+    from ndp.recovery import ResilientEngine, resume
+    from ndp.train_loop import planned_steps
+
+    root = checkpoint_root(cfg, run_dir)
+    start_step = 0
+    if args.resume is not None:
+        source = root if args.resume == "latest" else Path(args.resume)
+        start_step = resume(engine, resolve_checkpoint(source))
+        print(f"ndp: resumed at step {start_step} from {source}", file=sys.stderr)
+    resilient = ResilientEngine(
+        engine,
+        cfg,
+        checkpoint_root=root,
+        train_data=train_data,
+        total_steps=planned_steps(cfg, train_data.num_samples),
+    )
+    return resilient, start_step
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:

@@ -1,0 +1,62 @@
+"""Resume: a run stopped at step s and resumed ends with the uninterrupted run's model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from jobs import STEPS, assert_same_model, model_of, tiny_job
+
+from ndp.checkpoint import resolve_checkpoint
+from ndp.coordinator import NdpEngine
+from ndp.data.loader import build_datasets
+from ndp.recovery import ResilientEngine, resume
+from ndp.train_loop import training_batches
+
+pytestmark = [pytest.mark.ray]
+
+
+def _run(engine, cfg, data, start: int, stop: int) -> list[float]:
+    batches = training_batches(data, cfg.train.batch_size, stop, start_step=start)
+    return [engine.train_step(step, batch) for step, batch in batches]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory):
+    """8 steps straight through (checkpoint after step 3 as a side effect, unused here)."""
+    cfg = tiny_job(sparse_optimizer="adam", interval_steps=4)
+    data = build_datasets(cfg)[0]
+    root = tmp_path_factory.mktemp("straight")
+    with NdpEngine(cfg) as engine:
+        job = ResilientEngine(engine, cfg, checkpoint_root=root, train_data=data, total_steps=STEPS)
+        losses = _run(job, cfg, data, 0, STEPS)
+        return losses, model_of(engine, cfg)
+
+
+@pytest.mark.parametrize("resume_nodes", [2, 3])
+def test_stop_at_half_and_resume_gives_the_uninterrupted_model(
+    ray_session, tmp_path, uninterrupted, resume_nodes
+):
+    straight_losses, straight_model = uninterrupted
+    cfg = tiny_job(sparse_optimizer="adam", interval_steps=4)
+    data = build_datasets(cfg)[0]
+    with NdpEngine(cfg) as engine:  # stopped after 4 steps: checkpoint step-3
+        job = ResilientEngine(
+            engine, cfg, checkpoint_root=tmp_path, train_data=data, total_steps=STEPS
+        )
+        _run(job, cfg, data, 0, STEPS // 2)
+    checkpoint = resolve_checkpoint(tmp_path)
+    assert checkpoint.path.name == "step-00000003" and checkpoint.next_step == STEPS // 2
+
+    resumed_cfg = replace(cfg, cluster=replace(cfg.cluster, num_storage_nodes=resume_nodes))
+    with NdpEngine(resumed_cfg) as engine:
+        assert engine.plan.num_nodes == resume_nodes
+        start = resume(engine, checkpoint)
+        losses = _run(engine, resumed_cfg, data, start, STEPS)
+        model = model_of(engine, resumed_cfg)
+    assert start == STEPS // 2
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(straight_losses[STEPS // 2 :]), rtol=0, atol=1e-6
+    )
+    assert_same_model(model, straight_model)
