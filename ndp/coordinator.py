@@ -31,7 +31,7 @@ from ndp.data.batch import Batch
 from ndp.errors import NDPError
 from ndp.planner import ShardingPlan, plan_shards
 from ndp.ray_local import init_local_ray
-from ndp.routing import route_lookup
+from ndp.routing import route_indices, route_lookup
 from storage_node.actor import launch_storage_node
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class NdpEngine:
         self._nodes: list[Any] = []
         self._workers: list[Any] = []
         self._worker_timings: dict[str, float] = defaultdict(float)
+        self._prefetch_clients: list[Any] = []  # coordinator -> node, for Prefetch only
+        self._prefetches_in_flight: list[Any] = []
         try:
             init_local_ray(address=address or cfg.cluster.address)
             self._start_storage_nodes()
@@ -104,6 +106,7 @@ class NdpEngine:
 
     def train_step(self, step: int, batch: Batch) -> float:
         """One synchronous step; returns the whole batch's mean loss (before the update)."""
+        self._raise_prefetch_errors(wait=False)
         parts = batch.split(self.num_workers)
         refs = [
             worker.train_step.remote(
@@ -113,6 +116,41 @@ class NdpEngine:
         ]
         losses = _get(refs)
         return float(sum(losses) / len(losses))
+
+    def prefetch(self, step: int, batch: Batch) -> None:
+        """Lookahead: send `batch`'s unique rows to their nodes to stage and pin for `step`.
+
+        Asynchronous: the requests go out and this returns; a node stages the rows from
+        flash into its cache while the current step runs (see `ndp.pipeline`). A refused
+        prefetch (bad index) surfaces at a later `train_step` or `prefetch`.
+        """
+        from gpu_worker.storage_client import StorageClient
+
+        self._raise_prefetch_errors(wait=False)
+        if not self._prefetch_clients:
+            self._prefetch_clients = [
+                StorageClient(
+                    address,
+                    token=self._token,
+                    max_message_bytes=self.cfg.storage.max_message_bytes,
+                    timeout_s=self.cfg.cluster.rpc_timeout_s,
+                )
+                for address in self.node_addresses
+            ]
+        for node, indices in route_indices(batch.sparse, self.plan).items():
+            self._prefetches_in_flight.append(
+                self._prefetch_clients[node].prefetch_async(step, indices)
+            )
+
+    def _raise_prefetch_errors(self, *, wait: bool) -> None:
+        """Collect finished prefetches (all of them with `wait`); re-raise the first error."""
+        pending = []
+        for future in self._prefetches_in_flight:
+            if wait or future.done():
+                future.result()
+            else:
+                pending.append(future)
+        self._prefetches_in_flight = pending
 
     def predict(self, step: int, batch: Batch) -> torch.Tensor:
         """Logits [B] through the storage nodes, without updates (`step`: next training step)."""
@@ -131,6 +169,9 @@ class NdpEngine:
         for worker_timings in _get([w.timings.remote() for w in self._workers]):
             for key, value in worker_timings.items():
                 merged[key] += value
+        for node, stats in enumerate(self.node_stats()):  # cumulative, per storage node
+            merged[f"node{node}_cache_hit_rate"] = stats["cache"]["hit_rate"]
+            merged[f"node{node}_flash_bytes_read"] = stats["flash"]["bytes_read"]
         return dict(merged)
 
     def node_stats(self) -> list[dict]:
@@ -254,6 +295,9 @@ class NdpEngine:
         """Stop workers and storage nodes (servers closed, flash dirs removed), then Ray if ours."""
         import ray
 
+        for client in self._prefetch_clients:
+            _quietly(client.close)
+        self._prefetch_clients, self._prefetches_in_flight = [], []
         if not ray.is_initialized():
             return
         for worker in self._workers:
