@@ -55,6 +55,8 @@ def test_ndp_train_runs_the_default_config_on_storage_nodes_and_writes_its_outpu
     train_lines = [line for line in lines if line["type"] == "train"]
     assert [line["step"] for line in train_lines] == list(range(6))
     assert all(line["lookup_wait_s"] >= 0 and line["link_bytes_in"] > 0 for line in train_lines)
+    assert all(0.0 <= line["node0_cache_hit_rate"] <= 1.0 for line in train_lines)
+    assert train_lines[-1]["node1_cache_hit_rate"] > 0.0  # rows come back: the cache works
     eval_lines = [line for line in lines if line["type"] == "eval"]
     assert eval_lines and 0.0 <= eval_lines[-1]["auc"] <= 1.0
 
