@@ -31,6 +31,7 @@ from ndp.config import Config
 from ndp.data.batch import Batch
 from ndp.errors import DataError
 from ndp.metrics import BinaryEvaluator, MetricsWriter, json_safe
+from ndp.pipeline import with_lookahead
 
 TRAIN_RECORD_KEYS = ("type", "step", "loss", "samples_per_s", "time_s")
 """Keys of a train record the loop owns; the engine's per-phase timings follow them."""
@@ -170,7 +171,7 @@ def run_training(
         engine.timings()  # start the engine's phase clock with the loop
         try:
             batches = training_batches(train_data, batch_size, total_steps, start_step=start_step)
-            for step, batch in batches:
+            for step, batch in with_lookahead(batches, engine, cfg.pipeline):
                 last_loss = engine.train_step(step, batch)
                 steps_done = step + 1
                 window_losses.append(last_loss)
