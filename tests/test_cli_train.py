@@ -84,8 +84,9 @@ def test_default_config_is_the_repositorys_configs_dlrm_yaml():
     ("flags", "message"),
     [
         (["--dry-run"], "--dry-run is not available yet"),
-        (["--resume"], "--resume is not available yet"),
-        (["--resume", "ckpt/step_10"], "--resume is not available yet"),
+        (["--resume"], "no checkpoint in"),
+        (["--resume", "ckpt/step_10"], "no checkpoint in"),
+        (["--mode", "reference", "--resume"], "only --mode ndp writes checkpoints"),
         (["--mode", "reference", "--address", "auto"], "--address"),
     ],
 )

@@ -116,6 +116,7 @@ def train(args: argparse.Namespace) -> int:
     resuming = args.resume is not None
     if not resuming:  # a resumed run appends to its own directory
         check_output_dir(args.output_dir)
+    resume_from = _resume_source(args, cfg)  # a missing checkpoint fails before any work
     make_engine = engine_factory(args.mode)
     # torch, torchrec and Ray load only once the arguments are known to be good: a typo in
     # --set is answered in a fraction of a second.
@@ -131,7 +132,7 @@ def train(args: argparse.Namespace) -> int:
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     engine = make_engine(cfg)
     try:
-        engine, start_step = _with_checkpoints(args, cfg, engine, run_dir, train_data)
+        engine, start_step = _with_checkpoints(args, cfg, engine, run_dir, train_data, resume_from)
         summary = run_training(
             cfg,
             engine,
@@ -147,22 +148,39 @@ def train(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
 
+def _resume_source(args: argparse.Namespace, cfg: Config) -> Any:
+    """The verified checkpoint --resume names (PATH, else the newest in the run's dir)."""
+    if args.resume is None:
+        return None
+    from ndp.checkpoint import checkpoint_root, resolve_checkpoint
+
+    if args.resume != "latest":
+        return resolve_checkpoint(args.resume)
+    if cfg.checkpoint.dir is None and args.output_dir is None:
+        raise ConfigError("--resume without PATH needs --output-dir of the run to resume")
+    return resolve_checkpoint(checkpoint_root(cfg, args.output_dir or "."))
+
+
 def _with_checkpoints(
-    args: argparse.Namespace, cfg: Config, engine: StepEngine, run_dir: Path, train_data: Any
+    args: argparse.Namespace,
+    cfg: Config,
+    engine: StepEngine,
+    run_dir: Path,
+    train_data: Any,
+    resume_from: Any,
 ) -> tuple[StepEngine, int]:
     """--resume (load the checkpoint) and, in ndp mode, periodic checkpoints + recovery."""
     if args.mode != "ndp":
         return engine, 0
-    from ndp.checkpoint import checkpoint_root, resolve_checkpoint
+    from ndp.checkpoint import checkpoint_root
     from ndp.recovery import ResilientEngine, resume
     from ndp.train_loop import planned_steps
 
     root = checkpoint_root(cfg, run_dir)
     start_step = 0
-    if args.resume is not None:
-        source = root if args.resume == "latest" else Path(args.resume)
-        start_step = resume(engine, resolve_checkpoint(source))
-        print(f"ndp: resumed at step {start_step} from {source}", file=sys.stderr)
+    if resume_from is not None:
+        start_step = resume(engine, resume_from)
+        print(f"ndp: resumed at step {start_step} from {resume_from.path}", file=sys.stderr)
     resilient = ResilientEngine(
         engine,
         cfg,
