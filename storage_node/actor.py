@@ -144,6 +144,14 @@ class StorageNodeActor:
             raise RuntimeError("storage node not started; call start() first")
         return self._core.read_rows(table_name, global_rows)
 
+    def write_rows(
+        self, table_name: str, global_rows: Any, weights: Any, states: Any = None
+    ) -> None:
+        """Overwrite weights (and optionally optimizer state) of global rows (model imports)."""
+        if self._core is None:
+            raise RuntimeError("storage node not started; call start() first")
+        self._core.write_rows(table_name, global_rows, weights, states)
+
     def shutdown(self) -> None:
         """Stop the server, close the core, remove the private runtime directory."""
         if self._server is not None:

@@ -543,6 +543,66 @@ class StorageNodeCore:
             dim = spec.embedding_dim
             return records[:, :dim].clone(), records[:, dim:].clone()
 
+    def write_rows(
+        self,
+        table_name: str,
+        global_rows: torch.Tensor,
+        weights: torch.Tensor,
+        states: torch.Tensor | None = None,
+    ) -> None:
+        """Overwrite the weights [n, D] (and, if given, optimizer state [n, S]) of global rows.
+
+        Why: loading a model trained elsewhere (`ndp.interop`) into a running node. Rows go
+        through the write-back cache, so a cached copy can never shadow the new value; with
+        `states=None` each row keeps its optimizer state. Refused while a step is in flight
+        (lookups recorded, update not applied), which would mix old and new weights.
+        """
+        with self._lock:
+            self._check_open()
+            piece = self._pieces.get(table_name)
+            if piece is None:
+                raise UnknownFeatureError(
+                    f"node {self.node_id!r} holds no piece of table {table_name!r}; "
+                    f"it holds: {', '.join(sorted(self._pieces))}"
+                )
+            if self._pending:
+                raise StepOrderError(
+                    f"node {self.node_id!r}: write_rows while step {min(self._pending)} is in "
+                    "flight; write rows between steps"
+                )
+            rows = self._int_vector(global_rows, f"table {table_name!r}: rows")
+            spec = piece.spec
+            outside = (rows < spec.row_start) | (rows >= spec.row_end)
+            if bool(outside.any()):
+                raise IndexOutOfRangeError(
+                    f"table {table_name!r}: row {int(rows[outside][0])} is outside this node's "
+                    f"piece [{spec.row_start}, {spec.row_end})"
+                )
+            if torch.unique(rows).numel() != rows.numel():
+                raise BadTensorError(f"table {table_name!r}: write_rows got duplicate rows")
+            dim = spec.embedding_dim
+            width = optimizer_state_width(self.optimizer.name, dim)
+            n = rows.numel()
+            if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (n, dim):
+                raise BadTensorError(
+                    f"table {table_name!r}: weights must be a float tensor [{n}, {dim}]"
+                )
+            if states is not None and (
+                not isinstance(states, torch.Tensor) or tuple(states.shape) != (n, width)
+            ):
+                raise BadTensorError(
+                    f"table {table_name!r}: optimizer state must be a float tensor [{n}, {width}] "
+                    f"for {self.optimizer.name}"
+                )
+            local = (rows - spec.row_start).numpy()
+            if states is None:
+                records = piece.cache.fetch(local, admit=False, count=False)
+            else:
+                records = np.empty((n, dim + width), dtype=np.float32)
+                records[:, dim:] = states.detach().to(torch.float32).numpy()
+            records[:, :dim] = weights.detach().to(torch.float32).numpy()
+            piece.cache.store(local, records)
+
     def stats(self) -> dict:
         """Counters per tier (cache, flash), hit rate, energy estimate, step, occupancy."""
         with self._lock:
