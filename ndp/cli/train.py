@@ -103,8 +103,6 @@ def engine_factory(mode: str) -> Callable[[Config], StepEngine]:
 def _refuse_unwired(args: argparse.Namespace) -> None:
     # The place where --dry-run and --resume get wired once planning output and
     # checkpoints are part of ndp-train.
-    if args.dry_run:
-        raise NotAvailableError("--dry-run is not available yet; run without it")
     if args.resume is not None and args.mode != "ndp":
         raise NotAvailableError("--resume: only --mode ndp writes checkpoints; use --mode ndp")
 
@@ -113,6 +111,8 @@ def train(args: argparse.Namespace) -> int:
     """Resolve config, data and engine, run the loop, print the final summary."""
     _refuse_unwired(args)
     cfg = resolve_config(args)
+    if args.dry_run:
+        return dry_run(cfg)
     resuming = args.resume is not None
     if not resuming:  # a resumed run appends to its own directory
         check_output_dir(args.output_dir)
@@ -131,6 +131,9 @@ def train(args: argparse.Namespace) -> int:
         run_dir = make_run_dir(args.output_dir)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     engine = make_engine(cfg)
+    plan = getattr(engine, "plan", None)
+    if plan is not None:  # the plan is saved with the run (plain JSON data)
+        (run_dir / "plan.json").write_text(plan.to_json())
     try:
         engine, start_step = _with_checkpoints(args, cfg, engine, run_dir, train_data, resume_from)
         summary = run_training(
@@ -146,6 +149,14 @@ def train(args: argparse.Namespace) -> int:
         engine.close()
     print(format_summary(summary, run_dir))
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def dry_run(cfg: Config) -> int:
+    """Plan the run and print the plan; start nothing, write nothing."""
+    from ndp.planner import plan_shards
+
+    print(plan_shards(cfg).format_table())
+    return 0
 
 
 def _resume_source(args: argparse.Namespace, cfg: Config) -> Any:
