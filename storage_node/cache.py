@@ -8,16 +8,25 @@ Everything is arrays indexed by *slot* (no per-row Python objects)::
     pins       int32   [C]      > 0: a pending prefetch needs it; never evicted
     hot        bool    [C]      pinned hot set (`hot+lfu` only); never evicted
     last_use   int64   [C]      tick of the last access (LRU, and LFU tie-break)
-    freq       float64 [C]      access count, halved at each hot-set re-selection
+    freq       float64 [C]      access count since admission (`lfu`)
 
 and a row -> slot index: a dense int32 array for shards up to `DENSE_INDEX_MAX_ROWS` rows,
 otherwise a pair of sorted arrays (keys, slots) searched with `np.searchsorted` and updated
 with vectorised insert/delete (O(C) per batch, no hashing in Python).
 
 Policies choose victims among slots that are occupied, unpinned and not hot, by the smallest
-score: `lru` last use; `lfu` and the dynamic part of `hot+lfu` frequency, then last use.
-`hot+lfu` re-selects, once per applied step (`on_step`), the `hot_fraction` of slots with the
-highest decayed counts as the pinned hot set (power-law accesses: a few rows take most hits).
+score: `lru` last use; `lfu` access count since admission, then last use.
+
+`hot+lfu` is frequency-aware in the TinyLFU way. Why: counts that restart at admission (plain
+LFU) or decay every step make a cache forget exactly the popularity that power-law traces
+reward. So `hot+lfu` keeps an access count for *every row of the shard*, cached or not
+(`RowFrequency`: a dense float32 array up to `DENSE_FREQ_MAX_ROWS` rows, else a count-min
+sketch), halved only after `FREQ_WINDOW_FACTOR` x capacity accesses (slow ageing, so shifts in
+popularity still win in time). A missed row is admitted only if its count beats the count of
+the victim it would replace (ties go to the newcomer: recency); rows not admitted are served
+from a temporary buffer like any row that finds no slot. Victims are the evictable slots with
+the smallest count, then oldest use. Once per applied step (`on_step`) the `hot_fraction` of
+slots with the highest counts becomes the pinned hot set.
 
 When a batch needs more rows than the cache can hold (everything else pinned, or simply a
 batch larger than the cache), the rows that do not fit are *served from a temporary buffer*:
@@ -39,8 +48,65 @@ DENSE_INDEX_MAX_ROWS = 1 << 24
 SLOT_METADATA_BYTES = 34
 """Bytes of bookkeeping per slot (row id, flags, pins, last use, frequency, index entry);
 charged to the cache budget together with the row record."""
-FREQ_DECAY = 0.5
-"""Factor applied to access counts at each hot-set re-selection (ages out old popularity)."""
+FREQ_WINDOW_FACTOR = 100
+"""`hot+lfu` halves every row count after this many x capacity counted accesses (TinyLFU's
+reset: old popularity fades, but over many steps, not at every step)."""
+DENSE_FREQ_MAX_ROWS = 1 << 24
+"""Shards up to this many rows keep exact per-row counts (4 bytes per row); larger shards
+use a count-min sketch."""
+SKETCH_DEPTH = 4
+SKETCH_WIDTH_PER_SLOT = 8
+"""Count-min sketch width per cache slot (rounded up to a power of two, at least 1024)."""
+_SKETCH_MULTIPLIERS = np.array(
+    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
+    dtype=np.uint64,
+)
+
+
+class RowFrequency:
+    """Access counts of every row of a shard: exact (dense) or a count-min sketch.
+
+    Why both: exact counts cost 4 bytes per shard row, fine up to `DENSE_FREQ_MAX_ROWS`; a
+    sketch keeps the memory proportional to the cache and only overestimates (collisions).
+    """
+
+    def __init__(self, num_rows: int, capacity_rows: int) -> None:
+        self.dense = num_rows <= DENSE_FREQ_MAX_ROWS
+        if self.dense:
+            self._counts = np.zeros(num_rows, dtype=np.float32)
+        else:
+            width = max(1024, 1 << int(np.ceil(np.log2(capacity_rows * SKETCH_WIDTH_PER_SLOT))))
+            self._mask = np.uint64(width - 1)
+            self._counts = np.zeros((SKETCH_DEPTH, width), dtype=np.float32)
+
+    def _buckets(self, rows: np.ndarray) -> np.ndarray:
+        """[depth, n] bucket of each row in each sketch line (multiply-shift hashing)."""
+        keys = rows.astype(np.uint64)
+        return ((keys[None, :] * _SKETCH_MULTIPLIERS[:SKETCH_DEPTH, None]) >> np.uint64(32)) & (
+            self._mask
+        )
+
+    def add(self, rows: np.ndarray) -> None:
+        """Count one access of each of the unique `rows`."""
+        if self.dense:
+            self._counts[rows] += 1.0
+            return
+        buckets = self._buckets(rows)
+        for line in range(SKETCH_DEPTH):
+            np.add.at(self._counts[line], buckets[line], 1.0)
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [n] count of each row (a sketch may overestimate, never underestimate)."""
+        if self.dense:
+            return self._counts[rows]
+        buckets = self._buckets(rows)
+        return self._counts[np.arange(SKETCH_DEPTH)[:, None], buckets].min(axis=0)
+
+    def halve(self) -> None:
+        self._counts *= 0.5
+
+    def clear(self) -> None:
+        self._counts.fill(0.0)
 
 
 class DenseRowIndex:
@@ -127,6 +193,9 @@ class RowCache:
         self.hot = np.zeros(cap, dtype=bool)
         self.last_use = np.zeros(cap, dtype=np.int64)
         self.freq = np.zeros(cap, dtype=np.float64)
+        self.row_freq = RowFrequency(lay.num_rows, cap) if policy == "hot+lfu" else None
+        self._freq_window = FREQ_WINDOW_FACTOR * cap
+        self._counted = 0
         self._tick = 0
         self.index: DenseRowIndex | SortedRowIndex = (
             DenseRowIndex(lay.num_rows)
@@ -150,12 +219,7 @@ class RowCache:
         out = np.empty((rows.size, self.records.shape[1]), dtype=np.float32)
         out[hit] = self.records[hit_slots]
         if count:
-            self._touch(hit_slots)
-            n_hit = int(hit_slots.size)
-            self.counters.hits += n_hit
-            self.counters.hot_hits += int(self.hot[hit_slots].sum())
-            self.counters.misses += rows.size - n_hit
-            self.counters.bytes_read += n_hit * self.row_bytes
+            self._count(rows, hit_slots)
         if not hit.all():
             miss_rows = rows[~hit]
             miss_records = self.flash.read_rows(miss_rows)
@@ -163,6 +227,36 @@ class RowCache:
             if admit:
                 self._admit(miss_rows, miss_records, dirty=False)
         return out
+
+    def resident_slots(self, rows: np.ndarray) -> np.ndarray | None:
+        """Slots of `rows` (any order, repeats allowed) if every one is cached, else None.
+
+        Why: a lookup whose rows are all resident can pool straight from `records` with
+        these slot ids, without copying rows out. Counts one access per distinct row, as
+        `fetch` of the unique rows would.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        slots = self.index.find(rows)
+        if slots.size and int(slots.min()) < 0:
+            return None
+        unique_slots = np.unique(slots)
+        self._count(self.slot_rows[unique_slots], unique_slots)
+        return slots
+
+    def _count(self, rows: np.ndarray, hit_slots: np.ndarray) -> None:
+        """Hit/miss counters and policy statistics for an access of unique `rows`."""
+        self._touch(hit_slots)
+        n_hit = int(hit_slots.size)
+        self.counters.hits += n_hit
+        self.counters.hot_hits += int(self.hot[hit_slots].sum())
+        self.counters.misses += rows.size - n_hit
+        self.counters.bytes_read += n_hit * self.row_bytes
+        if self.row_freq is not None and rows.size:
+            self.row_freq.add(rows)
+            self._counted += int(rows.size)
+            if self._counted >= self._freq_window:
+                self.row_freq.halve()
+                self._counted = 0
 
     def store(self, rows: np.ndarray, records: np.ndarray) -> None:
         """Write records of unique `rows` (write-back: dirty in cache, flash on eviction)."""
@@ -187,8 +281,12 @@ class RowCache:
         served from flash when used.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        self.fetch(rows, admit=True, count=False)
         slots = self.index.find(rows)
+        if (slots < 0).any():
+            # staged rows are needed soon: placed without the admission filter
+            miss_rows = rows[slots < 0]
+            self._place(miss_rows, self.flash.read_rows(miss_rows), dirty=False)
+            slots = self.index.find(rows)
         cached = slots >= 0
         self.pins[slots[cached]] += 1
         return rows[cached]
@@ -205,15 +303,15 @@ class RowCache:
     # ------------------------------------------------------------------ policy
 
     def on_step(self) -> None:
-        """End of an applied step: age counts and re-select the hot set (`hot+lfu`)."""
-        if self.hot_rows == 0:
+        """End of an applied step: re-select the pinned hot set (`hot+lfu`)."""
+        if self.hot_rows == 0 or self.row_freq is None:
             return
-        self.freq *= FREQ_DECAY
         occupied = np.flatnonzero(self.slot_rows >= 0)
         self.hot[:] = False
         if occupied.size:
             k = min(self.hot_rows, occupied.size)
-            top = np.argpartition(-self.freq[occupied], k - 1)[:k]
+            counts = self.row_freq.get(self.slot_rows[occupied])
+            top = np.argpartition(-counts, k - 1)[:k]
             self.hot[occupied[top]] = True
 
     def _touch(self, slots: np.ndarray) -> None:
@@ -226,14 +324,53 @@ class RowCache:
         candidates = np.flatnonzero((self.slot_rows >= 0) & (self.pins == 0) & ~self.hot)
         if candidates.size <= wanted:
             return candidates
-        if self.policy == "lru":
-            score = self.last_use[candidates].astype(np.float64)
-        else:  # frequency first, then recency
-            score = self.freq[candidates] * float(self._tick + 1) + self.last_use[candidates]
+        score = self._victim_scores(candidates)
         return candidates[np.argpartition(score, wanted - 1)[:wanted]]
 
+    def _victim_scores(self, slots: np.ndarray) -> np.ndarray:
+        """Eviction order of `slots`: smallest first (frequency, then last use; or LRU)."""
+        if self.policy == "lru":
+            return self.last_use[slots].astype(np.float64)
+        if self.row_freq is not None:
+            counts = self.row_freq.get(self.slot_rows[slots]).astype(np.float64)
+        else:
+            counts = self.freq[slots]
+        return counts * float(self._tick + 1) + self.last_use[slots]
+
+    def _admission_order(self, rows: np.ndarray, free: int) -> np.ndarray:
+        """Indices of missed `rows` worth a slot, best first (`hot+lfu`'s TinyLFU filter).
+
+        The first `free` candidates take free slots; each further one must have a count at
+        least that of the victim it would replace (victims paired weakest-first).
+        """
+        counts = self.row_freq.get(rows)
+        order = np.argsort(-counts, kind="stable")
+        if order.size <= free:
+            return order
+        candidates = np.flatnonzero((self.slot_rows >= 0) & (self.pins == 0) & ~self.hot)
+        if candidates.size == 0:
+            return order[:free]
+        victim_counts = np.sort(self.row_freq.get(self.slot_rows[candidates]))
+        contenders = order[free : free + victim_counts.size]
+        wins = counts[contenders] >= victim_counts[: contenders.size]
+        # both sides sorted: the winners are a prefix
+        n_win = int(np.argmin(wins)) if not wins.all() else int(wins.size)
+        return order[: free + n_win]
+
     def _admit(self, rows: np.ndarray, records: np.ndarray, *, dirty: bool) -> np.ndarray:
-        """Place as many of `rows` as fit; returns a mask of the rows admitted."""
+        """Place as many of `rows` as fit (and pass admission); returns a mask of those placed."""
+        if self.row_freq is not None:
+            n_free = int(np.count_nonzero(self.slot_rows < 0))
+            chosen = self._admission_order(rows, n_free)
+            mask = np.zeros(rows.size, dtype=bool)
+            if chosen.size:
+                placed = self._place(rows[chosen], records[chosen], dirty=dirty)
+                mask[chosen[placed]] = True
+            return mask
+        return self._place(rows, records, dirty=dirty)
+
+    def _place(self, rows: np.ndarray, records: np.ndarray, *, dirty: bool) -> np.ndarray:
+        """Put the first rows that find a slot (free, else evicted) in; mask of those placed."""
         free = np.flatnonzero(self.slot_rows < 0)[: rows.size]
         victims = self._victims(rows.size - free.size) if free.size < rows.size else free[:0]
         if victims.size:
@@ -283,6 +420,9 @@ class RowCache:
         self.pins.fill(0)
         self.hot.fill(False)
         self.freq.fill(0.0)
+        if self.row_freq is not None:
+            self.row_freq.clear()
+            self._counted = 0
         self.index.clear()
 
     def cached_rows(self) -> np.ndarray:

@@ -73,15 +73,34 @@ class _Piece:
 
 @dataclass
 class _RecordedBags:
-    """What a push needs from the lookup of one feature: which row each value hit, how scaled."""
+    """What a push needs from the lookup of one feature: which row each value hit, how scaled.
+
+    Why lazy: the per-value bag ids and scales are only needed when the gradient arrives, so
+    the lookup (on the critical path of the forward pass) stores the bags as they came and
+    `bag_of_value` / `scale` are derived at push time.
+    """
 
     rows: torch.Tensor
     """int64 [nnz] local rows."""
-    bag_of_value: torch.Tensor
-    """int64 [nnz] bag (sample) of each value."""
-    scale: torch.Tensor | None
-    """float32 [nnz] per-value gradient factor (weights, 1/length), None = 1."""
+    offsets: torch.Tensor
+    """int64 [B + 1] bag boundaries."""
+    weights: torch.Tensor | None
+    """float32 [nnz] per-sample weights, None = 1."""
+    inv_divisor: torch.Tensor | None
+    """float32 [B] 1 / bag divisor for mean pooling, None for sum pooling."""
     batch_size: int
+
+    def bag_of_value(self) -> torch.Tensor:
+        """int64 [nnz] bag (sample) of each value."""
+        lengths = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(self.batch_size), lengths)
+
+    def scale(self, bag_of_value: torch.Tensor) -> torch.Tensor | None:
+        """float32 [nnz] per-value gradient factor (weights, 1/length), None = 1."""
+        if self.inv_divisor is None:
+            return self.weights
+        inv = self.inv_divisor[bag_of_value]
+        return inv if self.weights is None else self.weights * inv
 
 
 @dataclass
@@ -346,32 +365,54 @@ class StorageNodeCore:
             return pooled
 
     def _pool(self, piece: _Piece, bags: Bags) -> tuple[torch.Tensor, _RecordedBags]:
-        """Pool one feature's bags from the unique rows it touches."""
+        """Pool one feature's bags.
+
+        Fast path (every requested row cache-resident): `embedding_bag` straight over the
+        cache's slot records with slot ids, so no unique rows are copied out. Otherwise the
+        unique rows are fetched (misses read from flash, admitted per policy) and pooled.
+        """
         dim = piece.spec.embedding_dim
         batch = bags.offsets.numel() - 1
-        unique_rows, inverse = torch.unique(bags.indices, return_inverse=True)
-        records = piece.cache.fetch(unique_rows.numpy())
-        weights = torch.from_numpy(records[:, :dim])
-        if bags.indices.numel():
+        cache = piece.cache
+        pooled: torch.Tensor | None = None
+        if bags.indices.numel() == 0:
+            pooled = torch.zeros(batch, dim, dtype=torch.float32)
+        else:
+            slots = cache.resident_slots(bags.indices.numpy())
+            if slots is not None:
+                # Pool the whole record width: a column slice of the slot tensor would make
+                # embedding_bag copy the entire cache; the extra state columns are dropped.
+                pooled = F.embedding_bag(
+                    torch.from_numpy(slots),
+                    torch.from_numpy(cache.records),
+                    bags.offsets,
+                    mode="sum",
+                    per_sample_weights=bags.per_sample_weights,
+                    include_last_offset=True,
+                )
+                if pooled.shape[1] != dim:
+                    pooled = pooled[:, :dim].contiguous()
+        if pooled is None:
+            unique_rows, inverse = torch.unique(bags.indices, return_inverse=True)
+            records = cache.fetch(unique_rows.numpy())
             pooled = F.embedding_bag(
                 inverse,
-                weights,
+                torch.from_numpy(records[:, :dim]),
                 bags.offsets,
                 mode="sum",
                 per_sample_weights=bags.per_sample_weights,
                 include_last_offset=True,
             )
-        else:
-            pooled = torch.zeros(batch, dim, dtype=torch.float32)
-        lengths = bags.offsets[1:] - bags.offsets[:-1]
-        bag_of_value = torch.repeat_interleave(torch.arange(batch), lengths)
-        scale = bags.per_sample_weights
+        inv = None
         if piece.spec.pooling == "mean":
-            divisor = lengths.to(torch.float32) if bags.mean_divisor is None else bags.mean_divisor
+            if bags.mean_divisor is None:
+                divisor = (bags.offsets[1:] - bags.offsets[:-1]).to(torch.float32)
+            else:
+                divisor = bags.mean_divisor
             inv = 1.0 / divisor.clamp(min=1.0)
             pooled = pooled * inv[:, None]
-            scale = inv[bag_of_value] if scale is None else scale * inv[bag_of_value]
-        return pooled, _RecordedBags(bags.indices, bag_of_value, scale, batch)
+        recorded = _RecordedBags(bags.indices, bags.offsets, bags.per_sample_weights, inv, batch)
+        return pooled, recorded
 
     # ------------------------------------------------------------------ push / update
 
@@ -435,9 +476,11 @@ class StorageNodeCore:
                 raise BadTensorError(f"gradient for feature {feature!r} contains NaN or Inf")
         per_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for feature, rec in recorded.items():
-            values = grads[feature].to(torch.float32)[rec.bag_of_value]
-            if rec.scale is not None:
-                values = values * rec.scale[:, None]
+            bag_of_value = rec.bag_of_value()
+            values = grads[feature].to(torch.float32)[bag_of_value]
+            scale = rec.scale(bag_of_value)
+            if scale is not None:
+                values = values * scale[:, None]
             table = self._piece_of_feature[feature].spec.table_name
             per_table.setdefault(table, []).append((rec.rows, values))
         return {
