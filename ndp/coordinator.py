@@ -264,6 +264,9 @@ class NdpEngine:
         """
         import ray
 
+        for client in self._prefetch_clients:  # they point at the dead nodes' addresses
+            _quietly(client.close)
+        self._prefetch_clients, self._prefetches_in_flight = [], []
         names = [f"ndp-gpu-worker-{r}" for r in range(len(self._workers))]
         names += [f"ndp-storage-node-{n}" for n in range(len(self._nodes))]
         for actor in [*self._workers, *self._nodes]:

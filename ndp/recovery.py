@@ -39,7 +39,7 @@ def is_component_failure(exc: BaseException) -> bool:
     """True for a dead or unreachable actor; False for a user error or a bug in a step."""
     import ray
 
-    from storage_node.errors import StorageNodeUnavailableError
+    from gpu_worker.storage_client import StorageNodeUnavailableError
 
     if isinstance(exc, StorageNodeUnavailableError):
         return True
