@@ -1,7 +1,7 @@
 """`ndp-bench`: measure ndp and write results.json, results.md and results.png.
 
     ndp-bench storage [--config PATH] [--output-dir DIR] [--quick]
-    ndp-bench train   [--config PATH] [--output-dir DIR] [--quick]   (not available yet)
+    ndp-bench train   [--config PATH] [--output-dir DIR] [--quick]
 
 `storage` measures pooled lookups/s of a storage node over gRPC against in-process
 `embedding_bag` (pooling 1, 8, 32) and the hit rate of each cache policy against Belady's
@@ -20,9 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ndp.bench.report import write_results
-from ndp.cli import EXIT_USER_ERROR, run_cli
+from ndp.cli import run_cli
 from ndp.config import load_config
-from ndp.errors import NotAvailableError
 
 PROG = "ndp-bench"
 
@@ -32,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("storage", "lookups over gRPC vs in process; cache policies vs Belady"),
-        ("train", "end-to-end training throughput (not available yet)"),
+        ("train", "end-to-end training throughput: ndp vs all-GPU, hybrid, OS-paged"),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", help="YAML config (storage.hot_fraction, data.path)")
@@ -70,9 +69,23 @@ def _storage(args: argparse.Namespace, command_line: str) -> int:
 
 
 def _train(args: argparse.Namespace, command_line: str) -> int:
-    raise NotAvailableError(
-        "ndp-bench train is not available yet; run `ndp-bench storage` for the storage benchmark"
+    from ndp.bench.train import BenchOptions, run_train_bench
+
+    options = BenchOptions.quick() if args.quick else BenchOptions()
+    if args.config:
+        cfg = load_config(args.config)
+        options = replace(options, device=cfg.train.device, batch_size=cfg.train.batch_size)
+    if args.scale != 1.0:
+        options = options.scaled(args.scale)
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("train")
+    results = run_train_bench(
+        options, command=command_line, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr)
     )
+    paths = write_results(results, output_dir)
+    for line in results["summary"]:
+        print(line)
+    print(f"results: {', '.join(str(p) for p in paths.values())}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     command_line = shlex.join([PROG, *argv])
     body = {"storage": _storage, "train": _train}[args.command]
     status = run_cli(lambda: body(args, command_line), prog=PROG)
-    assert args.command != "train" or status == EXIT_USER_ERROR
     return status
 
 
