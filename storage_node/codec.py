@@ -24,7 +24,9 @@ misread. Semantic checks (offsets monotone, row dims, index ranges) belong to th
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +55,7 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SAME_SIZE_INT = {1: np.dtype("<u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
 _INT_TORCH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 
 # --------------------------------------------------------------------------- tensors
@@ -69,6 +72,20 @@ def wire_dtype(name: str) -> torch.dtype:
 
 def encode_tensor(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> pb.TensorProto:
     """A CPU tensor (cast to `dtype` when given) as little-endian bytes + dtype + shape."""
+    message = pb.TensorProto()
+    fill_tensor(message, tensor, dtype)
+    return message
+
+
+def fill_tensor(
+    message: pb.TensorProto, tensor: torch.Tensor, dtype: torch.dtype | None = None
+) -> None:
+    """Write `tensor` into an existing (empty) `message` in place.
+
+    Why: building a sub-message and then assigning it to its parent copies the payload
+    again; filling the parent's own field (`reply.pooled.add().tensor`) copies the bytes
+    once, from the tensor's memory straight into the message.
+    """
     target = dtype or tensor.dtype
     if target not in DTYPE_NAMES:
         raise BadTensorError(
@@ -77,9 +94,13 @@ def encode_tensor(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> pb.
     flat = tensor.detach().to(device="cpu", dtype=target).contiguous().reshape(-1)
     itemsize = flat.element_size()
     # Reinterpret as a same-size integer so bf16 (unknown to numpy) works and the byte
-    # order can be fixed to little-endian on any host.
-    raw = flat.view(_INT_TORCH[itemsize]).numpy().astype(_SAME_SIZE_INT[itemsize], copy=False)
-    return pb.TensorProto(data=raw.tobytes(), dtype=DTYPE_NAMES[target], shape=list(tensor.shape))
+    # order can be fixed to little-endian on any host (a no-op on little-endian hosts).
+    raw = flat.view(_INT_TORCH[itemsize]).numpy()
+    if _BIG_ENDIAN_HOST:
+        raw = raw.astype(_SAME_SIZE_INT[itemsize])
+    message.data = raw.tobytes()
+    message.dtype = DTYPE_NAMES[target]
+    message.shape.extend(tensor.shape)
 
 
 def decode_tensor(
@@ -131,10 +152,23 @@ def encode_float_tensors(
     tensors: Mapping[str, torch.Tensor], dtype: torch.dtype
 ) -> list[pb.NamedTensor]:
     """Per-feature float tensors (pooled vectors, gradients) in the wire dtype."""
-    return [
-        pb.NamedTensor(name=name, tensor=encode_tensor(tensor, dtype))
-        for name, tensor in tensors.items()
-    ]
+    out = []
+    for name, tensor in tensors.items():
+        entry = pb.NamedTensor(name=name)
+        fill_tensor(entry.tensor, tensor, dtype)
+        out.append(entry)
+    return out
+
+
+def fill_float_tensors(field: Any, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Append per-feature float tensors to a repeated `NamedTensor` field, in place.
+
+    Why: `Reply(pooled=encode_float_tensors(...))` copies every payload into the reply once
+    more; a reply of B x D floats per feature is megabytes per call.
+    """
+    for name, tensor in tensors.items():
+        entry = field.add(name=name)
+        fill_tensor(entry.tensor, tensor, dtype)
 
 
 def decode_float_tensors(
@@ -171,16 +205,18 @@ def _check_new_feature(feature: str, seen: Mapping[str, object]) -> None:
 
 def encode_bags(feature: str, bags: Bags) -> pb.FeatureBags:
     """One feature's bags as a wire message (absent optional tensors stay unset)."""
-    message = pb.FeatureBags(
-        feature=feature,
-        indices=encode_tensor(bags.indices, torch.int64),
-        offsets=encode_tensor(bags.offsets, torch.int64),
-    )
-    if bags.per_sample_weights is not None:
-        message.per_sample_weights.CopyFrom(encode_tensor(bags.per_sample_weights, torch.float32))
-    if bags.mean_divisor is not None:
-        message.mean_divisor.CopyFrom(encode_tensor(bags.mean_divisor, torch.float32))
+    message = pb.FeatureBags(feature=feature)
+    _fill_bags(message, bags)
     return message
+
+
+def _fill_bags(message: pb.FeatureBags, bags: Bags) -> None:
+    fill_tensor(message.indices, bags.indices, torch.int64)
+    fill_tensor(message.offsets, bags.offsets, torch.int64)
+    if bags.per_sample_weights is not None:
+        fill_tensor(message.per_sample_weights, bags.per_sample_weights, torch.float32)
+    if bags.mean_divisor is not None:
+        fill_tensor(message.mean_divisor, bags.mean_divisor, torch.float32)
 
 
 def decode_bags(message: pb.FeatureBags) -> Bags:
@@ -218,13 +254,10 @@ def lookup_request(
     dtype: torch.dtype,
 ) -> pb.LookupRequest:
     """All features one node serves for one batch, in one message."""
-    return pb.LookupRequest(
-        step=step,
-        worker=worker,
-        train=train,
-        features=[encode_bags(feature, b) for feature, b in bags.items()],
-        wire_dtype=DTYPE_NAMES[dtype],
-    )
+    request = pb.LookupRequest(step=step, worker=worker, train=train, wire_dtype=DTYPE_NAMES[dtype])
+    for feature, b in bags.items():
+        _fill_bags(request.features.add(feature=feature), b)
+    return request
 
 
 def parse_lookup_request(

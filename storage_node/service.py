@@ -101,7 +101,9 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         if request.train or self.core.applied_step < request.step - 1:
             self.core.wait_for_step(request.step, self._wait_timeout(context))
         pooled = self.core.lookup(request.step, request.worker, bags, train=request.train)
-        return pb.LookupResponse(pooled=codec.encode_float_tensors(pooled, answer_dtype))
+        reply = pb.LookupResponse()
+        codec.fill_float_tensors(reply.pooled, pooled, answer_dtype)
+        return reply
 
     @_translate_errors
     def Prefetch(
