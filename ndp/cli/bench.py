@@ -1,6 +1,7 @@
 """`ndp-bench`: measure ndp and write results.json, results.md and results.png.
 
     ndp-bench storage [--config PATH] [--output-dir DIR] [--quick]
+    ndp-bench load    [--output-dir DIR] [--quick]
     ndp-bench train   [--config PATH] [--output-dir DIR] [--quick]
 
 `storage` measures pooled lookups/s of a storage node over gRPC against in-process
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("storage", "lookups over gRPC vs in process; cache policies vs Belady"),
         ("train", "end-to-end training throughput: ndp vs all-GPU, hybrid, OS-paged"),
+        ("load", "lookup/push latency percentiles of one node under 8 concurrent clients"),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", help="YAML config (storage.hot_fraction, data.path)")
@@ -88,11 +90,28 @@ def _train(args: argparse.Namespace, command_line: str) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace, command_line: str) -> int:
+    from ndp.bench.load import LoadOptions, run_load_bench
+
+    options = LoadOptions.quick() if args.quick else LoadOptions()
+    if args.scale != 1.0:
+        options = options.scaled(args.scale)
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("load")
+    results = run_load_bench(
+        options, command=command_line, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr)
+    )
+    paths = write_results(results, output_dir)
+    for line in results["summary"]:
+        print(line)
+    print(f"results: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command_line = shlex.join([PROG, *argv])
-    body = {"storage": _storage, "train": _train}[args.command]
+    body = {"storage": _storage, "load": _load, "train": _train}[args.command]
     status = run_cli(lambda: body(args, command_line), prog=PROG)
     return status
 
