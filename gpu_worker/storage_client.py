@@ -27,6 +27,7 @@ from storage_node import errors as node_errors
 from storage_node.auth import ERROR_METADATA_KEY, UnauthenticatedError, token_metadata
 from storage_node.server import channel_options
 from storage_node.spec import Bags
+from storage_node.tls import TlsFiles, channel_credentials
 
 T = TypeVar("T")
 
@@ -121,6 +122,7 @@ class StorageClient:
         max_message_bytes: largest request or reply (`storage.max_message_bytes`).
         timeout_s: deadline of each call (`cluster.rpc_timeout_s`); a lookup waiting for the
             previous step's update waits at most this long.
+        tls: dial with TLS, trusting `tls.ca` (`storage_node.tls`); None: plaintext.
     """
 
     def __init__(
@@ -131,14 +133,19 @@ class StorageClient:
         wire_dtype: str = "fp32",
         max_message_bytes: int = 512 << 20,
         timeout_s: float = 120.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.address = pick_address(address)
         self.wire_dtype = codec.wire_dtype(wire_dtype)
         self.timeout_s = timeout_s
         self._metadata = token_metadata(token)
-        self._channel = grpc.insecure_channel(
-            self.address, options=channel_options(max_message_bytes)
-        )
+        options = channel_options(max_message_bytes)
+        if tls is None:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            self._channel = grpc.secure_channel(
+                self.address, channel_credentials(tls), options=options
+            )
         self._stub = pb_grpc.StorageNodeStub(self._channel)
 
     def _call(self, method: Any, request: Any, decode: Callable[[Any], T]) -> ReplyFuture[T]:

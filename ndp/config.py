@@ -328,8 +328,18 @@ class ClusterConfig:
     """Deadline of one storage-node RPC."""
     constraints: dict[str, ShardingConstraint] = field(default_factory=dict)
     """Per-table planner overrides, keyed by table name."""
+    tls_cert: str | None = None
+    """PEM certificate of the storage nodes' gRPC servers; with tls_key and tls_ca: TLS only."""
+    tls_key: str | None = None
+    """PEM private key of `tls_cert`."""
+    tls_ca: str | None = None
+    """PEM CA certificate that signed `tls_cert`; clients trust only it."""
 
     def validate(self, path: str) -> None:
+        tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
+        if any(tls.values()) and not all(tls.values()):
+            missing = ", ".join(k for k, v in tls.items() if not v)
+            _fail(path, f"TLS needs tls_cert, tls_key and tls_ca together; set {missing}")
         _positive(path, "num_storage_nodes", self.num_storage_nodes)
         _positive(path, "num_gpu_workers", self.num_gpu_workers)
         _positive(path, "node_capacity_bytes", self.node_capacity_bytes)

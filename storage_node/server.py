@@ -20,6 +20,7 @@ from ndp.errors import ConfigError
 from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node.auth import TokenInterceptor
 from storage_node.service import StorageNodeServicer
+from storage_node.tls import TlsFiles, server_credentials
 
 if TYPE_CHECKING:
     from storage_node.node import StorageNodeCore
@@ -71,6 +72,7 @@ def serve(
     unix_socket_path: str | None = None,
     max_workers: int = 16,
     step_wait_timeout_s: float = 120.0,
+    tls: TlsFiles | None = None,
 ) -> RunningServer:
     """Serve `core` over gRPC and return once it is listening.
 
@@ -83,6 +85,7 @@ def serve(
         unix_socket_path: also listen on this unix-domain socket (same-machine clients).
         max_workers: RPC threads; keep above twice the number of GPU workers.
         step_wait_timeout_s: longest a lookup waits for the previous step's update.
+        tls: serve TLS only (both listeners) with these PEM files (`storage_node.tls`).
 
     Raises:
         ConfigError: `host` names every interface, or the address cannot be bound.
@@ -100,11 +103,18 @@ def serve(
     servicer = StorageNodeServicer(core, step_wait_timeout_s=step_wait_timeout_s)
     pb_grpc.add_StorageNodeServicer_to_server(servicer, server)
     try:
-        bound_port = server.add_insecure_port(tcp_address(host, port))
+        credentials = server_credentials(tls) if tls is not None else None
+
+        def listen(address: str) -> int:
+            if credentials is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
+
+        bound_port = listen(tcp_address(host, port))
         unix_address = None
         if unix_socket_path is not None:
             unix_address = f"unix:{unix_socket_path}"
-            server.add_insecure_port(unix_address)
+            listen(unix_address)
     except RuntimeError as error:
         raise ConfigError(
             f"cannot bind storage node to {tcp_address(host, port)}"
