@@ -83,7 +83,6 @@ def test_default_config_is_the_repositorys_configs_dlrm_yaml():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--dry-run"], "--dry-run is not available yet"),
         (["--resume"], "no checkpoint in"),
         (["--resume", "ckpt/step_10"], "no checkpoint in"),
         (["--mode", "reference", "--resume"], "only --mode ndp writes checkpoints"),

@@ -9,11 +9,6 @@ from ndp.cli import EXIT_USER_ERROR
 from ndp.cli.bench import main
 
 
-def test_train_says_not_available_and_exits_with_the_user_error_code(capsys):
-    assert main(["train"]) == EXIT_USER_ERROR
-    assert "not available yet" in capsys.readouterr().err
-
-
 def test_scale_out_of_range_is_a_user_error(tmp_path, capsys):
     assert main(["storage", "--scale", "2", "--output-dir", str(tmp_path)]) == EXIT_USER_ERROR
     assert "--scale" in capsys.readouterr().err
