@@ -517,7 +517,7 @@ class LoggingConfig:
     progress_bar: bool = True
     """Show a tqdm progress bar (samples/s, loss)."""
     tensorboard: bool = False
-    """Also write TensorBoard event files (needs the `tensorboard` package)."""
+    """Also write TensorBoard scalars (train/*, eval/*) into `<output-dir>/tensorboard/`."""
 
     def validate(self, path: str) -> None:
         _positive(path, "interval_steps", self.interval_steps)

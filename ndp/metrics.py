@@ -18,20 +18,38 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `path` and flushes it, so a crash loses nothing."""
+    """Appends one JSON object per line to `path` and flushes it, so a crash loses nothing.
 
-    def __init__(self, path: str | Path) -> None:
+    With `tensorboard_dir`, every numeric field of a record with a `step` is also written as
+    a TensorBoard scalar named `<type>/<field>` (e.g. `train/loss`, `eval/auc`), so the
+    JSONL file stays the one source and TensorBoard a view of it.
+    """
+
+    def __init__(self, path: str | Path, *, tensorboard_dir: str | Path | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+        self._tensorboard = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         """Write `record` (JSON-serialisable; non-finite floats become null)."""
         self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
+        if self._tensorboard is not None and isinstance(record.get("step"), int):
+            kind = record.get("type", "metrics")
+            for key, value in record.items():
+                if key not in ("step", "type") and isinstance(value, int | float):
+                    self._tensorboard.add_scalar(f"{kind}/{key}", value, record["step"])
+            self._tensorboard.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -167,7 +167,11 @@ def run_training(
     progress = tqdm(
         total=total_steps, disable=not cfg.logging.progress_bar, unit="step", dynamic_ncols=True
     )
-    with MetricsWriter(output_dir / "metrics.jsonl") as writer, _StopOnCtrlC() as ctrl_c:
+    tensorboard_dir = output_dir / "tensorboard" if cfg.logging.tensorboard else None
+    with (
+        MetricsWriter(output_dir / "metrics.jsonl", tensorboard_dir=tensorboard_dir) as writer,
+        _StopOnCtrlC() as ctrl_c,
+    ):
         engine.timings()  # start the engine's phase clock with the loop
         try:
             batches = training_batches(train_data, batch_size, total_steps, start_step=start_step)

@@ -56,3 +56,18 @@ def test_writer_appends_one_json_object_per_line_and_nulls_non_finite(tmp_path):
         {"type": "eval", "step": 0, "auc": None},
         {"type": "train", "step": 1, "loss": None},
     ]
+
+
+def test_tensorboard_mirror_holds_the_same_scalars_as_the_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsWriter(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb") as writer:
+        writer.write({"type": "train", "step": 0, "loss": 0.75, "samples_per_s": 10.0})
+        writer.write({"type": "train", "step": 1, "loss": 0.5, "samples_per_s": 12.0})
+        writer.write({"type": "eval", "step": 1, "auc": 0.8})
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(0, 0.75), (1, 0.5)]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("eval/auc")] == [(1, 0.8)]
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
