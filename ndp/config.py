@@ -328,6 +328,9 @@ class ClusterConfig:
     """Deadline of one storage-node RPC."""
     constraints: dict[str, ShardingConstraint] = field(default_factory=dict)
     """Per-table planner overrides, keyed by table name."""
+    plan_sample_batches: int = 0
+    """Training batches read before planning to measure index frequencies, so that row-wise
+    pieces split the lookups (not only the rows) evenly; 0: plan from pooling factors only."""
     tls_cert: str | None = None
     """PEM certificate of the storage nodes' gRPC servers; with tls_key and tls_ca: TLS only."""
     tls_key: str | None = None
@@ -344,6 +347,8 @@ class ClusterConfig:
         _positive(path, "num_gpu_workers", self.num_gpu_workers)
         _positive(path, "node_capacity_bytes", self.node_capacity_bytes)
         _positive(path, "rpc_timeout_s", self.rpc_timeout_s)
+        if self.plan_sample_batches < 0:
+            _fail(_join(path, "plan_sample_batches"), f"{self.plan_sample_batches} must be >= 0")
         for key, value in {**self.storage_node_resources, **self.gpu_worker_resources}.items():
             if value < 0:
                 _fail(path, f"resource {key!r}: {value} must be >= 0")

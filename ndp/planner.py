@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -36,6 +36,11 @@ from ndp.config import Config, TableConfig
 from ndp.errors import PlanError
 from ndp.model.spec import row_bytes
 from storage_node.spec import ShardSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ndp.data.batch import Batch
 
 ShardingType = Literal["table_wise", "row_wise", "table_row_wise"]
 SHARDING_TYPES: tuple[str, ...] = ("table_wise", "row_wise", "table_row_wise")
@@ -562,3 +567,33 @@ def _split_rows(
         start = end
     assert start == table.num_rows, "row split left rows unplaced"
     return placed
+
+
+def sample_index_frequencies(cfg: Config, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+    """Row indices each table saw in `batches`: a sample for `plan_shards(index_frequencies=)`.
+
+    Features that share a table are pooled together. Tables up to 2**24 rows get counts per
+    row; bigger ones keep the sample of indices itself (shorter than the table, so that
+    `plan_shards` cannot mistake it for counts), so a table of billions of rows costs only
+    the sample's size.
+    """
+    tables = {t.name: t for t in cfg.model.effective_tables()}
+    table_of = {f: t.name for t in tables.values() for f in t.features}
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in tables}
+    for batch in batches:
+        for feature, jagged in batch.sparse.to_dict().items():
+            samples[table_of[feature]].append(jagged.values().numpy().astype(np.int64))
+    frequencies: dict[str, np.ndarray] = {}
+    for name, parts in samples.items():
+        if not parts:
+            continue
+        indices = np.concatenate(parts)
+        num_rows = tables[name].num_rows
+        if num_rows <= _MAX_COUNTED_ROWS:
+            frequencies[name] = np.bincount(indices, minlength=num_rows).astype(np.float64)
+        else:
+            frequencies[name] = indices[: num_rows - 1]
+    return frequencies
+
+
+_MAX_COUNTED_ROWS = 1 << 24

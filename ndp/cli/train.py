@@ -11,6 +11,7 @@ stderr, no traceback), 1 a bug, 130 interrupted by Ctrl-C (the summary is still 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from collections.abc import Callable
@@ -130,7 +131,10 @@ def train(args: argparse.Namespace) -> int:
     else:
         run_dir = make_run_dir(args.output_dir)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    engine = make_engine(cfg)
+    if args.mode == "ndp":
+        engine = make_engine(cfg, plan=plan_for_run(cfg, train_data))
+    else:
+        engine = make_engine(cfg)
     plan = getattr(engine, "plan", None)
     if plan is not None:  # the plan is saved with the run (plain JSON data)
         (run_dir / "plan.json").write_text(plan.to_json())
@@ -151,11 +155,24 @@ def train(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
 
+def plan_for_run(cfg: Config, train_data: Any = None) -> Any:
+    """The sharding plan; measured on `cluster.plan_sample_batches` training batches if set."""
+    from ndp.planner import plan_shards, sample_index_frequencies
+
+    samples = cfg.cluster.plan_sample_batches
+    if samples == 0:
+        return plan_shards(cfg)
+    if train_data is None:
+        from ndp.data.loader import build_datasets
+
+        train_data, _ = build_datasets(cfg)
+    batches = itertools.islice(train_data.batches(cfg.train.batch_size), samples)
+    return plan_shards(cfg, index_frequencies=sample_index_frequencies(cfg, batches))
+
+
 def dry_run(cfg: Config) -> int:
     """Plan the run and print the plan; start nothing, write nothing."""
-    from ndp.planner import plan_shards
-
-    print(plan_shards(cfg).format_table())
+    print(plan_for_run(cfg).format_table())
     return 0
 
 
