@@ -14,6 +14,14 @@ applies the sparse optimizer near the data, in step order:
    once, ``applied_step = step``, rows pinned by ``prefetch(step)`` are released, and waiters
    are woken.
 
+Early pooling (the lookahead's second stage, see `ndp.pipeline`): ``early_lookup(step,
+worker, bags)`` pools a future step's bags with the current rows and keeps the pooled vectors.
+Every update applied before that step's lookup adds its exact change to them (for the rows the
+update touched: ``pooled[b] += scale_b * sum_r weight_b,r * (w_new[r] - w_old[r])``), so the
+training ``lookup`` of the step answers the kept vectors without pooling, equal to pooling
+then up to float rounding. With ``correct=False`` (``pipeline.mode = "stale"``) the kept
+vectors are not corrected: the step sees rows one update old.
+
 Every request is validated completely before anything changes, so a rejected request
 (unknown feature, index out of range, bad tensor, wrong step) leaves no trace. One lock
 serialises all state changes; ``wait_for_step`` waits on a condition of that lock, so several
@@ -111,6 +119,33 @@ class _PendingStep:
     pushed: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
+@dataclass
+class _EarlyPool:
+    """One (step, worker)'s bags pooled before their step's turn, kept until its lookup."""
+
+    bags: dict[str, tuple[_Piece, Bags]]
+    """The validated bags as they came (the lookup must send the same ones to use them)."""
+    pooled: dict[str, torch.Tensor]
+    """float32 [B, D] per feature, corrected for every update applied since pooling."""
+    recorded: dict[str, _RecordedBags]
+    correct: bool
+    """False (stale mode): updates applied after pooling are not added."""
+
+
+def _same_bags(a: Bags, b: Bags) -> bool:
+    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        if x is None or y is None:
+            return x is None and y is None
+        return x.shape == y.shape and bool(torch.equal(x, y))
+
+    return (
+        same(a.indices, b.indices)
+        and same(a.offsets, b.offsets)
+        and same(a.per_sample_weights, b.per_sample_weights)
+        and same(a.mean_divisor, b.mean_divisor)
+    )
+
+
 def _file_stem(node_id: str, spec: ShardSpec) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{node_id}.{spec.table_name}")
     return f"{safe}.{spec.row_start}-{spec.row_end}.shard"
@@ -167,6 +202,9 @@ class StorageNodeCore:
         self._step_applied = threading.Condition(self._lock)
         self._pending: dict[int, _PendingStep] = {}
         self._pins: dict[int, list[tuple[_Piece, np.ndarray]]] = {}
+        self._early: dict[tuple[int, int], _EarlyPool] = {}
+        self.early_counters = {"early_pools": 0, "early_hits": 0, "early_mismatches": 0}
+        """Early pools kept, answered by a lookup, and dropped because the lookup's bags differed."""
         self._closed = False
         self._pieces: dict[str, _Piece] = {}
         self._piece_of_feature: dict[str, _Piece] = {}
@@ -355,14 +393,82 @@ class StorageNodeCore:
             checked = {f: self._validated_bags(f, b) for f, b in bags.items()}
             if train:
                 self.wait_for_step(step, self.storage.step_wait_timeout_s)
-            pooled: dict[str, torch.Tensor] = {}
-            recorded: dict[str, _RecordedBags] = {}
-            for feature, (piece, fbags) in checked.items():
-                pooled[feature], recorded[feature] = self._pool(piece, fbags)
+            early = self._take_early(step, worker, checked) if train else None
+            if early is not None:
+                pooled, recorded = early.pooled, early.recorded
+            else:
+                pooled, recorded = {}, {}
+                for feature, (piece, fbags) in checked.items():
+                    pooled[feature], recorded[feature] = self._pool(piece, fbags)
             if train:
                 pending = self._pending.setdefault(step, _PendingStep())
                 pending.lookups.setdefault(worker, {}).update(recorded)
             return pooled
+
+    def early_lookup(
+        self, step: int, worker: int, bags: dict[str, Bags], *, correct: bool = True
+    ) -> bool:
+        """Pool the training bags of a future `step` now, to answer its lookup without pooling.
+
+        Does not wait for the step barrier: the rows are read as they are now, and each update
+        applied before `step`'s lookup adds its change to the kept vectors (unless `correct`
+        is False: stale mode). A later early lookup of the same (step, worker) replaces it.
+
+        Returns:
+            True when kept; False when `step` is already applied (nothing to do).
+        """
+        with self._lock:
+            self._check_open()
+            self._check_worker(worker)
+            checked = {f: self._validated_bags(f, b) for f, b in bags.items()}
+            if step <= self.applied_step:
+                return False
+            pooled: dict[str, torch.Tensor] = {}
+            recorded: dict[str, _RecordedBags] = {}
+            for feature, (piece, fbags) in checked.items():
+                pooled[feature], recorded[feature] = self._pool(piece, fbags)
+            self._early[(step, worker)] = _EarlyPool(checked, pooled, recorded, correct)
+            self.early_counters["early_pools"] += 1
+            return True
+
+    def _take_early(
+        self, step: int, worker: int, checked: dict[str, tuple[_Piece, Bags]]
+    ) -> _EarlyPool | None:
+        """The early pool of (step, worker) if its bags are the lookup's; dropped either way."""
+        early = self._early.pop((step, worker), None)
+        if early is None:
+            return None
+        same = early.bags.keys() == checked.keys() and all(
+            _same_bags(early.bags[f][1], checked[f][1]) for f in checked
+        )
+        self.early_counters["early_hits" if same else "early_mismatches"] += 1
+        return early if same else None
+
+    def _correct_early_pools(
+        self, table: str, unique_rows: torch.Tensor, delta: torch.Tensor
+    ) -> None:
+        """Add one table's update to every kept early pool (exact mode) that reads its rows.
+
+        Args:
+            unique_rows: int64 [u] sorted local rows the update changed.
+            delta: float32 [u, D] new minus old weights of those rows.
+        """
+        for early in self._early.values():
+            if not early.correct:
+                continue
+            for feature, (piece, bags) in early.bags.items():
+                if piece.spec.table_name != table or bags.indices.numel() == 0:
+                    continue
+                hit = torch.isin(bags.indices, unique_rows)
+                if not bool(hit.any()):
+                    continue
+                rec = early.recorded[feature]
+                bag_of_value = rec.bag_of_value()
+                change = delta[torch.searchsorted(unique_rows, bags.indices[hit])]
+                scale = rec.scale(bag_of_value)  # weights x 1/divisor, as the pooling used
+                if scale is not None:
+                    change = change * scale[hit][:, None]
+                early.pooled[feature].index_add_(0, bag_of_value[hit], change)
 
     def _pool(self, piece: _Piece, bags: Bags) -> tuple[torch.Tensor, _RecordedBags]:
         """Pool one feature's bags.
@@ -509,6 +615,7 @@ class StorageNodeCore:
             unique_np = unique_rows.numpy()
             records = torch.from_numpy(piece.cache.fetch(unique_np))
             dim = piece.spec.embedding_dim
+            old = records[:, :dim].clone() if self._early else None
             apply_update(
                 self.optimizer,
                 records[:, :dim],
@@ -517,9 +624,13 @@ class StorageNodeCore:
                 iteration=iteration,
             )
             piece.cache.store(unique_np, records.numpy())
+            if old is not None:
+                self._correct_early_pools(table, unique_rows, records[:, :dim] - old)
         self.optimizer_step = iteration
         self.applied_step = step
         del self._pending[step]
+        for key in [k for k in self._early if k[0] <= step]:  # never looked up: stale now
+            del self._early[key]
         self._release_pins(up_to_step=step)
         for piece in self._pieces.values():
             piece.cache.on_step()
@@ -645,6 +756,7 @@ class StorageNodeCore:
                 records[:, dim:] = states.detach().to(torch.float32).numpy()
             records[:, :dim] = weights.detach().to(torch.float32).numpy()
             piece.cache.store(local, records)
+            self._early.clear()  # pooled before the write: the lookups pool afresh
 
     def stats(self) -> dict:
         """Counters per tier (cache, flash), hit rate, energy estimate, step, occupancy."""
@@ -668,6 +780,7 @@ class StorageNodeCore:
                 "node_id": self.node_id,
                 "applied_step": self.applied_step,
                 "optimizer_step": self.optimizer_step,
+                "early": dict(self.early_counters),
                 **total,
                 "tables": tables,
             }
@@ -764,6 +877,7 @@ class StorageNodeCore:
             self.optimizer_step = int(manifest["optimizer_step"])
             self._pending.clear()
             self._pins.clear()
+            self._early.clear()
             self._step_applied.notify_all()
 
     def _read_manifest(self, directory: Path) -> dict:

@@ -1,0 +1,118 @@
+"""Early pooling on the storage-node core: a step's bags pooled before earlier updates land,
+then corrected by each update, answer the step's lookup exactly as pooling after them would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ndp.config import SparseOptimizerConfig, StorageConfig
+from storage_node.node import StorageNodeCore
+from storage_node.spec import Bags, ShardSpec
+
+DIM = 8
+ROWS = 40
+
+
+def _node(tmp_path, name: str, *, optimizer: str, pooling: str) -> StorageNodeCore:
+    """A one-table node with a 6-row cache (most rows on flash), same seed for every name."""
+    spec = ShardSpec(
+        table_name="t0",
+        table_num_rows=ROWS,
+        embedding_dim=DIM,
+        row_start=0,
+        row_end=ROWS,
+        pooling=pooling,
+        features=("f0", "f1"),
+    )
+    return StorageNodeCore(
+        node_id=name,
+        shards=[spec],
+        storage=StorageConfig(page_bytes=512, io_threads=2, cache_bytes=6 * 200),
+        optimizer=SparseOptimizerConfig(name=optimizer, lr=0.3, eps=1e-8),
+        seed=3,
+        flash_dir=tmp_path / name,
+    )
+
+
+def _bags(rows_per_bag: list[list[int]], weighted: bool) -> Bags:
+    """Multi-hot bags (duplicates allowed); optional per-sample weights 0.5, 1.0, 1.5, ..."""
+    indices = torch.tensor([r for bag in rows_per_bag for r in bag], dtype=torch.int64)
+    lengths = torch.tensor([len(bag) for bag in rows_per_bag])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    weights = 0.5 * (1 + torch.arange(indices.numel(), dtype=torch.float32)) if weighted else None
+    return Bags(indices, offsets, weights)
+
+
+# Step s's batches: duplicate rows inside a bag (3, 3), an empty bag, and rows that steps 0,
+# 1 and 2 share (3, 7, 11, 20), so every correction is non-trivial.
+STEP_BAGS = [
+    {"f0": [[3, 3, 7], [11], [], [20, 21]], "f1": [[7, 30], [3]]},
+    {"f0": [[7, 3], [25, 11, 11], [20], [5]], "f1": [[3, 3, 3], [30]]},
+    {"f0": [[3, 20, 7, 7], [11], [5, 25], [9]], "f1": [[30, 3], [7]]},
+]
+
+
+def _batch(step: int, weighted: bool) -> dict[str, Bags]:
+    return {f: _bags(rows, weighted) for f, rows in STEP_BAGS[step].items()}
+
+
+def _train(node: StorageNodeCore, step: int, weighted: bool) -> dict[str, torch.Tensor]:
+    pooled = node.lookup(step, 0, _batch(step, weighted))
+    generator = torch.Generator().manual_seed(100 + step)
+    grads = {f: torch.randn(p.shape, generator=generator) for f, p in pooled.items()}
+    node.push_gradients(step, 0, grads)
+    return pooled
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize(("pooling", "weighted"), [("mean", False), ("sum", True)])
+def test_early_pool_plus_corrections_equals_pooling_after_the_updates(
+    tmp_path, optimizer, pooling, weighted
+):
+    plain = _node(tmp_path, "plain", optimizer=optimizer, pooling=pooling)
+    early = _node(tmp_path, "early", optimizer=optimizer, pooling=pooling)
+    stale = _node(tmp_path, "stale", optimizer=optimizer, pooling=pooling)
+    # Step 2 pooled before steps 0 and 1 apply (two corrections), step 1 before step 0.
+    assert early.early_lookup(2, 0, _batch(2, weighted))
+    assert early.early_lookup(1, 0, _batch(1, weighted))
+    assert stale.early_lookup(1, 0, _batch(1, weighted), correct=False)
+    before_updates = stale.lookup(0, 0, _batch(1, weighted), train=False)
+    exact = {}
+    for step in range(3):
+        exact[step] = _train(plain, step, weighted)
+        got = _train(early, step, weighted)
+        for feature in exact[step]:
+            torch.testing.assert_close(got[feature], exact[step][feature], rtol=0, atol=1e-6)
+    assert early.early_counters == {"early_pools": 2, "early_hits": 2, "early_mismatches": 0}
+    torch.testing.assert_close(
+        early.read_rows("t0", torch.arange(ROWS)), plain.read_rows("t0", torch.arange(ROWS))
+    )
+
+    _train(stale, 0, weighted)
+    stale_pooled = stale.lookup(1, 0, _batch(1, weighted))
+    for feature, vectors in stale_pooled.items():
+        torch.testing.assert_close(vectors, before_updates[feature], rtol=0, atol=0)
+    assert any(not torch.allclose(stale_pooled[f], exact[1][f], atol=1e-4) for f in stale_pooled), (
+        "step 0 changed rows of step 1, so uncorrected vectors must be stale"
+    )
+
+
+def test_a_lookup_with_other_bags_pools_afresh(tmp_path):
+    plain = _node(tmp_path, "plain", optimizer="sgd", pooling="sum")
+    early = _node(tmp_path, "early", optimizer="sgd", pooling="sum")
+    assert early.early_lookup(1, 0, _batch(2, weighted=False))  # not what step 1 will send
+    for step in range(2):
+        expected = _train(plain, step, weighted=False)
+        got = _train(early, step, weighted=False)
+        for feature in expected:
+            torch.testing.assert_close(got[feature], expected[feature], rtol=0, atol=0)
+    assert early.early_counters["early_mismatches"] == 1
+    assert early.early_counters["early_hits"] == 0
+
+
+def test_an_early_lookup_of_an_applied_step_keeps_nothing(tmp_path):
+    node = _node(tmp_path, "n", optimizer="sgd", pooling="sum")
+    _train(node, 0, weighted=False)
+    assert not node.early_lookup(0, 0, _batch(0, weighted=False))
+    assert node.early_counters["early_pools"] == 0
