@@ -174,6 +174,16 @@ class StorageClient:
         )
         return self._call(self._stub.PushGradients, request, lambda reply: reply.applied)
 
+    def early_lookup_async(
+        self, step: int, worker: int, bags: Mapping[str, Bags], *, correct: bool = True
+    ) -> ReplyFuture[bool]:
+        """Have the node pool a future training step's bags now (lookahead early pooling).
+
+        Resolves to True when the node kept the pooled vectors (False: step already applied).
+        """
+        request = codec.early_lookup_request(step, worker, bags, correct=correct)
+        return self._call(self._stub.EarlyLookup, request, lambda reply: reply.kept)
+
     def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> ReplyFuture[None]:
         """Stage {feature: local rows int64 [n]} of a future step into the node's cache."""
         return self._call(
@@ -215,6 +225,11 @@ class StorageClient:
 
     def push_gradients(self, step: int, worker: int, grads: Mapping[str, torch.Tensor]) -> bool:
         return self.push_gradients_async(step, worker, grads).result()
+
+    def early_lookup(
+        self, step: int, worker: int, bags: Mapping[str, Bags], *, correct: bool = True
+    ) -> bool:
+        return self.early_lookup_async(step, worker, bags, correct=correct).result()
 
     def prefetch(self, step: int, indices: Mapping[str, torch.Tensor]) -> None:
         self.prefetch_async(step, indices).result()

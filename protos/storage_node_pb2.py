@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/storage_node.proto\x12\x10ndp.storage_node\"9\n\x0bTensorProto\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"J\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x06tensor\x18\x02 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\"\xee\x01\n\x0b\x46\x65\x61tureBags\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12.\n\x07indices\x18\x02 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12.\n\x07offsets\x18\x03 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12\x39\n\x12per_sample_weights\x18\x04 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12\x33\n\x0cmean_divisor\x18\x05 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\"\x81\x01\n\rLookupRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\r\n\x05train\x18\x03 \x01(\x08\x12/\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x1d.ndp.storage_node.FeatureBags\x12\x12\n\nwire_dtype\x18\x05 \x01(\t\"?\n\x0eLookupResponse\x12-\n\x06pooled\x18\x01 \x03(\x0b\x32\x1d.ndp.storage_node.NamedTensor\"O\n\x0fPrefetchRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12.\n\x07indices\x18\x02 \x03(\x0b\x32\x1d.ndp.storage_node.NamedTensor\"\x12\n\x10PrefetchResponse\"b\n\x14PushGradientsRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12,\n\x05grads\x18\x03 \x03(\x0b\x32\x1d.ndp.storage_node.NamedTensor\"(\n\x15PushGradientsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\"&\n\x11\x43heckpointRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"+\n\x12\x43heckpointResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\"#\n\x0eRestoreRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"\x11\n\x0fRestoreResponse\"\x0e\n\x0cStatsRequest\"#\n\rStatsResponse\x12\x12\n\nstats_json\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"7\n\x0eHealthResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61pplied_step\x18\x02 \x01(\x03\x32\xcf\x04\n\x0bStorageNode\x12K\n\x06Lookup\x12\x1f.ndp.storage_node.LookupRequest\x1a .ndp.storage_node.LookupResponse\x12Q\n\x08Prefetch\x12!.ndp.storage_node.PrefetchRequest\x1a\".ndp.storage_node.PrefetchResponse\x12`\n\rPushGradients\x12&.ndp.storage_node.PushGradientsRequest\x1a\'.ndp.storage_node.PushGradientsResponse\x12W\n\nCheckpoint\x12#.ndp.storage_node.CheckpointRequest\x1a$.ndp.storage_node.CheckpointResponse\x12N\n\x07Restore\x12 .ndp.storage_node.RestoreRequest\x1a!.ndp.storage_node.RestoreResponse\x12H\n\x05Stats\x12\x1e.ndp.storage_node.StatsRequest\x1a\x1f.ndp.storage_node.StatsResponse\x12K\n\x06Health\x12\x1f.ndp.storage_node.HealthRequest\x1a .ndp.storage_node.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/storage_node.proto\x12\x10ndp.storage_node\"9\n\x0bTensorProto\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"J\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x06tensor\x18\x02 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\"\xee\x01\n\x0b\x46\x65\x61tureBags\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12.\n\x07indices\x18\x02 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12.\n\x07offsets\x18\x03 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12\x39\n\x12per_sample_weights\x18\x04 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12\x33\n\x0cmean_divisor\x18\x05 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\"\x81\x01\n\rLookupRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\r\n\x05train\x18\x03 \x01(\x08\x12/\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x1d.ndp.storage_node.FeatureBags\x12\x12\n\nwire_dtype\x18\x05 \x01(\t\"?\n\x0eLookupResponse\x12-\n\x06pooled\x18\x01 \x03(\x0b\x32\x1d.ndp.storage_node.NamedTensor\"t\n\x12\x45\x61rlyLookupRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12/\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x1d.ndp.storage_node.FeatureBags\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x08\"#\n\x13\x45\x61rlyLookupResponse\x12\x0c\n\x04kept\x18\x01 \x01(\x08\"O\n\x0fPrefetchRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12.\n\x07indices\x18\x02 \x03(\x0b\x32\x1d.ndp.storage_node.NamedTensor\"\x12\n\x10PrefetchResponse\"b\n\x14PushGradientsRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12,\n\x05grads\x18\x03 \x03(\x0b\x32\x1d.ndp.storage_node.NamedTensor\"(\n\x15PushGradientsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\"&\n\x11\x43heckpointRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"+\n\x12\x43heckpointResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\"#\n\x0eRestoreRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"\x11\n\x0fRestoreResponse\"\x0e\n\x0cStatsRequest\"#\n\rStatsResponse\x12\x12\n\nstats_json\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"7\n\x0eHealthResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61pplied_step\x18\x02 \x01(\x03\x32\xab\x05\n\x0bStorageNode\x12K\n\x06Lookup\x12\x1f.ndp.storage_node.LookupRequest\x1a .ndp.storage_node.LookupResponse\x12Q\n\x08Prefetch\x12!.ndp.storage_node.PrefetchRequest\x1a\".ndp.storage_node.PrefetchResponse\x12Z\n\x0b\x45\x61rlyLookup\x12$.ndp.storage_node.EarlyLookupRequest\x1a%.ndp.storage_node.EarlyLookupResponse\x12`\n\rPushGradients\x12&.ndp.storage_node.PushGradientsRequest\x1a\'.ndp.storage_node.PushGradientsResponse\x12W\n\nCheckpoint\x12#.ndp.storage_node.CheckpointRequest\x1a$.ndp.storage_node.CheckpointResponse\x12N\n\x07Restore\x12 .ndp.storage_node.RestoreRequest\x1a!.ndp.storage_node.RestoreResponse\x12H\n\x05Stats\x12\x1e.ndp.storage_node.StatsRequest\x1a\x1f.ndp.storage_node.StatsResponse\x12K\n\x06Health\x12\x1f.ndp.storage_node.HealthRequest\x1a .ndp.storage_node.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,30 +41,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPREQUEST']._serialized_end=553
   _globals['_LOOKUPRESPONSE']._serialized_start=555
   _globals['_LOOKUPRESPONSE']._serialized_end=618
-  _globals['_PREFETCHREQUEST']._serialized_start=620
-  _globals['_PREFETCHREQUEST']._serialized_end=699
-  _globals['_PREFETCHRESPONSE']._serialized_start=701
-  _globals['_PREFETCHRESPONSE']._serialized_end=719
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=721
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=819
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=821
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=861
-  _globals['_CHECKPOINTREQUEST']._serialized_start=863
-  _globals['_CHECKPOINTREQUEST']._serialized_end=901
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=903
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=946
-  _globals['_RESTOREREQUEST']._serialized_start=948
-  _globals['_RESTOREREQUEST']._serialized_end=983
-  _globals['_RESTORERESPONSE']._serialized_start=985
-  _globals['_RESTORERESPONSE']._serialized_end=1002
-  _globals['_STATSREQUEST']._serialized_start=1004
-  _globals['_STATSREQUEST']._serialized_end=1018
-  _globals['_STATSRESPONSE']._serialized_start=1020
-  _globals['_STATSRESPONSE']._serialized_end=1055
-  _globals['_HEALTHREQUEST']._serialized_start=1057
-  _globals['_HEALTHREQUEST']._serialized_end=1072
-  _globals['_HEALTHRESPONSE']._serialized_start=1074
-  _globals['_HEALTHRESPONSE']._serialized_end=1129
-  _globals['_STORAGENODE']._serialized_start=1132
-  _globals['_STORAGENODE']._serialized_end=1723
+  _globals['_EARLYLOOKUPREQUEST']._serialized_start=620
+  _globals['_EARLYLOOKUPREQUEST']._serialized_end=736
+  _globals['_EARLYLOOKUPRESPONSE']._serialized_start=738
+  _globals['_EARLYLOOKUPRESPONSE']._serialized_end=773
+  _globals['_PREFETCHREQUEST']._serialized_start=775
+  _globals['_PREFETCHREQUEST']._serialized_end=854
+  _globals['_PREFETCHRESPONSE']._serialized_start=856
+  _globals['_PREFETCHRESPONSE']._serialized_end=874
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=876
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=974
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=976
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1016
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1018
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1056
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1058
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1101
+  _globals['_RESTOREREQUEST']._serialized_start=1103
+  _globals['_RESTOREREQUEST']._serialized_end=1138
+  _globals['_RESTORERESPONSE']._serialized_start=1140
+  _globals['_RESTORERESPONSE']._serialized_end=1157
+  _globals['_STATSREQUEST']._serialized_start=1159
+  _globals['_STATSREQUEST']._serialized_end=1173
+  _globals['_STATSRESPONSE']._serialized_start=1175
+  _globals['_STATSRESPONSE']._serialized_end=1210
+  _globals['_HEALTHREQUEST']._serialized_start=1212
+  _globals['_HEALTHREQUEST']._serialized_end=1227
+  _globals['_HEALTHRESPONSE']._serialized_start=1229
+  _globals['_HEALTHRESPONSE']._serialized_end=1284
+  _globals['_STORAGENODE']._serialized_start=1287
+  _globals['_STORAGENODE']._serialized_end=1970
 # @@protoc_insertion_point(module_scope)

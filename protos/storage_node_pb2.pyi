@@ -58,6 +58,24 @@ class LookupResponse(_message.Message):
     pooled: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     def __init__(self, pooled: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
+class EarlyLookupRequest(_message.Message):
+    __slots__ = ("step", "worker", "features", "correct")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    worker: int
+    features: _containers.RepeatedCompositeFieldContainer[FeatureBags]
+    correct: bool
+    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureBags, _Mapping]]] = ..., correct: _Optional[bool] = ...) -> None: ...
+
+class EarlyLookupResponse(_message.Message):
+    __slots__ = ("kept",)
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    kept: bool
+    def __init__(self, kept: _Optional[bool] = ...) -> None: ...
+
 class PrefetchRequest(_message.Message):
     __slots__ = ("step", "indices")
     STEP_FIELD_NUMBER: _ClassVar[int]

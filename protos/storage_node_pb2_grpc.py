@@ -44,6 +44,11 @@ class StorageNodeStub:
                 request_serializer=protos_dot_storage__node__pb2.PrefetchRequest.SerializeToString,
                 response_deserializer=protos_dot_storage__node__pb2.PrefetchResponse.FromString,
                 _registered_method=True)
+        self.EarlyLookup = channel.unary_unary(
+                '/ndp.storage_node.StorageNode/EarlyLookup',
+                request_serializer=protos_dot_storage__node__pb2.EarlyLookupRequest.SerializeToString,
+                response_deserializer=protos_dot_storage__node__pb2.EarlyLookupResponse.FromString,
+                _registered_method=True)
         self.PushGradients = channel.unary_unary(
                 '/ndp.storage_node.StorageNode/PushGradients',
                 request_serializer=protos_dot_storage__node__pb2.PushGradientsRequest.SerializeToString,
@@ -81,6 +86,12 @@ class StorageNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Prefetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EarlyLookup(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +139,11 @@ def add_StorageNodeServicer_to_server(servicer, server):
                     servicer.Prefetch,
                     request_deserializer=protos_dot_storage__node__pb2.PrefetchRequest.FromString,
                     response_serializer=protos_dot_storage__node__pb2.PrefetchResponse.SerializeToString,
+            ),
+            'EarlyLookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.EarlyLookup,
+                    request_deserializer=protos_dot_storage__node__pb2.EarlyLookupRequest.FromString,
+                    response_serializer=protos_dot_storage__node__pb2.EarlyLookupResponse.SerializeToString,
             ),
             'PushGradients': grpc.unary_unary_rpc_method_handler(
                     servicer.PushGradients,
@@ -209,6 +225,33 @@ class StorageNode:
             '/ndp.storage_node.StorageNode/Prefetch',
             protos_dot_storage__node__pb2.PrefetchRequest.SerializeToString,
             protos_dot_storage__node__pb2.PrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EarlyLookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ndp.storage_node.StorageNode/EarlyLookup',
+            protos_dot_storage__node__pb2.EarlyLookupRequest.SerializeToString,
+            protos_dot_storage__node__pb2.EarlyLookupResponse.FromString,
             options,
             channel_credentials,
             insecure,

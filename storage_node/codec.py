@@ -277,6 +277,25 @@ def parse_lookup_request(
     return bags, answer_dtype
 
 
+def early_lookup_request(
+    step: int, worker: int, bags: Mapping[str, Bags], *, correct: bool
+) -> pb.EarlyLookupRequest:
+    """A future training step's bags for one node, to pool early (`correct`: exact mode)."""
+    request = pb.EarlyLookupRequest(step=step, worker=worker, correct=correct)
+    for feature, b in bags.items():
+        _fill_bags(request.features.add(feature=feature), b)
+    return request
+
+
+def parse_early_lookup_request(request: pb.EarlyLookupRequest) -> dict[str, Bags]:
+    """The bags of an early lookup request."""
+    bags: dict[str, Bags] = {}
+    for message in request.features:
+        _check_new_feature(message.feature, bags)
+        bags[message.feature] = decode_bags(message)
+    return bags
+
+
 def parse_prefetch_request(request: pb.PrefetchRequest) -> dict[str, torch.Tensor]:
     """Per-feature local row indices to stage."""
     return _decode_named(request.indices, what="prefetch indices", allowed=(torch.int64,), ndim=1)

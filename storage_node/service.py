@@ -106,6 +106,14 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         return reply
 
     @_translate_errors
+    def EarlyLookup(
+        self, request: pb.EarlyLookupRequest, context: grpc.ServicerContext
+    ) -> pb.EarlyLookupResponse:
+        bags = codec.parse_early_lookup_request(request)
+        kept = self.core.early_lookup(request.step, request.worker, bags, correct=request.correct)
+        return pb.EarlyLookupResponse(kept=bool(kept))
+
+    @_translate_errors
     def Prefetch(
         self, request: pb.PrefetchRequest, context: grpc.ServicerContext
     ) -> pb.PrefetchResponse:

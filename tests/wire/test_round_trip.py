@@ -130,6 +130,7 @@ def test_pb_module_names_every_rpc_of_the_contract():
     assert set(service.methods_by_name) == {
         "Lookup",
         "Prefetch",
+        "EarlyLookup",
         "PushGradients",
         "Checkpoint",
         "Restore",
