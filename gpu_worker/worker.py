@@ -6,6 +6,17 @@ node), adds up the partials of row-wise pieces, runs the dense forward and backw
 the dense gradients with the other workers (torch.distributed: gloo on cpu, nccl on cuda) and
 sends d(loss)/d(pooled) back to the storage nodes, which apply the sparse optimizer.
 
+Off the critical path (lookahead, `ndp.pipeline`):
+
+* the gradient push is sent, not waited for: `train_step` returns while the nodes apply the
+  update. The node's step barrier already orders the next lookup after that update, so the
+  math is unchanged; the acknowledgements are collected (and any refusal raised) during the
+  next step's lookup, or by `flush()` before anything that must see final state (predict,
+  reading rows, checkpoints, close).
+* with `early` bags (batch s+1, routed), the worker asks the nodes to pool them right after
+  batch s's pooled vectors arrive (`EarlyLookup`), so they pool while s is in the dense half;
+  the node corrects them for update s and answers the lookup of s+1 without pooling.
+
 Why the loss is divided by the number of workers before backward: the reference trains on the
 mean loss of the whole batch B. Worker r holds B/M samples, so d(mean_B)/d(theta) is the sum
 over workers of d(mean_{B/M})/d(theta) / M: summing (not averaging) the scaled dense gradients
@@ -81,6 +92,9 @@ class DenseWorker:
         self._seconds: dict[str, float] = defaultdict(float)
         self._counters: dict[str, float] = defaultdict(float)
         self._group_ready = world_size == 1
+        self._pushes_in_flight: list[Any] = []
+        self._early_in_flight: list[Any] = []
+        self._early_correct = cfg.pipeline.mode == "exact"
 
     # ----------------------------------------------------------------- process group
 
@@ -100,10 +114,31 @@ class DenseWorker:
     # ----------------------------------------------------------------- steps
 
     def train_step(
-        self, step: int, dense: torch.Tensor, labels: torch.Tensor, routed: RoutedBags
+        self,
+        step: int,
+        dense: torch.Tensor,
+        labels: torch.Tensor,
+        routed: RoutedBags,
+        early: RoutedBags | None = None,
     ) -> float:
-        """Steps 3-5 of the design's data path for this worker's share; returns its mean loss."""
+        """Steps 3-5 of the design's data path for this worker's share; returns its mean loss.
+
+        Args:
+            early: this worker's routed bags of step + 1, to be pooled on the nodes while this
+                step's dense half runs (None: no early pooling).
+
+        Returns before the nodes acknowledge the gradient push (see the module docstring).
+        """
+        self._resolve_early_lookups()
         pooled = self._lookup(step, routed, train=True)
+        if early is not None:
+            with self._phase("early_lookup_s"):
+                self._early_in_flight = [
+                    self.clients[node].early_lookup_async(
+                        step + 1, self.rank, bags, correct=self._early_correct
+                    )
+                    for node, bags in early.items()
+                ]
         with self._phase("dense_compute_s"):
             leaves = {f: t.to(self.device).requires_grad_() for f, t in pooled.items()}
             logits = self.dense_half(dense.to(self.device), leaves)
@@ -121,6 +156,7 @@ class DenseWorker:
     @torch.no_grad()
     def predict(self, step: int, dense: torch.Tensor, routed: RoutedBags) -> torch.Tensor:
         """Logits [B/M] on CPU through the same lookup path, without any update."""
+        self.flush()
         self.dense_half.eval()
         pooled = self._lookup(step, routed, train=False)
         logits = self.dense_half(
@@ -128,6 +164,20 @@ class DenseWorker:
         )
         self.dense_half.train()
         return logits.float().cpu()
+
+    def flush(self) -> None:
+        """Wait for every gradient push and early lookup in flight; raise the first refusal.
+
+        Call before anything that must see the state after the last step (the coordinator
+        does: predict, table rows, checkpoints, close).
+        """
+        with self._phase("push_wait_s"):
+            _resolve_all(self._take_pushes())
+        self._resolve_early_lookups()
+
+    def wait_for_pushes(self) -> None:
+        """Alias of `flush` (the gradient pushes are what carries the update)."""
+        self.flush()
 
     def timings(self) -> dict[str, float]:
         """Seconds per phase and counters since the last call."""
@@ -157,25 +207,37 @@ class DenseWorker:
 
     # ----------------------------------------------------------------- internals
 
+    def _take_pushes(self) -> list[Any]:
+        futures, self._pushes_in_flight = self._pushes_in_flight, []
+        return futures
+
+    def _resolve_early_lookups(self) -> None:
+        futures, self._early_in_flight = self._early_in_flight, []
+        with self._phase("early_lookup_s"):
+            _resolve_all(futures)
+
     def _lookup(self, step: int, routed: RoutedBags, *, train: bool) -> dict[str, torch.Tensor]:
         with self._phase("lookup_wait_s"):
             futures = {
                 node: self.clients[node].lookup_async(step, self.rank, bags, train=train)
                 for node, bags in routed.items()
             }
+        # The previous step's push acknowledgements: the nodes answer this lookup only after
+        # that update anyway, so waiting here costs nothing the barrier does not.
+        with self._phase("push_wait_s"):
+            _resolve_all(self._take_pushes())
+        with self._phase("lookup_wait_s"):
             partials = {node: future.result() for node, future in futures.items()}
         self._counters["link_bytes_in"] += _pooled_bytes(partials, self.cfg.storage.wire_dtype)
         return reassemble(partials, self.plan)
 
     def _push_gradients(self, step: int, grads: dict[str, torch.Tensor]) -> None:
         routed = route_gradients(grads, self.plan)
-        with self._phase("gradient_push_s"):
-            futures = [
+        with self._phase("gradient_push_s"):  # sending only; acknowledged in the next step
+            self._pushes_in_flight = [
                 self.clients[node].push_gradients_async(step, self.rank, node_grads)
                 for node, node_grads in routed.items()
             ]
-            for future in futures:
-                future.result()
         self._counters["link_bytes_out"] += _pooled_bytes(routed, self.cfg.storage.wire_dtype)
 
     def _sum_dense_gradients(self) -> None:
@@ -191,6 +253,18 @@ class DenseWorker:
 
     def _phase(self, name: str) -> _Phase:
         return _Phase(self._seconds, name)
+
+
+def _resolve_all(futures: Sequence[Any]) -> None:
+    """Wait for every future (none left behind), then raise the first error, if any."""
+    first: BaseException | None = None
+    for future in futures:
+        try:
+            future.result()
+        except Exception as error:
+            first = first or error
+    if first is not None:
+        raise first
 
 
 class _Phase:

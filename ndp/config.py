@@ -471,11 +471,22 @@ class PipelineConfig:
     lookahead_depth: int = 0
     """Batches read ahead whose rows are prefetched and pinned (0: no lookahead)."""
     mode: Literal["exact", "stale"] = "exact"
-    """`exact` keeps synchronous semantics; `stale` pools early without correction (changes the math)."""
+    """`exact` keeps synchronous semantics (early pools get the exact correction); `stale`
+    pools early without correction: a step sees rows one update old (changes the math;
+    needs lookahead_depth >= 1 and early_pooling)."""
+    early_pooling: bool = True
+    """With lookahead_depth >= 1: the nodes pool batch s+1 while batch s is in the dense half
+    and add step s's update to it, so the lookup of s+1 does no pooling (exact in mode exact)."""
 
     def validate(self, path: str) -> None:
         if self.lookahead_depth < 0:
             _fail(_join(path, "lookahead_depth"), f"{self.lookahead_depth} must be >= 0")
+        if self.mode == "stale" and (self.lookahead_depth < 1 or not self.early_pooling):
+            _fail(
+                _join(path, "mode"),
+                "stale pools the next batch early; it needs pipeline.lookahead_depth >= 1 and "
+                "pipeline.early_pooling=true (or use pipeline.mode=exact)",
+            )
 
 
 # --------------------------------------------------------------------------- checkpoint

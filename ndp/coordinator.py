@@ -9,6 +9,12 @@ as the design's data path:
     4. workers run the dense half and all-reduce dense gradients,
     5. workers push d(loss)/d(pooled); nodes scatter, merge and apply the sparse optimizer.
 
+With lookahead (`ndp.pipeline`), `prefetch` also keeps the batches read ahead, so that step s
+can hand each worker the routed bags of s+1 for early pooling; and a worker returns from step
+s before its gradient push is acknowledged. `flush()` waits for those pushes: it runs before
+everything that must see the state after the last step (predict, table_rows, export_state,
+import_state, close).
+
 Everything the engine starts (storage-node actors, their gRPC servers, GPU-worker actors and
 a local Ray instance) is torn down by `close()`, also after an error.
 """
@@ -65,6 +71,9 @@ class NdpEngine:
         self._worker_timings: dict[str, float] = defaultdict(float)
         self._prefetch_clients: list[Any] = []  # coordinator -> node, for Prefetch only
         self._prefetches_in_flight: list[Any] = []
+        self._early_pooling = cfg.pipeline.early_pooling and cfg.pipeline.lookahead_depth >= 1
+        self._ahead: dict[int, Batch] = {}  # batches read ahead, for early pooling
+        self._routed: dict[int, tuple[Batch, list[Any]]] = {}  # step -> (batch, per worker)
         try:
             init_local_ray(address=address or cfg.cluster.address)
             self._start_storage_nodes()
@@ -108,14 +117,47 @@ class NdpEngine:
         """One synchronous step; returns the whole batch's mean loss (before the update)."""
         self._raise_prefetch_errors(wait=False)
         parts = batch.split(self.num_workers)
+        routed = self._routed_parts(step, batch, parts)
+        early: list[Any] = [None] * self.num_workers
+        next_batch = self._ahead.get(step + 1)
+        if next_batch is not None:
+            early = self._routed_parts(step + 1, next_batch, next_batch.split(self.num_workers))
+        for old in [s for s in self._ahead if s <= step]:
+            del self._ahead[old]
         refs = [
-            worker.train_step.remote(
-                step, part.dense, part.labels, route_lookup(part.sparse, self.plan, self.tables)
+            worker.train_step.remote(step, part.dense, part.labels, bags, early_bags)
+            for worker, part, bags, early_bags in zip(
+                self._workers, parts, routed, early, strict=True
             )
-            for worker, part in zip(self._workers, parts, strict=True)
         ]
         losses = _get(refs)
         return float(sum(losses) / len(losses))
+
+    def _routed_parts(self, step: int, batch: Batch, parts: list[Batch]) -> list[Any]:
+        """Each worker's share of `batch` routed by node, computed once per (step, batch).
+
+        Why cached: with early pooling step s routes batch s+1, which step s+1 needs again.
+        The cache is keyed by the batch object, so a replayed step (recovery) routes afresh.
+        """
+        cached = self._routed.pop(step, None)
+        for old in [s for s in self._routed if s < step]:
+            del self._routed[old]
+        if cached is not None and cached[0] is batch:
+            routed = cached[1]
+        else:
+            routed = [route_lookup(part.sparse, self.plan, self.tables) for part in parts]
+        if self._early_pooling:
+            self._routed[step] = (batch, routed)
+        return routed
+
+    def flush(self) -> None:
+        """Wait until every worker's gradient pushes are acknowledged (updates applied).
+
+        Raises:
+            the first refusal of a push (e.g. a StorageNodeError) a worker collected.
+        """
+        if self._workers:
+            _get([w.flush.remote() for w in self._workers])
 
     def prefetch(self, step: int, batch: Batch) -> None:
         """Lookahead: send `batch`'s unique rows to their nodes to stage and pin for `step`.
@@ -127,6 +169,8 @@ class NdpEngine:
         from gpu_worker.storage_client import StorageClient
 
         self._raise_prefetch_errors(wait=False)
+        if self._early_pooling:
+            self._ahead[step] = batch
         if not self._prefetch_clients:
             self._prefetch_clients = [
                 StorageClient(
@@ -154,6 +198,7 @@ class NdpEngine:
 
     def predict(self, step: int, batch: Batch) -> torch.Tensor:
         """Logits [B] through the storage nodes, without updates (`step`: next training step)."""
+        self.flush()
         parts = batch.split(self.num_workers)
         refs = [
             worker.predict.remote(
@@ -186,6 +231,7 @@ class NdpEngine:
 
     def table_rows(self, table_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole table's weights [rows, D] and optimizer state [rows, S], gathered from its pieces."""
+        self.flush()
         weights, states = [], []
         for piece in self.plan.pieces_of(table_name):
             rows = torch.arange(piece.row_start, piece.row_end, dtype=torch.int64)
@@ -203,6 +249,8 @@ class NdpEngine:
         count), chunk by chunk, so the checkpoint sees exactly the rows training sees.
         """
         from ndp.checkpoint import EngineState, TableChunk, chunk_ranges
+
+        self.flush()
 
         def chunks() -> Iterator[TableChunk]:
             for table in self.tables:
@@ -232,6 +280,7 @@ class NdpEngine:
         from ndp.checkpoint import write_node_restore_dir
 
         checkpoint.check_fits(self.cfg)
+        self.flush()  # no push of the old state may land after the restore
         model, optimizer = checkpoint.dense_model(), checkpoint.dense_optimizer()
         _get([w.load_dense_state.remote(model, optimizer) for w in self._workers])
         staging = Path(tempfile.mkdtemp(prefix="ndp-restore-"))
@@ -267,6 +316,7 @@ class NdpEngine:
         for client in self._prefetch_clients:  # they point at the dead nodes' addresses
             _quietly(client.close)
         self._prefetch_clients, self._prefetches_in_flight = [], []
+        self._routed = {}
         names = [f"ndp-gpu-worker-{r}" for r in range(len(self._workers))]
         names += [f"ndp-storage-node-{n}" for n in range(len(self._nodes))]
         for actor in [*self._workers, *self._nodes]:
@@ -301,8 +351,10 @@ class NdpEngine:
         for client in self._prefetch_clients:
             _quietly(client.close)
         self._prefetch_clients, self._prefetches_in_flight = [], []
+        self._ahead, self._routed = {}, {}
         if not ray.is_initialized():
             return
+        _quietly(self.flush)  # the last step's update lands before the nodes shut down
         for worker in self._workers:
             _quietly(lambda w=worker: ray.get(w.close.remote(), timeout=30))
             _quietly(lambda w=worker: ray.kill(w))

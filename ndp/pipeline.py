@@ -14,9 +14,30 @@ already in DRAM, so flash latency left the critical path:
 
 Why this keeps exact synchronous semantics: a prefetch only moves rows between tiers of a
 write-back cache; every lookup still waits at the node's step barrier for the previous
-update, so it reads the same values as without lookahead. `pipeline.mode = "stale"` (pool
-batch s+1 early without correcting for update s) would change the math; it is not
-implemented and is refused here rather than silently treated as `exact`.
+update, so it reads the same values as without lookahead.
+
+Stage 2, early pooling (`pipeline.early_pooling`, on by default when k >= 1): the engine keeps
+the batches it prefetched, so step s hands each GPU worker the routed bags of s+1 too. Right
+after the pooled vectors of s arrive, the worker sends them to the nodes (`EarlyLookup`); the
+nodes pool s+1 with the current rows while s is in the dense half:
+
+    worker:   lookup s | dense s ............. | push s (not waited for) | lookup s+1 -> answer
+    node:              | early pool s+1 (old)  | apply s, add delta s    |   kept vectors
+
+When update s lands, the node has the old and new values of every row it changed and adds
+the exact change to the kept vectors (`pooled[b] += scale_b * sum_{r in b, r updated}
+weight_b,r * (w_new[r] - w_old[r])`), so the lookup of s+1 answers them without pooling; they
+equal pooling after the update up to float rounding. A lookup whose bags differ from the early
+ones pools afresh. The gradient push is also taken off the critical path: the worker returns
+from step s without waiting for the push's acknowledgement; the step barrier orders the next
+lookup after the update, and the engine's `flush()` collects the acknowledgements before
+predict, reading rows, checkpoints and close.
+
+`pipeline.mode = "stale"` changes the math: the node pools s+1 early and does NOT add update
+s, so step s+1 trains on rows one update old (bounded staleness of one step; the gradient
+still lands on the current rows). It saves the correction, not the barrier wait. Off by
+default; it needs an engine that pools early (the ndp engine) and is refused elsewhere rather
+than silently run as `exact`.
 """
 
 from __future__ import annotations
@@ -39,16 +60,17 @@ class Prefetcher(Protocol):
         ...
 
 
-def check_pipeline(pipeline: PipelineConfig) -> None:
+def check_pipeline(pipeline: PipelineConfig, engine: object | None = None) -> None:
     """Refuse pipeline settings that would not do what they say.
 
     Raises:
-        NotAvailableError: `mode = "stale"` (early pooling without correction) is not built.
+        NotAvailableError: `mode = "stale"` with an engine that cannot pool early (the
+            reference trainer), which would silently train the exact model instead.
     """
-    if pipeline.mode != "exact":
+    if pipeline.mode == "stale" and engine is not None and not isinstance(engine, Prefetcher):
         raise NotAvailableError(
-            f"pipeline.mode={pipeline.mode!r} (pool early without correction) is not "
-            "available; use pipeline.mode=exact, which keeps synchronous semantics"
+            f"pipeline.mode='stale' (pool early without correction) needs the ndp engine; "
+            f"{type(engine).__name__} cannot pool early: use pipeline.mode=exact"
         )
 
 
@@ -69,7 +91,7 @@ def with_lookahead(
     Raises:
         NotAvailableError: see `check_pipeline` (raised when the first batch is asked for).
     """
-    check_pipeline(pipeline)
+    check_pipeline(pipeline, engine)
     depth = pipeline.lookahead_depth
     if depth == 0 or not isinstance(engine, Prefetcher):
         yield from batches

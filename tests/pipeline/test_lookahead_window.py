@@ -49,7 +49,14 @@ def test_an_engine_without_prefetch_gets_the_batches_unchanged():
     _drive(object(), 4, 3)
 
 
-def test_stale_mode_is_refused_not_silently_exact():
-    batches = iter([(0, "b")])
+def test_stale_mode_is_refused_for_an_engine_that_cannot_pool_early():
+    """The reference trainer would silently train the exact model: refused, not run."""
     with pytest.raises(NotAvailableError, match="pipeline.mode=exact"):
-        next(with_lookahead(batches, RecordingEngine(), PipelineConfig(mode="stale")))
+        next(with_lookahead(iter([(0, "b")]), object(), PipelineConfig(mode="stale")))
+
+
+def test_stale_mode_runs_the_window_for_an_engine_that_pools_early():
+    config = PipelineConfig(mode="stale", lookahead_depth=1)
+    events = RecordingEngine()
+    assert [s for s, _ in with_lookahead(iter([(0, "a"), (1, "b")]), events, config)] == [0, 1]
+    assert events.events == [("prefetch", 0), ("prefetch", 1)]
