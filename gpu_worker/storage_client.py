@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -147,10 +148,37 @@ class StorageClient:
                 self.address, channel_credentials(tls), options=options
             )
         self._stub = pb_grpc.StorageNodeStub(self._channel)
+        self._wire_bytes: dict[str, int] = defaultdict(int)
 
     def _call(self, method: Any, request: Any, decode: Callable[[Any], T]) -> ReplyFuture[T]:
+        rpc = type(request).__name__.removesuffix("Request")
+        self._count(rpc, "sent", request)
         call = method.future(request, timeout=self.timeout_s, metadata=self._metadata)
-        return ReplyFuture(call, decode, self.address)
+
+        def count_and_decode(reply: Any) -> T:
+            self._count(rpc, "received", reply)
+            return decode(reply)
+
+        return ReplyFuture(call, count_and_decode, self.address)
+
+    def _count(self, rpc: str, direction: str, message: Any) -> None:
+        self._wire_bytes[f"{rpc}.{direction}"] += message.ByteSize()
+        tensors = getattr(message, "pooled", None) or getattr(message, "grads", None) or ()
+        self._wire_bytes[f"{rpc}.{direction}.float_data"] += sum(
+            len(named.tensor.data) for named in tensors
+        )
+
+    def take_wire_bytes(self) -> dict[str, int]:
+        """Bytes on the wire since the last call, per `<Rpc>.<sent|received>`, and reset.
+
+        Why measured and not computed: what travels is the serialised protobuf message
+        (`ByteSize()`: tensor bytes plus names, dtypes, shapes and field tags), so a benchmark
+        can check that the link carries the pooled size and no more. `<key>.float_data` is
+        the raw bytes of the pooled vectors / gradients inside those messages (their wire
+        dtype), without framing. Replies are counted when their future is resolved.
+        """
+        out, self._wire_bytes = dict(self._wire_bytes), defaultdict(int)
+        return out
 
     # ----------------------------------------------------------------- async forms
 

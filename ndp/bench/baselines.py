@@ -208,17 +208,64 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
+def _limit_own_cgroup(group: Path, dram_budget: int, slack: int) -> None:
+    """Cap this process's memory cgroup at its anonymous memory + `dram_budget` + `slack`.
+
+    Why now and from inside: the anonymous part (Python, torch, the dense half, batches) is
+    only known once the process is warm; what the limit leaves above it is what the page
+    cache may hold of the memory-mapped tables, the same DRAM the storage nodes get for
+    rows. Writing a limit below the current usage makes the kernel reclaim page cache first.
+    """
+    stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+    anon = int(stat["rss"])  # rss includes rss_huge in cgroup v1
+    limit = anon + dram_budget + slack
+    (group / "memory.limit_in_bytes").write_text(str(limit))
+    (group / "memory.max_usage_in_bytes").write_text("0")
+    _CGROUP_LIMIT.update(anon_bytes=anon, limit_bytes=limit, page_cache_budget_bytes=dram_budget)
+
+
+_CGROUP_LIMIT: dict[str, int] = {}
+
+
+def _cgroup_report(group: Path) -> dict[str, int]:
+    stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+    return {
+        **_CGROUP_LIMIT,
+        "max_usage_bytes_timed": int((group / "memory.max_usage_in_bytes").read_text()),
+        "page_cache_bytes_at_end": int(stat["cache"]),
+        "anon_bytes_at_end": int(stat["rss"]),
+        "limit_hits": int((group / "memory.failcnt").read_text()),
+        "pages_faulted_in_major": int(stat.get("pgmajfault", 0)),
+    }
+
+
 def _main(argv: list[str]) -> int:
-    """Subprocess entry: run OsPagedEngine on the config's data; write the measurement."""
+    """Subprocess entry: run OsPagedEngine on the config's data; write the measurement.
+
+    argv: CONFIG.json OUT.json WARMUP STEPS [CGROUP_DIR DRAM_BUDGET SLACK]
+    """
     from ndp.bench.train import measure_engine
     from ndp.data.loader import build_datasets
 
     config_path, out_path, warmup, steps = argv[0], argv[1], int(argv[2]), int(argv[3])
+    group = Path(argv[4]) if len(argv) > 4 else None
     cfg = config_from_dict(json.loads(Path(config_path).read_text()))
     train_data, _ = build_datasets(cfg)
+    batches = list(train_data.batches(cfg.train.batch_size))
     engine = OsPagedEngine(cfg)
+
+    def limit() -> None:
+        if group is not None:
+            for rows in engine.tables.values():
+                rows.flush()  # dirty pages written back, so the reclaim can drop them
+            _limit_own_cgroup(group, int(argv[5]), int(argv[6]))
+
     try:
-        result = measure_engine(engine, train_data, cfg.train.batch_size, warmup, steps)
+        result = measure_engine(
+            engine, batches, cfg.train.batch_size, warmup, steps, at_timed_start=limit
+        )
+        if group is not None:
+            result["memory_limit"] = _cgroup_report(group)
     finally:
         engine.close()
     result["peak_rss_bytes"] = {"os_paged": peak_rss_bytes()}

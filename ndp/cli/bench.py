@@ -2,7 +2,7 @@
 
     ndp-bench storage [--config PATH] [--output-dir DIR] [--quick]
     ndp-bench load    [--output-dir DIR] [--quick]
-    ndp-bench train   [--config PATH] [--output-dir DIR] [--quick]
+    ndp-bench train   [--config PATH] [--output-dir DIR] [--quick] [--scenarios A,B]
 
 `storage` measures pooled lookups/s of a storage node over gRPC against in-process
 `embedding_bag` (pooling 1, 8, 32) and the hit rate of each cache policy against Belady's
@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--output-dir", help="default: bench-results/<command>-<timestamp>")
         sub.add_argument("--quick", action="store_true", help="smaller sizes, a few minutes")
         sub.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+        if name == "train":
+            sub.add_argument(
+                "--scenarios",
+                help="comma-separated subset of fits_in_dram,large_zipf,cache_5pct,cache_full,"
+                "multihot (default: all)",
+            )
     return parser
 
 
@@ -79,6 +85,8 @@ def _train(args: argparse.Namespace, command_line: str) -> int:
         options = replace(options, device=cfg.train.device, batch_size=cfg.train.batch_size)
     if args.scale != 1.0:
         options = options.scaled(args.scale)
+    if args.scenarios:
+        options = replace(options, scenarios=tuple(_scenarios(args.scenarios)))
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("train")
     results = run_train_bench(
         options, command=command_line, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr)
@@ -88,6 +96,19 @@ def _train(args: argparse.Namespace, command_line: str) -> int:
         print(line)
     print(f"results: {', '.join(str(p) for p in paths.values())}")
     return 0
+
+
+def _scenarios(text: str) -> list[str]:
+    from ndp.bench.train import SCENARIOS
+    from ndp.errors import ConfigError
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown or not names:
+        raise ConfigError(
+            f"--scenarios: unknown {unknown or 'empty list'}; choose from {', '.join(SCENARIOS)}"
+        )
+    return names
 
 
 def _load(args: argparse.Namespace, command_line: str) -> int:
