@@ -208,64 +208,128 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def _limit_own_cgroup(group: Path, dram_budget: int, slack: int) -> None:
-    """Cap this process's memory cgroup at its anonymous memory + `dram_budget` + `slack`.
+class PageCacheBudget:
+    """Holds this process's memory cgroup (v1) to its non-cache memory + a page-cache budget.
 
-    Why now and from inside: the anonymous part (Python, torch, the dense half, batches) is
-    only known once the process is warm; what the limit leaves above it is what the page
-    cache may hold of the memory-mapped tables, the same DRAM the storage nodes get for
-    rows. Writing a limit below the current usage makes the kernel reclaim page cache first.
+    Why a moving limit: what the storage nodes get for rows is `storage.cache_bytes` of DRAM;
+    the fair counterpart for memory-mapped tables is the same amount of page cache. A cgroup
+    limit caps anonymous memory and page cache together, and the anonymous part (Python,
+    torch, the dense half, batches) drifts by megabytes while training, so a fixed limit
+    would hand that drift to (or take it from) the page cache. Before every timed step the
+    limit is set to `usage - cache + page_cache_bytes + headroom` (a limit below the usage
+    makes the kernel reclaim page cache first). `headroom` is the largest transient
+    anonymous growth within one warm-up step (+4 MiB): without it the step's temporaries
+    would find no reclaimable memory and the kernel would kill the process. Between the
+    steps' peaks the page cache may use that headroom too; `report()` gives what it held.
     """
-    stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
-    anon = int(stat["rss"])  # rss includes rss_huge in cgroup v1
-    limit = anon + dram_budget + slack
-    (group / "memory.limit_in_bytes").write_text(str(limit))
-    (group / "memory.max_usage_in_bytes").write_text("0")
-    _CGROUP_LIMIT.update(anon_bytes=anon, limit_bytes=limit, page_cache_budget_bytes=dram_budget)
+
+    MARGIN_BYTES = 4 << 20
+
+    def __init__(self, group: Path, page_cache_bytes: int) -> None:
+        self.group = group
+        self.page_cache_bytes = page_cache_bytes
+        self.headroom = 0
+        self.limited = False
+        self.limits: list[int] = []
+        self.caches: list[int] = []
+        self._before: tuple[int, int] = (0, 0)
+
+    def _stat(self) -> dict[str, int]:
+        lines = (self.group / "memory.stat").read_text().splitlines()
+        return {key: int(value) for key, value in (line.split() for line in lines)}
+
+    def _read(self, name: str) -> int:
+        return int((self.group / name).read_text())
+
+    def before_step(self) -> None:
+        usage, cache = self._read("memory.usage_in_bytes"), self._stat()["cache"]
+        if self.limited:
+            limit = usage - cache + self.page_cache_bytes + self.headroom
+            (self.group / "memory.limit_in_bytes").write_text(str(limit))
+            self.limits.append(limit)
+            self.caches.append(self._stat()["cache"])  # what this step starts with
+        else:  # warm-up: measure the step's transient anonymous growth
+            (self.group / "memory.max_usage_in_bytes").write_text("0")
+            self._before = (usage, cache)
+
+    def after_step(self) -> None:
+        if not self.limited:
+            usage, cache = self._before
+            grown_cache = self._stat()["cache"] - cache
+            spike = self._read("memory.max_usage_in_bytes") - usage - max(0, grown_cache)
+            self.headroom = max(self.headroom, spike + self.MARGIN_BYTES)
+
+    def start(self) -> None:
+        """From now on, limit each step; reset the kernel's peak and limit-hit counters."""
+        self.limited = True
+        (self.group / "memory.max_usage_in_bytes").write_text("0")
+        (self.group / "memory.failcnt").write_text("0")
+
+    def report(self) -> dict[str, int]:
+        """Page cache each timed step started with, limits, headroom and kernel counters."""
+        stat = self._stat()
+        return {
+            "page_cache_budget_bytes": self.page_cache_bytes,
+            "headroom_bytes": self.headroom,
+            "page_cache_bytes_max": max(self.caches, default=0),
+            "page_cache_bytes_mean": int(sum(self.caches) / max(1, len(self.caches))),
+            "page_cache_bytes_at_end": stat["cache"],
+            "anon_bytes_at_end": stat["rss"],
+            "limit_bytes_min": min(self.limits, default=0),
+            "limit_bytes_max": max(self.limits, default=0),
+            "limit_hits": self._read("memory.failcnt"),
+            "major_page_faults": stat.get("pgmajfault", 0),
+        }
 
 
-_CGROUP_LIMIT: dict[str, int] = {}
+class OsPagedBudgeted:
+    """An OsPagedEngine whose page cache is held to a budget at every step."""
 
+    mode = "os_paged"
 
-def _cgroup_report(group: Path) -> dict[str, int]:
-    stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
-    return {
-        **_CGROUP_LIMIT,
-        "max_usage_bytes_timed": int((group / "memory.max_usage_in_bytes").read_text()),
-        "page_cache_bytes_at_end": int(stat["cache"]),
-        "anon_bytes_at_end": int(stat["rss"]),
-        "limit_hits": int((group / "memory.failcnt").read_text()),
-        "pages_faulted_in_major": int(stat.get("pgmajfault", 0)),
-    }
+    def __init__(self, engine: OsPagedEngine, budget: PageCacheBudget) -> None:
+        self.engine, self.budget = engine, budget
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        self.budget.before_step()
+        loss = self.engine.train_step(step, batch)
+        self.budget.after_step()
+        return loss
+
+    def timings(self) -> dict[str, float]:
+        return self.engine.timings()
 
 
 def _main(argv: list[str]) -> int:
     """Subprocess entry: run OsPagedEngine on the config's data; write the measurement.
 
-    argv: CONFIG.json OUT.json WARMUP STEPS [CGROUP_DIR DRAM_BUDGET SLACK]
+    argv: CONFIG.json OUT.json WARMUP STEPS [CGROUP_DIR PAGE_CACHE_BUDGET_BYTES]. With a
+    cgroup (this process already in it), the warm-up runs unlimited and the timed steps
+    with the page cache held to the budget.
     """
     from ndp.bench.train import measure_engine
     from ndp.data.loader import build_datasets
 
     config_path, out_path, warmup, steps = argv[0], argv[1], int(argv[2]), int(argv[3])
-    group = Path(argv[4]) if len(argv) > 4 else None
     cfg = config_from_dict(json.loads(Path(config_path).read_text()))
     train_data, _ = build_datasets(cfg)
     batches = list(train_data.batches(cfg.train.batch_size))
     engine = OsPagedEngine(cfg)
+    budget = PageCacheBudget(Path(argv[4]), int(argv[5])) if len(argv) > 4 else None
 
     def limit() -> None:
-        if group is not None:
+        if budget is not None:
             for rows in engine.tables.values():
                 rows.flush()  # dirty pages written back, so the reclaim can drop them
-            _limit_own_cgroup(group, int(argv[5]), int(argv[6]))
+            budget.start()
 
     try:
+        stepper = engine if budget is None else OsPagedBudgeted(engine, budget)
         result = measure_engine(
-            engine, batches, cfg.train.batch_size, warmup, steps, at_timed_start=limit
+            stepper, batches, cfg.train.batch_size, warmup, steps, at_timed_start=limit
         )
-        if group is not None:
-            result["memory_limit"] = _cgroup_report(group)
+        if budget is not None:
+            result["memory_limit"] = budget.report()
     finally:
         engine.close()
     result["peak_rss_bytes"] = {"os_paged": peak_rss_bytes()}

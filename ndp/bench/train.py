@@ -6,7 +6,8 @@ the same synthetic batches, one after the other in this process tree:
     all_gpu        ReferenceEngine: everything on the worker's device (cpu without CUDA)
     hybrid         tables in host memory (EmbeddingBag + CPU sparse SGD), dense on the device
     os_paged       tables as memory-mapped files, in a subprocess inside a memory cgroup (v1)
-                   whose limit leaves the page cache the storage nodes' DRAM budget
+                   whose limit holds its page cache to the storage nodes' DRAM budget
+                   (`baselines.PageCacheBudget`, re-set after every step)
     ndp            NdpEngine, lookahead 0
     ndp_lookahead  NdpEngine, lookahead `BenchOptions.lookahead_depth` (early pooling on)
 
@@ -53,8 +54,6 @@ NDP_ONLY_SCENARIOS = ("cache_full",)
 DIM = 16
 ROW_BYTES = DIM * 4  # fp32 weights; SGD keeps no optimizer state
 WIRE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-OS_PAGED_SLACK_BYTES = 16 << 20
-"""Cgroup limit above the os_paged process's anonymous memory (allocator and kernel noise)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class BenchOptions:
 
     @classmethod
     def quick(cls) -> BenchOptions:
-        return cls(batch_size=512, warmup_steps=3, steps=10, fits_rows=20_000, large_rows=100_000)
+        return cls(batch_size=1024, warmup_steps=4, steps=12, fits_rows=20_000, large_rows=300_000)
 
     def scaled(self, scale: float) -> BenchOptions:
         """Smaller (scale < 1) for tests: fewer rows, smaller batches, fewer steps."""
@@ -294,7 +293,7 @@ def _run_os_paged(raw: dict, options: BenchOptions, dram_budget: int) -> dict[st
         command = [sys.executable, "-m", "ndp.bench.baselines", str(config_path), str(out_path)]
         command += [str(options.warmup_steps), str(options.steps)]
         if group is not None:
-            command += [str(group), str(dram_budget), str(OS_PAGED_SLACK_BYTES)]
+            command += [str(group), str(dram_budget)]
 
         def enter_group() -> None:
             if group is not None:

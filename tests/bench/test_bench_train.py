@@ -16,6 +16,10 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 POOLED_BYTES_FP32 = len(CRITEO_ROWS) * DIM * 4
 
 
+def raw_state_bytes(raw: dict) -> int:
+    return sum(table["num_rows"] for table in raw["model"]["tables"]) * DIM * 4
+
+
 def _cgroup_writable() -> bool:
     return os.access(CGROUP_ROOT, os.W_OK)
 
@@ -65,8 +69,11 @@ def test_os_paged_runs_in_a_memory_cgroup_with_the_nodes_budget_and_removes_it(t
     result = _run_os_paged(raw, options, budget)
     limit = result["memory_limit"]
     assert limit["page_cache_budget_bytes"] == budget
-    assert limit["limit_bytes"] == limit["anon_bytes"] + budget + (16 << 20)
-    assert limit["max_usage_bytes_timed"] <= limit["limit_bytes"]
+    # the tables are far larger than the budget and every step reads them: the page cache
+    # fills up to the budget (+ the steps' anonymous headroom) and no further
+    assert raw_state_bytes(raw) >= 4 * budget
+    cap = budget + limit["headroom_bytes"] + (1 << 20)  # v1 charges in per-cpu batches
+    assert budget / 2 <= limit["page_cache_bytes_max"] <= cap
     assert not list(CGROUP_ROOT.glob(f"ndp-bench-{os.getpid()}-*"))
 
 
