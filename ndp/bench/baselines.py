@@ -216,11 +216,13 @@ class PageCacheBudget:
     limit caps anonymous memory and page cache together, and the anonymous part (Python,
     torch, the dense half, batches) drifts by megabytes while training, so a fixed limit
     would hand that drift to (or take it from) the page cache. Before every timed step the
-    limit is set to `usage - cache + page_cache_bytes + headroom` (a limit below the usage
-    makes the kernel reclaim page cache first). `headroom` is the largest transient
-    anonymous growth within one warm-up step (+4 MiB): without it the step's temporaries
-    would find no reclaimable memory and the kernel would kill the process. Between the
-    steps' peaks the page cache may use that headroom too; `report()` gives what it held.
+    limit is set to `usage - cache + page_cache_bytes` (a limit below the usage makes the
+    kernel reclaim page cache first), so each step starts with at most the budget cached,
+    as a storage node starts a step with its cache; then it is raised by `headroom`, the
+    largest transient anonymous growth within one warm-up step (+4 MiB): without it the
+    step's temporaries would find nothing to reclaim and the kernel would kill the process.
+    Within the step, rows it faults in may use that headroom (a node also holds a step's
+    rows while it serves them); `report()` gives the page cache each step started with.
     """
 
     MARGIN_BYTES = 4 << 20
@@ -230,6 +232,7 @@ class PageCacheBudget:
         self.page_cache_bytes = page_cache_bytes
         self.headroom = 0
         self.limited = False
+        self.reclaim_refusals = 0
         self.limits: list[int] = []
         self.caches: list[int] = []
         self._before: tuple[int, int] = (0, 0)
@@ -244,10 +247,15 @@ class PageCacheBudget:
     def before_step(self) -> None:
         usage, cache = self._read("memory.usage_in_bytes"), self._stat()["cache"]
         if self.limited:
-            limit = usage - cache + self.page_cache_bytes + self.headroom
-            (self.group / "memory.limit_in_bytes").write_text(str(limit))
-            self.limits.append(limit)
+            tight = usage - cache + self.page_cache_bytes
+            try:  # reclaim the page cache down to the budget ...
+                (self.group / "memory.limit_in_bytes").write_text(str(tight))
+            except OSError:  # EBUSY: the kernel could not reclaim that much; go on
+                self.reclaim_refusals += 1
             self.caches.append(self._stat()["cache"])  # what this step starts with
+            # ... then leave the step room for its temporaries (faulted rows may use it)
+            (self.group / "memory.limit_in_bytes").write_text(str(tight + self.headroom))
+            self.limits.append(tight + self.headroom)
         else:  # warm-up: measure the step's transient anonymous growth
             (self.group / "memory.max_usage_in_bytes").write_text("0")
             self._before = (usage, cache)
@@ -278,6 +286,7 @@ class PageCacheBudget:
             "limit_bytes_min": min(self.limits, default=0),
             "limit_bytes_max": max(self.limits, default=0),
             "limit_hits": self._read("memory.failcnt"),
+            "reclaim_refusals": self.reclaim_refusals,
             "major_page_faults": stat.get("pgmajfault", 0),
         }
 
