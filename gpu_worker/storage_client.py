@@ -144,6 +144,10 @@ class StorageClient:
         if tls is None:
             self._channel = grpc.insecure_channel(self.address, options=options)
         else:
+            if self.address.startswith("unix:"):
+                # A socket path is no host name: check the node's certificate for `localhost`
+                # (the node is on this machine, which is why the socket was picked).
+                options = [*options, ("grpc.ssl_target_name_override", "localhost")]
             self._channel = grpc.secure_channel(
                 self.address, channel_credentials(tls), options=options
             )
@@ -283,3 +287,19 @@ class StorageClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def connect(address: str | Mapping[str, Any], cfg: Any, *, token: str) -> StorageClient:
+    """A client to one storage node with the run's wire settings (`cfg`: the run's Config).
+
+    The one place where dtype, message size, deadline and TLS come from the config, so that
+    GPU workers and the coordinator always dial a node the same way.
+    """
+    return StorageClient(
+        address,
+        token=token,
+        wire_dtype=cfg.storage.wire_dtype,
+        max_message_bytes=cfg.storage.max_message_bytes,
+        timeout_s=cfg.cluster.rpc_timeout_s,
+        tls=TlsFiles.from_cluster(cfg.cluster),
+    )

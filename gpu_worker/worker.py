@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpu_worker.storage_client import StorageClient
+from gpu_worker.storage_client import connect
 from ndp.config import Config
 from ndp.model.dense import build_dense_half
 from ndp.planner import ShardingPlan
@@ -79,16 +79,7 @@ class DenseWorker:
             cfg.optimizer.dense, list(self.dense_half.parameters())
         )
         self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
-        self.clients = [
-            StorageClient(
-                address,
-                token=token,
-                wire_dtype=cfg.storage.wire_dtype,
-                max_message_bytes=cfg.storage.max_message_bytes,
-                timeout_s=cfg.cluster.rpc_timeout_s,
-            )
-            for address in node_addresses
-        ]
+        self.clients = [connect(address, cfg, token=token) for address in node_addresses]
         self._seconds: dict[str, float] = defaultdict(float)
         self._counters: dict[str, float] = defaultdict(float)
         self._group_ready = world_size == 1

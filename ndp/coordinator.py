@@ -166,20 +166,14 @@ class NdpEngine:
         flash into its cache while the current step runs (see `ndp.pipeline`). A refused
         prefetch (bad index) surfaces at a later `train_step` or `prefetch`.
         """
-        from gpu_worker.storage_client import StorageClient
+        from gpu_worker.storage_client import connect
 
         self._raise_prefetch_errors(wait=False)
         if self._early_pooling:
             self._ahead[step] = batch
         if not self._prefetch_clients:
             self._prefetch_clients = [
-                StorageClient(
-                    address,
-                    token=self._token,
-                    max_message_bytes=self.cfg.storage.max_message_bytes,
-                    timeout_s=self.cfg.cluster.rpc_timeout_s,
-                )
-                for address in self.node_addresses
+                connect(address, self.cfg, token=self._token) for address in self.node_addresses
             ]
         for node, indices in route_indices(batch.sparse, self.plan).items():
             self._prefetches_in_flight.append(
@@ -276,7 +270,7 @@ class NdpEngine:
         import shutil
         import tempfile
 
-        from gpu_worker.storage_client import StorageClient
+        from gpu_worker.storage_client import connect
         from ndp.checkpoint import write_node_restore_dir
 
         checkpoint.check_fits(self.cfg)
@@ -293,12 +287,7 @@ class NdpEngine:
                     shards=self.plan.shards_for_node(node, self.tables),
                     cfg=self.cfg,
                 )
-                client = StorageClient(
-                    addresses,
-                    token=self._token,
-                    max_message_bytes=self.cfg.storage.max_message_bytes,
-                    timeout_s=self.cfg.cluster.rpc_timeout_s,
-                )
+                client = connect(addresses, self.cfg, token=self._token)
                 try:
                     client.restore(str(directory))
                 finally:

@@ -119,19 +119,23 @@ class ResilientEngine:
         return getattr(self.engine, name)
 
     def train_step(self, step: int, batch: Batch) -> float:
+        steps_done = step + 1
+        checkpoint_due = self.schedule.due(steps_done) or (
+            self.cfg.checkpoint.enabled and steps_done == self.total_steps
+        )
         while True:
             try:
                 loss = self.engine.train_step(step, batch)
+                # Inside the try: pushes are acknowledged late (flushed by the checkpoint), so
+                # a component that dies after the step but before its checkpoint is recovered
+                # like one that dies during the step (writes are atomic: no partial checkpoint).
+                if checkpoint_due:
+                    self.schedule.save(self.engine, steps_done)
                 break
             except Exception as exc:
                 if not is_component_failure(exc):
                     raise
                 self._recover(step, exc)
-        steps_done = step + 1
-        if self.schedule.due(steps_done) or (
-            self.cfg.checkpoint.enabled and steps_done == self.total_steps
-        ):
-            self.schedule.save(self.engine, steps_done)
         return loss
 
     def _recover(self, failed_step: int, cause: BaseException) -> None:

@@ -18,6 +18,7 @@ from ndp.config import Config
 from storage_node.node import StorageNodeCore
 from storage_node.server import RunningServer, serve
 from storage_node.spec import ShardSpec
+from storage_node.tls import TlsFiles
 
 LOOPBACK = "127.0.0.1"
 
@@ -115,6 +116,7 @@ class StorageNodeActor:
                 ),
                 max_workers=rpc_threads(self.num_workers),
                 step_wait_timeout_s=storage.step_wait_timeout_s,
+                tls=TlsFiles.from_cluster(self.cfg.cluster),
             )
         except BaseException:
             self.shutdown()

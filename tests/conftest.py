@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from tls_certs import make_test_certs
+
+from storage_node.tls import TlsFiles
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRITEO_SAMPLE = REPO_ROOT / "data" / "criteo_day0_sample.tsv"
@@ -27,3 +31,11 @@ def ray_session():
 @pytest.fixture()
 def criteo_sample() -> Path:
     return CRITEO_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory) -> TlsFiles:
+    """A test CA and a node certificate for 127.0.0.1 / localhost (needs the openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make test certificates")
+    return make_test_certs(tmp_path_factory.mktemp("tls"))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
+from tls_certs import openssl
 
 from gpu_worker.storage_client import StorageClient, StorageNodeUnavailableError
 from ndp.config import config_from_dict
@@ -25,63 +25,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> TlsFiles:
-    """A self-signed CA and a server certificate for 127.0.0.1 signed by it."""
-    d = tmp_path_factory.mktemp("tls")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ndp test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        cwd=d,
-    )
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "node.key",
-        "-out",
-        "node.csr",
-        cwd=d,
-    )
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "node.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "node.pem",
-        cwd=d,
-    )
-    return TlsFiles(cert=str(d / "node.pem"), key=str(d / "node.key"), ca=str(d / "ca.pem"))
+def certs(tls_certs) -> TlsFiles:
+    """The session's test CA and node certificate (tests/conftest.py)."""
+    return tls_certs
 
 
 @pytest.fixture()
@@ -114,7 +61,7 @@ def test_plaintext_client_is_refused_by_a_tls_node(tls_node):
 
 def test_client_trusting_another_ca_is_refused(tls_node, tmp_path):
     _, server = tls_node
-    _openssl(
+    openssl(
         "req",
         "-x509",
         "-newkey",
