@@ -29,9 +29,11 @@ from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node import codec
 from storage_node.auth import ERROR_METADATA_KEY
 from storage_node.errors import ShardFileError, StepOrderError
+from storage_node.link import EmulatedLink
 
 if TYPE_CHECKING:
-    from storage_node.node import StorageNodeCore
+    from storage_node.link import EmulatedLink
+from storage_node.node import StorageNodeCore
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         self.core = core
         self.node_id = getattr(core, "node_id", "?")
         self.step_wait_timeout_s = step_wait_timeout_s
+        storage = getattr(core, "storage", None)
+        self.link = EmulatedLink(storage.emulation.link_bandwidth_mbps if storage else None)
 
     def _wait_timeout(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -93,8 +97,14 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
             return self.step_wait_timeout_s
         return max(0.0, min(self.step_wait_timeout_s, remaining - _STEP_WAIT_MARGIN_S))
 
+    def _carry(self, message: Any) -> None:
+        """Pass `message` through the emulated link (free when link emulation is off)."""
+        if self.link.bandwidth_mbps is not None:
+            self.link.transfer(message.ByteSize())
+
     @_translate_errors
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        self._carry(request)
         bags, answer_dtype = codec.parse_lookup_request(request)
         # A training lookup reads weights that step s-1's update must already have changed;
         # an evaluation lookup only needs them not to be older than that.
@@ -103,12 +113,14 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         pooled = self.core.lookup(request.step, request.worker, bags, train=request.train)
         reply = pb.LookupResponse()
         codec.fill_float_tensors(reply.pooled, pooled, answer_dtype)
+        self._carry(reply)
         return reply
 
     @_translate_errors
     def EarlyLookup(
         self, request: pb.EarlyLookupRequest, context: grpc.ServicerContext
     ) -> pb.EarlyLookupResponse:
+        self._carry(request)
         bags = codec.parse_early_lookup_request(request)
         kept = self.core.early_lookup(request.step, request.worker, bags, correct=request.correct)
         return pb.EarlyLookupResponse(kept=bool(kept))
@@ -117,6 +129,7 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
     def Prefetch(
         self, request: pb.PrefetchRequest, context: grpc.ServicerContext
     ) -> pb.PrefetchResponse:
+        self._carry(request)
         self.core.prefetch(request.step, codec.parse_prefetch_request(request))
         return pb.PrefetchResponse()
 
@@ -124,6 +137,7 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
     def PushGradients(
         self, request: pb.PushGradientsRequest, context: grpc.ServicerContext
     ) -> pb.PushGradientsResponse:
+        self._carry(request)
         grads = codec.decode_float_tensors(request.grads, what="gradient")
         applied = self.core.push_gradients(request.step, request.worker, grads)
         return pb.PushGradientsResponse(applied=bool(applied))
@@ -144,7 +158,13 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
 
     @_translate_errors
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
-        return pb.StatsResponse(stats_json=json.dumps(self.core.stats(), default=str))
+        stats = self.core.stats()
+        stats["link"] = {
+            "bandwidth_mbps": self.link.bandwidth_mbps,
+            "bytes_carried": self.link.bytes_carried,
+            "emulated_delay_s": self.link.delay_s,
+        }
+        return pb.StatsResponse(stats_json=json.dumps(stats, default=str))
 
     @_translate_errors
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
