@@ -214,7 +214,12 @@ class NdpEngine:
         return dict(merged)
 
     def node_stats(self) -> list[dict]:
-        """Each storage node's counters (cache hits, bytes, steps)."""
+        """Each storage node's counters (cache hits, bytes, steps) after the last step.
+
+        Flushes first: the last step's gradient push may not be applied yet, and its update
+        reads rows (counted accesses) and moves `applied_step`.
+        """
+        self.flush()
         return _get([n.stats.remote() for n in self._nodes])
 
     # ----------------------------------------------------------------- model access
