@@ -37,10 +37,11 @@ from torch import nn
 
 from gpu_worker.storage_client import connect
 from ndp.config import Config
+from ndp.data.batch import Batch
 from ndp.model.dense import build_dense_half
 from ndp.planner import ShardingPlan
 from ndp.reference import build_dense_optimizer, resolve_device
-from ndp.routing import reassemble, route_gradients
+from ndp.routing import reassemble, route_gradients, route_lookup
 from storage_node.spec import Bags
 
 RoutedBags = Mapping[int, Mapping[str, Bags]]
@@ -73,6 +74,7 @@ class DenseWorker:
         self.world_size = world_size
         self.cfg = cfg
         self.plan = plan if isinstance(plan, ShardingPlan) else ShardingPlan.from_dict(plan)
+        self.tables = cfg.model.effective_tables()
         self.device = resolve_device(cfg.train.device)
         self.dense_half = build_dense_half(cfg.model, seed=cfg.train.seed).to(self.device)
         self.optimizer = build_dense_optimizer(
@@ -104,36 +106,43 @@ class DenseWorker:
 
     # ----------------------------------------------------------------- steps
 
-    def train_step(
-        self,
-        step: int,
-        dense: torch.Tensor,
-        labels: torch.Tensor,
-        routed: RoutedBags,
-        early: RoutedBags | None = None,
-    ) -> float:
-        """Steps 3-5 of the design's data path for this worker's share; returns its mean loss.
+    def train_step(self, step: int, batch: Batch, early: Batch | None = None) -> float:
+        """Steps 2-5 of the design's data path for this worker's share; returns its mean loss.
+
+        The worker routes its own share (`route_lookup`): why not the coordinator? The routed
+        bags are ~2 tensors per feature and node, each a view of the batch's value tensor,
+        and shipping them through Ray pickles that whole storage once per view (26x the
+        batch at 26 features); the batch itself travels as a handful of tensors.
 
         Args:
-            early: this worker's routed bags of step + 1, to be pooled on the nodes while this
+            batch: this worker's share of step `step`'s batch.
+            early: this worker's share of batch step + 1, to be pooled on the nodes while this
                 step's dense half runs (None: no early pooling).
 
         Returns before the nodes acknowledge the gradient push (see the module docstring).
+        Raises:
+            DataError: an index outside its table (in `batch` or `early`), before anything
+                of this step is sent.
         """
+        with self._phase("route_s"):
+            routed = route_lookup(batch.sparse, self.plan, self.tables)
+            early_routed = None
+            if early is not None:
+                early_routed = route_lookup(early.sparse, self.plan, self.tables)
         self._resolve_early_lookups()
         pooled = self._lookup(step, routed, train=True)
-        if early is not None:
+        if early_routed is not None:
             with self._phase("early_lookup_s"):
                 self._early_in_flight = [
                     self.clients[node].early_lookup_async(
                         step + 1, self.rank, bags, correct=self._early_correct
                     )
-                    for node, bags in early.items()
+                    for node, bags in early_routed.items()
                 ]
         with self._phase("dense_compute_s"):
             leaves = {f: t.to(self.device).requires_grad_() for f, t in pooled.items()}
-            logits = self.dense_half(dense.to(self.device), leaves)
-            loss = self.loss_fn(logits, labels.to(self.device))
+            logits = self.dense_half(batch.dense.to(self.device), leaves)
+            loss = self.loss_fn(logits, batch.labels.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             (loss / self.world_size).backward()
         with self._phase("allreduce_s"):
@@ -145,13 +154,14 @@ class DenseWorker:
         return float(loss.detach())
 
     @torch.no_grad()
-    def predict(self, step: int, dense: torch.Tensor, routed: RoutedBags) -> torch.Tensor:
+    def predict(self, step: int, batch: Batch) -> torch.Tensor:
         """Logits [B/M] on CPU through the same lookup path, without any update."""
         self.flush()
+        routed = route_lookup(batch.sparse, self.plan, self.tables)
         self.dense_half.eval()
         pooled = self._lookup(step, routed, train=False)
         logits = self.dense_half(
-            dense.to(self.device), {f: t.to(self.device) for f, t in pooled.items()}
+            batch.dense.to(self.device), {f: t.to(self.device) for f, t in pooled.items()}
         )
         self.dense_half.train()
         return logits.float().cpu()

@@ -4,13 +4,14 @@
 as the design's data path:
 
     1. the loader yields batch s (done by `ndp.train_loop`),
-    2. `route_lookup` splits each worker's share of the sparse features by storage node,
+    2. each worker gets its share of the batch and routes its sparse features to the storage
+       nodes that own the rows (`ndp.routing.route_lookup`),
     3. workers ask the storage nodes for pooled vectors (nodes pool near the data),
     4. workers run the dense half and all-reduce dense gradients,
     5. workers push d(loss)/d(pooled); nodes scatter, merge and apply the sparse optimizer.
 
 With lookahead (`ndp.pipeline`), `prefetch` also keeps the batches read ahead, so that step s
-can hand each worker the routed bags of s+1 for early pooling; and a worker returns from step
+can hand each worker its share of batch s+1 for early pooling; and a worker returns from step
 s before its gradient push is acknowledged. `flush()` waits for those pushes: it runs before
 everything that must see the state after the last step (predict, table_rows, export_state,
 import_state, close).
@@ -37,7 +38,7 @@ from ndp.data.batch import Batch
 from ndp.errors import NDPError
 from ndp.planner import ShardingPlan, plan_shards
 from ndp.ray_local import init_local_ray
-from ndp.routing import route_indices, route_lookup
+from ndp.routing import route_indices
 from storage_node.actor import launch_storage_node
 
 if TYPE_CHECKING:
@@ -73,7 +74,6 @@ class NdpEngine:
         self._prefetches_in_flight: list[Any] = []
         self._early_pooling = cfg.pipeline.early_pooling and cfg.pipeline.lookahead_depth >= 1
         self._ahead: dict[int, Batch] = {}  # batches read ahead, for early pooling
-        self._routed: dict[int, tuple[Batch, list[Any]]] = {}  # step -> (batch, per worker)
         try:
             init_local_ray(address=address or cfg.cluster.address)
             self._start_storage_nodes()
@@ -114,41 +114,25 @@ class NdpEngine:
     # ----------------------------------------------------------------- StepEngine
 
     def train_step(self, step: int, batch: Batch) -> float:
-        """One synchronous step; returns the whole batch's mean loss (before the update)."""
+        """One synchronous step; returns the whole batch's mean loss (before the update).
+
+        Each worker gets its share of the batch (and, with early pooling, its share of the
+        batch read ahead for step + 1) and routes it to the storage nodes itself.
+        """
         self._raise_prefetch_errors(wait=False)
         parts = batch.split(self.num_workers)
-        routed = self._routed_parts(step, batch, parts)
-        early: list[Any] = [None] * self.num_workers
         next_batch = self._ahead.get(step + 1)
+        early: list[Batch | None] = [None] * self.num_workers
         if next_batch is not None:
-            early = self._routed_parts(step + 1, next_batch, next_batch.split(self.num_workers))
+            early = list(next_batch.split(self.num_workers))
         for old in [s for s in self._ahead if s <= step]:
             del self._ahead[old]
         refs = [
-            worker.train_step.remote(step, part.dense, part.labels, bags, early_bags)
-            for worker, part, bags, early_bags in zip(
-                self._workers, parts, routed, early, strict=True
-            )
+            worker.train_step.remote(step, part, early_part)
+            for worker, part, early_part in zip(self._workers, parts, early, strict=True)
         ]
         losses = _get(refs)
         return float(sum(losses) / len(losses))
-
-    def _routed_parts(self, step: int, batch: Batch, parts: list[Batch]) -> list[Any]:
-        """Each worker's share of `batch` routed by node, computed once per (step, batch).
-
-        Why cached: with early pooling step s routes batch s+1, which step s+1 needs again.
-        The cache is keyed by the batch object, so a replayed step (recovery) routes afresh.
-        """
-        cached = self._routed.pop(step, None)
-        for old in [s for s in self._routed if s < step]:
-            del self._routed[old]
-        if cached is not None and cached[0] is batch:
-            routed = cached[1]
-        else:
-            routed = [route_lookup(part.sparse, self.plan, self.tables) for part in parts]
-        if self._early_pooling:
-            self._routed[step] = (batch, routed)
-        return routed
 
     def flush(self) -> None:
         """Wait until every worker's gradient pushes are acknowledged (updates applied).
@@ -195,9 +179,7 @@ class NdpEngine:
         self.flush()
         parts = batch.split(self.num_workers)
         refs = [
-            worker.predict.remote(
-                step, part.dense, route_lookup(part.sparse, self.plan, self.tables)
-            )
+            worker.predict.remote(step, part)
             for worker, part in zip(self._workers, parts, strict=True)
         ]
         return torch.cat(_get(refs))
@@ -310,7 +292,6 @@ class NdpEngine:
         for client in self._prefetch_clients:  # they point at the dead nodes' addresses
             _quietly(client.close)
         self._prefetch_clients, self._prefetches_in_flight = [], []
-        self._routed = {}
         names = [f"ndp-gpu-worker-{r}" for r in range(len(self._workers))]
         names += [f"ndp-storage-node-{n}" for n in range(len(self._nodes))]
         for actor in [*self._workers, *self._nodes]:
@@ -345,7 +326,7 @@ class NdpEngine:
         for client in self._prefetch_clients:
             _quietly(client.close)
         self._prefetch_clients, self._prefetches_in_flight = [], []
-        self._ahead, self._routed = {}, {}
+        self._ahead = {}
         if not ray.is_initialized():
             return
         _quietly(self.flush)  # the last step's update lands before the nodes shut down

@@ -41,11 +41,18 @@ class Batch:
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
         )
-        return Batch(dense=self.dense[start:end], sparse=sparse, labels=self.labels[start:end])
+        # clones, not views: a view pickles (ships to a worker actor) its whole storage
+        return Batch(
+            dense=self.dense[start:end].clone(),
+            sparse=sparse,
+            labels=self.labels[start:end].clone(),
+        )
 
     def split(self, num_parts: int) -> list[Batch]:
         """Equal contiguous parts; the batch size must divide evenly."""
         if self.batch_size % num_parts:
             raise ValueError(f"batch of {self.batch_size} does not split into {num_parts} parts")
+        if num_parts == 1:
+            return [self]
         part = self.batch_size // num_parts
         return [self.slice(i * part, (i + 1) * part) for i in range(num_parts)]
