@@ -70,8 +70,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                     node[part] = value
                 else:
                     node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"--set {key}: {where} is not a section")
+            else:  # the value reached so far is a scalar: name it, not the key below it
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is not a section")
     return raw
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from ndp.cli.train import DEFAULT_CONFIG, main
 from ndp.config import load_config
 from ndp.metrics import read_metrics
+from ndp.run_dir import make_run_dir
 
 NDP_TRAIN = Path(sys.executable).parent / "ndp-train"
 TINY = [
@@ -104,3 +106,21 @@ def test_output_dir_holding_a_run_is_refused(tmp_path, capsys):
 
     assert status == 2
     assert "--output-dir" in capsys.readouterr().err
+
+
+def test_without_output_dir_a_run_writes_into_runs_timestamp(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    status = main(["--config", str(DEFAULT_CONFIG), "--mode", "reference", *TINY])
+
+    assert status == 0, capsys.readouterr().err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"\d{8}-\d{6}", run_dir.name)
+    assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {p.name for p in run_dir.iterdir()}
+    assert "validation AUC" in capsys.readouterr().out
+
+
+def test_default_run_dirs_of_the_same_second_do_not_collide(tmp_path):
+    first = make_run_dir(None, root=tmp_path / "runs")
+    second = make_run_dir(None, root=tmp_path / "runs")
+    assert first != second and second.name.startswith(first.name)

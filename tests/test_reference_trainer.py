@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -280,3 +281,16 @@ def test_one_sgd_step_equals_plain_autograd_through_a_torchrec_dlrm():
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+def test_progress_bar_shows_samples_per_s_and_loss(tmp_path, capsys):
+    cfg = tiny_config(
+        train={"batch_size": 32, "device": "cpu", "steps": 3},
+        logging={"progress_bar": True, "interval_steps": 1},
+    )
+    train, val = learnable_splits(cfg, 96, 32)
+    run_training(cfg, ReferenceEngine(cfg), tmp_path, train_data=train, val_data=val)
+
+    bar = capsys.readouterr().err
+    assert "3/3" in bar
+    assert re.search(r"loss=\d+\.\d{4}", bar) and re.search(r"samples_per_s=\d+", bar)

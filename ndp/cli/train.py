@@ -102,8 +102,7 @@ def engine_factory(mode: str) -> Callable[[Config], StepEngine]:
 
 
 def _refuse_unwired(args: argparse.Namespace) -> None:
-    # The place where --dry-run and --resume get wired once planning output and
-    # checkpoints are part of ndp-train.
+    # Flag combinations refused before any work: only the ndp engine writes checkpoints.
     if args.resume is not None and args.mode != "ndp":
         raise NotAvailableError("--resume: only --mode ndp writes checkpoints; use --mode ndp")
 

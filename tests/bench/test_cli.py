@@ -1,4 +1,4 @@
-"""`ndp-bench`: the storage run writes its three files; train is not available yet."""
+"""`ndp-bench storage`: writes its three files (`ndp-bench train`: tests/bench/test_bench_train.py)."""
 
 from __future__ import annotations
 

@@ -137,3 +137,15 @@ def test_console_process_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "missing.tsv: no such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_preprocess_reads_several_inputs_in_the_order_given(tmp_path, make_tsv, capsys):
+    first = make_tsv([tsv_line("0")] * 3, name="b.tsv")
+    second = make_tsv([tsv_line("1")] * 1, name="a.tsv")
+    out = tmp_path / "out"
+    argv = ["preprocess", "--input", str(first), str(second), "--output", str(out)]
+    assert main([*argv, "--val-fraction", "0.25"]) == 0
+    assert np.load(out / "train" / "labels.npy").tolist() == [0.0, 0.0, 0.0]
+    assert np.load(out / "val" / "labels.npy").tolist() == [1.0]
+    meta = json.loads((out / "meta.json").read_text())
+    assert [Path(f).name for f in meta["source_files"]] == ["b.tsv", "a.tsv"]
