@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ndp.config import EmulationConfig
+from ndp.config import EmulationConfig, EnergyConfig
 from ndp.model.init import init_rows
 from storage_node import flash as flash_module
 from storage_node.errors import ShardFileError
 from storage_node.flash import FlashLayout, FlashStore
-from storage_node.stats import link_delay_s, transfer_delay_s
+from storage_node.stats import CacheCounters, energy_pj, link_delay_s, transfer_delay_s
 
 
 def open_store(path, *, num_rows=50, dim=8, state=8, row_start=10, **kwargs) -> FlashStore:
@@ -56,7 +56,7 @@ def test_new_shard_holds_init_rows_and_zero_state(tmp_path):
 def test_chunked_init_of_a_shard_larger_than_a_chunk_equals_init_of_the_whole_range(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(flash_module, "INIT_CHUNK_BYTES", 1024)  # 2 pages = 16 rows per chunk
+    monkeypatch.setattr(flash_module, "INIT_CHUNK_BYTES", 1024)  # 2 pages = 32 rows per chunk
     store = open_store(tmp_path / "s", num_rows=90, state=0)
     assert store.layout.num_blocks * store.layout.block_bytes > 2 * flash_module.INIT_CHUNK_BYTES
     expected = init_rows(
@@ -64,6 +64,19 @@ def test_chunked_init_of_a_shard_larger_than_a_chunk_equals_init_of_the_whole_ra
     )
     np.testing.assert_array_equal(store.read_rows(np.arange(90)), expected)
     store.close()
+
+
+def test_init_never_builds_more_than_one_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(flash_module, "INIT_CHUNK_BYTES", 1024)  # 2 pages = 32 rows of 32 B
+    sizes: list[int] = []
+
+    def recording_init_rows(**kwargs):
+        sizes.append(kwargs["row_end"] - kwargs["row_start"])
+        return init_rows(**kwargs)
+
+    monkeypatch.setattr(flash_module, "init_rows", recording_init_rows)
+    open_store(tmp_path / "s", num_rows=90, state=0).close()
+    assert sizes == [32, 32, 26]
 
 
 def test_writes_survive_close_and_reopen(tmp_path):
@@ -112,6 +125,32 @@ def test_emulated_flash_delay_is_computed_from_bytes(tmp_path):
     store = open_store(tmp_path / "s", emulation=emulation)
     store.read_rows(np.array([0]))  # one 512-byte page
     assert store.counters.emulated_delay_s == pytest.approx(50e-6 + 512 / 100e6)
+    store.close()
+
+
+def test_emulation_is_off_by_default(tmp_path):
+    store = open_store(tmp_path / "s")
+    store.write_rows(np.array([0]), np.ones((1, 16), dtype=np.float32))
+    store.read_rows(np.arange(50))
+    assert store.counters.emulated_delay_s == 0.0
+    store.close()
+
+
+def test_writes_count_whole_pages_delay_and_energy(tmp_path):
+    emulation = EmulationConfig(flash_write_bandwidth_mbps=10.0, flash_write_latency_us=200.0)
+    store = open_store(tmp_path / "s", emulation=emulation)
+    store.write_rows(np.array([1, 2]), np.ones((2, 16), dtype=np.float32))  # both in page 0
+    flash = store.counters
+    assert (flash.bytes_written, flash.pages_written, flash.write_batches) == (512, 1, 1)
+    assert (flash.bytes_read, flash.pages_read) == (512, 1)  # read-modify-write of the page
+    assert flash.emulated_delay_s == pytest.approx(200e-6 + 512 / 10e6)
+    energy = EnergyConfig()
+    expected = (
+        512 * energy.flash_read_pj_per_byte
+        + 512 * energy.flash_write_pj_per_byte
+        + 2 * energy.flash_pj_per_page
+    )
+    assert energy_pj(CacheCounters(), flash, energy) == pytest.approx(expected)
     store.close()
 
 

@@ -1,7 +1,8 @@
 """Pooled outputs, updated rows and optimizer state equal FBGEMM's (CPU, HOST) step by step.
 
 FBGEMM's CPU build trains EXACT_SGD, EXACT_ADAGRAD and EXACT_ROWWISE_ADAGRAD; it refuses ADAM
-("not supported in CPU mode"), so Adam is checked against its formula in test_optimizers.py.
+("not supported in CPU mode"), so Adam is checked step by step against FBGEMM's ADAM formula
+(lazy rows, global iteration counter) on an in-memory table, with the same bags and cache.
 The node's cache holds 3 rows, so almost every access evicts and writes back through flash.
 """
 
@@ -12,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ndp.model.init import init_table
 from storage_node.spec import Bags
@@ -103,3 +105,52 @@ def test_fbgemm_cpu_build_refuses_adam():
             [(NUM_ROWS, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)],
             optimizer=OptimType.ADAM,
         )
+
+
+@pytest.mark.parametrize(("pooling", "weighted"), [("sum", False), ("mean", False), ("sum", True)])
+def test_adam_steps_match_fbgemm_adam_formula_with_a_tiny_evicting_cache(
+    make_node, pooling, weighted
+):
+    """FBGEMM ADAM: only rows in the batch move; bias correction uses the module's step t."""
+    lr, eps, beta1, beta2 = 0.05, 1e-8, 0.9, 0.999  # make_node's config, Adam's defaults
+    weights = init_table(seed=SEED, table_name="t0", num_rows=NUM_ROWS, embedding_dim=DIM)
+    weights = weights.to(torch.float64)
+    m, v = torch.zeros_like(weights), torch.zeros_like(weights)
+    node = make_node(
+        [shard(num_rows=NUM_ROWS, dim=DIM, pooling=pooling)],
+        optimizer="adam",
+        cache_rows=3,
+        cache_policy="lru",
+    )
+    rng = np.random.default_rng(0)
+    all_rows = torch.arange(NUM_ROWS)
+    for step in range(STEPS):
+        bags = random_bags(rng, weighted)
+        table = weights.clone().requires_grad_()
+        sample_weights = bags.per_sample_weights
+        expected = F.embedding_bag(
+            bags.indices,
+            table,
+            bags.offsets,
+            mode=pooling,
+            per_sample_weights=None if sample_weights is None else sample_weights.double(),
+            include_last_offset=True,
+        )
+        pooled = node.lookup(step, 0, {"f_t0": bags})["f_t0"]
+        torch.testing.assert_close(pooled, expected.detach().float(), rtol=1e-6, atol=1e-7)
+
+        grad = torch.from_numpy(rng.standard_normal((BATCH, DIM)).astype(np.float32))
+        expected.backward(grad.to(torch.float64))
+        assert node.push_gradients(step, 0, {"f_t0": grad})
+
+        rows = torch.unique(bags.indices)  # lazy: untouched rows keep weights and moments
+        g, t = table.grad[rows], step + 1
+        m[rows] = beta1 * m[rows] + (1 - beta1) * g
+        v[rows] = beta2 * v[rows] + (1 - beta2) * g * g
+        m_hat, v_hat = m[rows] / (1 - beta1**t), v[rows] / (1 - beta2**t)
+        weights[rows] -= lr * m_hat / (v_hat.sqrt() + eps)
+
+        node_weights, node_state = node.read_rows("t0", all_rows)
+        torch.testing.assert_close(node_weights, weights.float(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(node_state, torch.cat([m, v], 1).float(), rtol=1e-6, atol=1e-7)
+    assert node.stats()["cache"]["evictions"] > 0

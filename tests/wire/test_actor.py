@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -51,9 +53,40 @@ def test_actor_serves_on_loopback_and_shutdown_leaves_no_listener(ray_session, m
     assert not os.path.exists(addresses["unix"].removeprefix("unix:"))
 
 
+def test_actor_holds_the_configured_ray_resources_while_it_lives(ray_session):
+    ray = ray_session
+    base = tiny_config()
+    cfg = replace(base, cluster=replace(base.cluster, storage_node_resources={"storage_node": 3}))
+
+    def held() -> float:
+        return ray.cluster_resources()["storage_node"] - ray.available_resources().get(
+            "storage_node", 0.0
+        )
+
+    shards = shards_for(cfg, 1, ["t0"])
+    actor = launch_storage_node(cfg, 1, shards, TOKEN, num_workers=1, name="ndp-storage-node-test1")
+    try:
+        ray.get(actor.start.remote(), timeout=120)
+        deadline = time.monotonic() + 30  # the resource view is refreshed asynchronously
+        while held() != 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert held() == 3
+    finally:
+        ray.get(actor.shutdown.remote(), timeout=60)
+        ray.kill(actor)
+
+
 def test_bind_host_outside_ray_or_on_a_loopback_ray_node_is_loopback(ray_session):
     assert node_bind_host(None) == "127.0.0.1"
     assert node_bind_host("10.1.2.3") == "10.1.2.3"
+
+
+def test_bind_host_on_a_cluster_node_is_that_node_s_address_not_every_interface(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.1.2.3")
+    assert node_bind_host(None) == "10.1.2.3"
 
 
 def test_pick_address_falls_back_to_tcp_on_another_machine():

@@ -61,8 +61,8 @@ def test_out_of_range_index_is_invalid_argument_naming_table_feature_and_value(c
     request = codec.lookup_request(0, 0, bags, train=True, dtype=torch.float32)
     error = raw_call(node, "Lookup", request)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    for name in ("t0", "f1", "97"):
-        assert name in error.details()
+    for part in ("'t0'", "'f1'", "index 97", "[0, 40)"):
+        assert part in error.details()
     with node.client() as client, pytest.raises(IndexOutOfRangeError, match="97"):
         client.lookup(0, 0, bags)
     assert_unchanged(node.core, before)
@@ -111,6 +111,23 @@ def test_gradient_of_wrong_width_is_refused_and_changes_nothing(cfg, serve_node)
     assert_unchanged(node.core, before)
 
 
+def test_gradient_of_wrong_dtype_is_invalid_argument_and_changes_nothing(cfg, serve_node):
+    node = serve_node(cfg)
+    with node.client() as client:
+        client.lookup(0, 0, random_bags(2, seed=0))
+    before = snapshot(node.core)
+    grads = {f: g.to(torch.int64) for f, g in random_grads(2, seed=0).items()}
+    request = pb.PushGradientsRequest(
+        step=0,
+        worker=0,
+        grads=[pb.NamedTensor(name=f, tensor=codec.encode_tensor(g)) for f, g in grads.items()],
+    )
+    error = raw_call(node, "PushGradients", request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "'int64' is not accepted" in error.details() and "gradient" in error.details()
+    assert_unchanged(node.core, before)
+
+
 def test_unknown_feature_is_invalid_argument(cfg, serve_node):
     node = serve_node(cfg)
     bags = {"not_a_feature": Bags(indices=torch.tensor([0]), offsets=torch.tensor([0, 1]))}
@@ -132,6 +149,19 @@ def test_out_of_order_push_is_failed_precondition_and_changes_nothing(cfg, serve
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
     with node.client() as client, pytest.raises(StepOrderError):
         client.push_gradients(1, 0, random_grads(2, seed=0))
+    assert_unchanged(node.core, before)
+
+
+def test_training_lookup_of_an_applied_step_is_failed_precondition(cfg, serve_node):
+    node = serve_node(cfg)
+    with node.client() as client:
+        client.lookup(0, 0, random_bags(2, seed=0))
+        assert client.push_gradients(0, 0, random_grads(2, seed=0)) is True
+    before = snapshot(node.core)
+    request = codec.lookup_request(0, 0, random_bags(2, seed=1), train=True, dtype=torch.float32)
+    error = raw_call(node, "Lookup", request)
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "already applied" in error.details()
     assert_unchanged(node.core, before)
 
 

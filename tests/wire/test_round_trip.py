@@ -6,6 +6,8 @@ import grpc
 import pytest
 import torch
 
+from gpu_worker.storage_client import connect
+from ndp.errors import StorageNodeError
 from protos import storage_node_pb2 as pb
 from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node import codec
@@ -73,6 +75,19 @@ def test_half_precision_wire_halves_pooled_bytes_and_stays_close(cfg, serve_node
     assert node.core.applied_step == 0
 
 
+def test_connect_sends_pooled_vectors_and_gradients_in_the_configured_wire_dtype(serve_node):
+    cfg = tiny_config(wire_dtype="bf16")
+    node = serve_node(cfg)
+    bags = random_bags(4, seed=2)
+    with connect(node.server.address, cfg, token=TOKEN) as client:
+        client.lookup(0, 0, bags)
+        assert client.push_gradients(0, 0, random_grads(4, seed=2)) is True
+        wire = client.take_wire_bytes()
+    half_bytes = 3 * 4 * DIM * 2  # three features, [4, 16] each, 2 bytes per value
+    assert wire["Lookup.received.float_data"] == half_bytes
+    assert wire["PushGradients.sent.float_data"] == half_bytes
+
+
 def test_lookup_larger_than_grpc_default_4mb_succeeds(serve_node):
     cfg = tiny_config(max_message_bytes=64 << 20)
     node = serve_node(cfg)
@@ -86,6 +101,36 @@ def test_lookup_larger_than_grpc_default_4mb_succeeds(serve_node):
     weights, _ = node.core.read_rows("t0", torch.arange(40))
     assert torch.equal(pooled["f0"][:40], weights)
     assert torch.equal(pooled["f0"][40:80], weights)
+
+
+def test_push_larger_than_grpc_default_4mb_succeeds(serve_node):
+    cfg = tiny_config(max_message_bytes=64 << 20)
+    node = serve_node(cfg)
+    batch_size = 70_000  # gradient request: 70k * 16 * 4 B = 4.5 MB, received by the node
+    bags = {
+        "f0": Bags(
+            indices=torch.arange(batch_size, dtype=torch.int64) % 40,
+            offsets=torch.arange(batch_size + 1, dtype=torch.int64),
+        )
+    }
+    grads = {"f0": torch.full((batch_size, DIM), 1e-3)}
+    with node.client() as client:
+        client.lookup(0, 0, bags)
+        assert client.push_gradients(0, 0, grads) is True
+    assert node.core.applied_step == 0
+
+
+def test_reply_above_the_configured_message_limit_is_refused_with_a_hint(serve_node):
+    node = serve_node(tiny_config(max_message_bytes=1 << 20))
+    batch_size = 20_000  # pooled reply: 20k * 16 * 4 B = 1.3 MB > 1 MB
+    bags = {
+        "f0": Bags(
+            indices=torch.zeros(batch_size, dtype=torch.int64),
+            offsets=torch.arange(batch_size + 1, dtype=torch.int64),
+        )
+    }
+    with node.client() as client, pytest.raises(StorageNodeError, match="max_message_bytes"):
+        client.lookup(0, 0, bags, train=False)
 
 
 def test_prefetch_stats_checkpoint_and_restore_work_over_the_wire(cfg, serve_node, tmp_path):
