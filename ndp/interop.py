@@ -9,8 +9,9 @@ embedding table is one `EmbeddingBagCollection` bag named after the table, holdi
 whole table (`sparse_arch.embedding_bag_collection.embedding_bags.<table>.weight`). Export
 therefore gathers every table from wherever it lives and renames nothing else.
 
-Engines: an `NdpEngine` (tables gathered from the storage nodes with `table_rows`, dense
-half from rank 0) or a `ReferenceEngine` (FBGEMM tables in process). Import produces an
+Sources: an `NdpEngine` (tables gathered from the storage nodes with `table_rows`, dense
+half from rank 0), a `ReferenceEngine` (FBGEMM tables in process), or a saved ndp checkpoint
+(`export_checkpoint_state_dict`: read from its files, no actors). Import produces an
 `ImportedModel` (per-table float32 arrays + the dense state dict) that `load_into_engine`
 writes into either engine: into the FBGEMM tables, or into the storage nodes through
 `StorageNodeActor.write_rows` and every GPU worker through `load_dense_state`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from ndp.checkpoint import Checkpoint, resolve_checkpoint
 from ndp.config import Config
 from ndp.errors import NDPError
 
@@ -138,6 +141,32 @@ def export_torchrec_state_dict(cfg: Config, engine: Any) -> dict[str, torch.Tens
     _check_exportable(cfg)
     state = {TABLE_KEY.format(name): w for name, w in export_table_weights(cfg, engine).items()}
     state.update(export_dense_state_dict(engine))
+    return state
+
+
+def export_checkpoint_state_dict(
+    cfg: Config, checkpoint: Checkpoint | str | Path
+) -> dict[str, torch.Tensor]:
+    """A `torchrec.models.dlrm.DLRM` state dict of a saved ndp checkpoint, read from its files.
+
+    Args:
+        cfg: the config the checkpoint was trained with (its `config.yaml`).
+        checkpoint: a `Checkpoint`, a `step-<n>/` directory, or the directory holding them
+            (the newest is taken).
+
+    Each table's weights are the first `embedding_dim` columns of its records; the rest is
+    optimizer state, which a DLRM state dict does not carry.
+    """
+    _check_exportable(cfg)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint.check_fits(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for table in cfg.model.effective_tables():
+        records = checkpoint.table_records(table.name, 0, table.num_rows)
+        weights = np.ascontiguousarray(records[:, : table.embedding_dim])
+        state[TABLE_KEY.format(table.name)] = torch.from_numpy(weights)
+    state.update({k: v.detach().cpu().clone() for k, v in checkpoint.dense_model().items()})
     return state
 
 

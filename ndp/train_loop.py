@@ -3,7 +3,8 @@
 The same loop runs the single-process reference (`ndp.reference.ReferenceEngine`) and the
 distributed ndp engine; it only sees the `StepEngine` protocol. Read top to bottom:
 
-    for step, batch in training batches (wrapping epochs deterministically):
+    for step, batch in training batches (wrapping epochs deterministically; time to read
+                       each one is counted as `data_s`):
         loss = engine.train_step(step, batch)
         every logging.interval_steps:     {"type": "train", ...} -> metrics.jsonl
         every train.eval_interval_steps:  {"type": "eval", ...}  -> metrics.jsonl
@@ -33,7 +34,7 @@ from ndp.errors import DataError
 from ndp.metrics import BinaryEvaluator, MetricsWriter, json_safe
 from ndp.pipeline import with_lookahead
 
-TRAIN_RECORD_KEYS = ("type", "step", "loss", "samples_per_s", "time_s")
+TRAIN_RECORD_KEYS = ("type", "step", "loss", "samples_per_s", "time_s", "data_s")
 """Keys of a train record the loop owns; the engine's per-phase timings follow them."""
 
 
@@ -173,9 +174,10 @@ def run_training(
         _StopOnCtrlC() as ctrl_c,
     ):
         engine.timings()  # start the engine's phase clock with the loop
+        reading = _ReadClock()
         try:
             batches = training_batches(train_data, batch_size, total_steps, start_step=start_step)
-            for step, batch in with_lookahead(batches, engine, cfg.pipeline):
+            for step, batch in reading.timed(with_lookahead(batches, engine, cfg.pipeline)):
                 last_loss = engine.train_step(step, batch)
                 steps_done = step + 1
                 window_losses.append(last_loss)
@@ -192,6 +194,7 @@ def run_training(
                             "loss": sum(window_losses) / len(window_losses),
                             "samples_per_s": samples_per_s,
                             "time_s": now - run_start,
+                            "data_s": reading.take(),
                             **_without(engine.timings(), TRAIN_RECORD_KEYS),
                         }
                     )
@@ -234,6 +237,30 @@ def run_training(
 
 def _without(mapping: dict[str, float], reserved: tuple[str, ...]) -> dict[str, float]:
     return {key: value for key, value in mapping.items() if key not in reserved}
+
+
+class _ReadClock:
+    """Seconds the loop waits for its next batch: reading it and, with lookahead, sending the
+    prefetch of the batch read ahead. Reported per train record as `data_s`."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, batches: Iterator[tuple[int, Batch]]) -> Iterator[tuple[int, Batch]]:
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - start
+            yield item
+
+    def take(self) -> float:
+        """The seconds since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 class _StopOnCtrlC:

@@ -108,6 +108,11 @@ def test_dockerfile_installs_with_setup_env_and_selects_cuda_by_build_arg():
         "packages"
     ]["find"]["include"]:
         assert f"COPY {package.rstrip('*')}/" in before
+    # the default command is an installed entry point on a config the image holds
+    command = json.loads(text.split("\nCMD ", 1)[1].splitlines()[0])
+    assert command[0] in _console_scripts()
+    config = command[command.index("--config") + 1]
+    assert (REPO / config).is_file() and f"COPY {config.split('/')[0]}/" in text
 
 
 def test_documented_entry_points_exist():

@@ -9,6 +9,8 @@ parameters must agree to float tolerance.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -119,6 +121,31 @@ def test_ndp_matches_reference_step_by_step(ray_session, sparse_optimizer):
         torch.testing.assert_close(
             engine.predict(STEPS, probe), reference.predict(STEPS, probe), rtol=1e-5, atol=1e-5
         )
+
+
+def _train_ndp(cfg: Config, batches: list) -> tuple[list[float], dict, dict]:
+    """Losses, table weights and dense parameters after training `batches` through ndp."""
+    with NdpEngine(cfg) as engine:
+        losses = [engine.train_step(step, b) for step, b in enumerate(batches)]
+        tables = {t.name: engine.table_rows(t.name)[0] for t in cfg.model.tables}
+        return losses, tables, engine.dense_state_dict()
+
+
+def test_two_workers_on_half_batches_train_the_model_one_worker_trains_on_whole_batches(
+    ray_session,
+):
+    cfg = tiny_config("adagrad")
+    one_worker = replace(cfg, cluster=replace(cfg.cluster, num_gpu_workers=1))
+    batches = list(build_datasets(cfg)[0].batches(BATCH))[:5]
+
+    losses_1, tables_1, dense_1 = _train_ndp(one_worker, batches)
+    losses_2, tables_2, dense_2 = _train_ndp(cfg, batches)
+
+    torch.testing.assert_close(torch.tensor(losses_2), torch.tensor(losses_1), rtol=1e-5, atol=0)
+    for name, weights in tables_1.items():
+        torch.testing.assert_close(tables_2[name], weights, rtol=1e-5, atol=1e-5)
+    for name, value in dense_1.items():
+        torch.testing.assert_close(dense_2[name], value, rtol=1e-5, atol=1e-5)
 
 
 def test_training_moved_the_weights_so_the_comparison_is_not_vacuous(ray_session):

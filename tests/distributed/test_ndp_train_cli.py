@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from test_equivalence import tiny_config
 from ndp.coordinator import NdpEngine
 from ndp.data.loader import build_datasets
 from ndp.errors import StorageNodeError
+from ndp.train_loop import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -54,7 +56,9 @@ def test_ndp_train_runs_the_default_config_on_storage_nodes_and_writes_its_outpu
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_lines = [line for line in lines if line["type"] == "train"]
     assert [line["step"] for line in train_lines] == list(range(6))
-    assert all(line["lookup_wait_s"] >= 0 and line["link_bytes_in"] > 0 for line in train_lines)
+    breakdown = ("data_s", "lookup_wait_s", "dense_compute_s", "gradient_push_s", "push_wait_s")
+    assert all(line[phase] >= 0 for line in train_lines for phase in breakdown)
+    assert all(line["link_bytes_in"] > 0 and line["link_bytes_out"] > 0 for line in train_lines)
     assert all(0.0 <= line["node0_cache_hit_rate"] <= 1.0 for line in train_lines)
     assert train_lines[-1]["node1_cache_hit_rate"] > 0.0  # rows come back: the cache works
     eval_lines = [line for line in lines if line["type"] == "eval"]
@@ -115,13 +119,34 @@ def _ndp_actor_names(ray) -> list[str]:
     return [n for n in ray.util.list_named_actors() if n.startswith("ndp-")]
 
 
+# the names the Ray dashboard lists the actors of a 2-node, 2-worker job under
+ACTOR_NAMES = ["ndp-gpu-worker-0", "ndp-gpu-worker-1", "ndp-storage-node-0", "ndp-storage-node-1"]
+
+
+def test_close_after_a_run_leaves_no_actors_or_listening_ports(ray_session, tmp_path):
+    cfg = tiny_config("sgd")
+    cfg = replace(cfg, train=replace(cfg.train, steps=3))
+    train_data, val_data = build_datasets(cfg)
+    engine = NdpEngine(cfg)
+    addresses = [a["tcp"] for a in engine.node_addresses]
+    assert sorted(_ndp_actor_names(ray_session)) == ACTOR_NAMES
+    try:
+        summary = run_training(cfg, engine, tmp_path, train_data=train_data, val_data=val_data)
+    finally:
+        engine.close()
+    assert summary["steps"] == 3
+
+    assert _ndp_actor_names(ray_session) == []
+    assert not any(_listening(a) for a in addresses)
+
+
 def test_close_leaves_no_actors_or_listening_ports_even_after_a_worker_error(ray_session):
     cfg = tiny_config("sgd")
     batch = next(iter(build_datasets(cfg)[0].batches(cfg.train.batch_size)))
     engine = NdpEngine(cfg)
     addresses = [a["tcp"] for a in engine.node_addresses]
     assert all(_listening(a) for a in addresses)
-    assert len(_ndp_actor_names(ray_session)) == 4
+    assert sorted(_ndp_actor_names(ray_session)) == ACTOR_NAMES
 
     engine.train_step(0, batch)
     with pytest.raises(StorageNodeError):

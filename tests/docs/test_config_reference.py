@@ -91,13 +91,25 @@ def test_readme_keeps_the_two_quick_start_commands_and_links_the_docs():
 
 
 def test_architecture_doc_names_functions_that_exist():
-    """Every `module.py: name` reference in docs/architecture.md resolves to real code."""
+    """Every `module.py: name` (and `module.py: a`, `b` list) reference in
+    docs/architecture.md resolves to real code, and so does every `Class.method`."""
     import importlib
     import re
 
     text = (DOCS / "architecture.md").read_text()
-    refs = re.findall(r"`([a-z_/]+)\.py: ([A-Za-z_]+)`", text)
+    refs = re.findall(r"`([a-z_/]+)\.py: ([A-Za-z_]+)`((?:, `[A-Za-z_]+`)*)", text)
     assert len(refs) > 10
-    for module_path, name in refs:
+    namespace: dict[str, object] = {}
+    for module_path, name, more in refs:
         module = importlib.import_module(module_path.replace("/", "."))
-        assert hasattr(module, name), f"docs/architecture.md names {module_path}.py: {name}"
+        namespace.update(vars(module))
+        for each in [name, *re.findall(r"`([A-Za-z_]+)`", more)]:
+            assert hasattr(module, each), f"docs/architecture.md names {module_path}.py: {each}"
+
+    methods = re.findall(r"`([A-Z][A-Za-z]+)\.([a-z_][A-Za-z_]*)[`(]", text)
+    assert len(methods) > 10
+    for class_name, method in methods:
+        assert class_name in namespace, f"docs/architecture.md names unknown class {class_name}"
+        assert hasattr(namespace[class_name], method), (
+            f"docs/architecture.md names {class_name}.{method}, which does not exist"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ndp.checkpoint import write_checkpoint
 from ndp.config import Config, config_from_dict
 from ndp.coordinator import NdpEngine
 from ndp.data.loader import build_datasets
@@ -12,6 +13,7 @@ from ndp.interop import (
     TABLE_KEY,
     InteropError,
     build_torchrec_dlrm,
+    export_checkpoint_state_dict,
     export_dense_state_dict,
     export_torchrec_state_dict,
     import_torchrec_state_dict,
@@ -176,6 +178,23 @@ def test_ndp_export_and_import_match_the_reference(ray_session, cfg, batches, tr
             torch.testing.assert_close(
                 weights, reference.embeddings.table_weights(table), rtol=1e-5, atol=1e-5
             )
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ndp_checkpoint_exports_to_a_torchrec_dlrm_that_predicts_like_the_engine(
+    ray_session, cfg, batches, tmp_path
+):
+    probe = batches[STEPS + 1]
+    with NdpEngine(cfg) as engine:
+        for step, batch in enumerate(batches[:STEPS]):
+            engine.train_step(step, batch)
+        write_checkpoint(tmp_path, engine.export_state(), next_step=STEPS, cfg=cfg)
+        expected = engine.predict(STEPS, probe)
+
+    state = export_checkpoint_state_dict(cfg, tmp_path)  # the newest checkpoint in the dir
+
+    torch.testing.assert_close(torchrec_logits(cfg, state, probe), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_import_names_the_key_and_field_to_fix(cfg, trained_reference):
