@@ -135,7 +135,9 @@ def write_checkpoint(root: str | Path, state: EngineState, *, next_step: int, cf
             "sha256": files,
         }
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        for sub in [*{(tmp / rel).parent for rel in files}, tmp]:
+        # every directory of the tree, deepest first (tables/ too, not only tables/<table>/)
+        dirs = {d for rel in files for d in (tmp / rel).parents if d.is_relative_to(tmp)}
+        for sub in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
             _fsync_dir(sub)
         if final.exists():  # the same step again (a replay after recovery): replace it
             shutil.rmtree(final)

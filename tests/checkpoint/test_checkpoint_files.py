@@ -1,15 +1,19 @@
-"""Checkpoint files without actors: atomic writes, retention, verification, re-slicing."""
+"""Checkpoint files without actors: atomic writes, retention, schedule, verification, re-slicing."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from jobs import tiny_job
 
+import ndp.checkpoint
 from ndp.checkpoint import (
     Checkpoint,
     CheckpointError,
+    CheckpointSchedule,
     EngineState,
     TableChunk,
     latest_checkpoint,
@@ -17,8 +21,10 @@ from ndp.checkpoint import (
     prune_checkpoints,
     remove_partial_checkpoints,
     resolve_checkpoint,
+    restore_rng_state,
     write_checkpoint,
 )
+from ndp.config import load_config
 
 
 def _state(value: float, *, fail_after_chunks: int | None = None) -> EngineState:
@@ -37,6 +43,24 @@ def _state(value: float, *, fail_after_chunks: int | None = None) -> EngineState
         sparse_optimizer_step=3,
         plan={"num_nodes": 2},
     )
+
+
+def test_a_checkpoint_holds_config_plan_rng_position_and_a_checksum_of_every_file(tmp_path):
+    cfg = tiny_job()
+    torch.manual_seed(11)
+    path = write_checkpoint(tmp_path, _state(1.0), next_step=4, cfg=cfg)
+    expected_draw = torch.rand(3)
+    loaded = Checkpoint(path)
+    files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert set(loaded.manifest["sha256"]) == files - {"manifest.json"}
+    assert {"config.yaml", "plan.json", "rng.pt", "dense/model.pt", "dense/optimizer.pt"} <= files
+    assert loaded.next_step == 4 and loaded.sparse_optimizer_step == 3
+    assert loaded.plan() == {"num_nodes": 2}
+    (tmp_path / "run.yaml").write_text(loaded.config_yaml())
+    assert load_config(tmp_path / "run.yaml") == cfg
+    torch.rand(5)
+    restore_rng_state(loaded.rng_state())
+    assert torch.equal(torch.rand(3), expected_draw)
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
@@ -60,12 +84,87 @@ def test_a_killed_writer_s_temp_dir_is_ignored_and_cleaned(tmp_path):
     assert not partial.exists()
 
 
+def test_every_directory_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    synced: list[Path] = []
+    fsync_dir = ndp.checkpoint._fsync_dir
+    monkeypatch.setattr(
+        ndp.checkpoint, "_fsync_dir", lambda path: (synced.append(path), fsync_dir(path))
+    )
+    write_checkpoint(tmp_path, _state(1.0), next_step=4, cfg=tiny_job())
+    assert synced[-1] == tmp_path  # the rename itself
+    inside = {Path(*path.relative_to(tmp_path).parts[1:]) for path in synced[:-1]}
+    assert inside == {
+        Path(),
+        Path("dense"),
+        Path("tables"),
+        Path("tables/big"),
+        Path("tables/small"),
+    }
+    assert all(".tmp-" in path.relative_to(tmp_path).parts[0] for path in synced[:-1])
+
+
 def test_retention_keeps_the_newest(tmp_path):
     cfg = tiny_job()
     for step in (2, 4, 6, 8):
         write_checkpoint(tmp_path, _state(step), next_step=step, cfg=cfg)
     prune_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005", "step-00000007"]
+
+
+class _Engine:
+    """Hands over a fresh `_state` at every barrier (what `NdpEngine.export_state` does)."""
+
+    def export_state(self) -> EngineState:
+        return _state(1.0)
+
+
+def test_each_scheduled_save_keeps_only_the_newest_keep_last(tmp_path):
+    schedule = CheckpointSchedule(tiny_job(interval_steps=2, keep_last=2), tmp_path)
+    saved = [schedule.maybe_save(_Engine(), steps_done) for steps_done in range(1, 9)]
+    assert [path.name for path in saved if path is not None] == [
+        "step-00000001",
+        "step-00000003",
+        "step-00000005",
+        "step-00000007",
+    ]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005", "step-00000007"]
+
+
+def test_interval_minutes_is_due_once_the_minutes_since_the_last_save_have_passed(tmp_path):
+    now = [0.0]
+    schedule = CheckpointSchedule(tiny_job(interval_minutes=10), tmp_path, clock=lambda: now[0])
+    assert not schedule.due(1)
+    now[0] = 599.0
+    assert not schedule.due(2)
+    now[0] = 600.0
+    assert schedule.due(3)
+    schedule.save(_Engine(), 3)
+    assert not schedule.due(3)  # that step is saved already
+    now[0] = 1199.0
+    assert not schedule.due(4)  # the ten minutes count from the save, not from the start
+    now[0] = 1200.0
+    assert schedule.due(5)
+
+
+def test_steps_and_minutes_together_checkpoint_at_whichever_comes_first(tmp_path):
+    now = [0.0]
+    schedule = CheckpointSchedule(
+        tiny_job(interval_steps=4, interval_minutes=1), tmp_path, clock=lambda: now[0]
+    )
+    assert [schedule.due(s) for s in (1, 2, 3, 4)] == [False, False, False, True]
+    now[0] = 60.0
+    assert schedule.due(5)
+
+
+def test_a_disabled_schedule_is_never_due(tmp_path):
+    now = [0.0]
+    schedule = CheckpointSchedule(
+        tiny_job(enabled=False, interval_steps=1, interval_minutes=1),
+        tmp_path,
+        clock=lambda: now[0],
+    )
+    now[0] = 3600.0
+    assert not any(schedule.due(s) for s in range(1, 5))
 
 
 def test_a_corrupt_file_is_refused_by_name(tmp_path):

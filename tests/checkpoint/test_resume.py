@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
-from jobs import STEPS, assert_same_model, model_of, tiny_job
+from jobs import BATCH, STEPS, assert_same_model, model_of, tiny_job
 
-from ndp.checkpoint import resolve_checkpoint
+from ndp.checkpoint import Checkpoint, resolve_checkpoint
+from ndp.cli.train import main
 from ndp.coordinator import NdpEngine
 from ndp.data.loader import build_datasets
 from ndp.recovery import ResilientEngine, resume
@@ -60,3 +63,35 @@ def test_stop_at_half_and_resume_gives_the_uninterrupted_model(
         torch.tensor(losses), torch.tensor(straight_losses[STEPS // 2 :]), rtol=0, atol=1e-6
     )
     assert_same_model(model, straight_model)
+
+
+def test_ndp_train_resume_continues_a_stopped_run_to_the_uninterrupted_model(ray_session, tmp_path):
+    """`ndp-train --resume`: a run that stopped after step 3 (as a coordinator crash leaves it)
+    and is resumed writes the final checkpoint an uninterrupted run writes, bit for bit."""
+    cfg = tiny_job(sparse_optimizer="adam", interval_steps=4)
+    config = tmp_path / "job.yaml"
+    config.write_text(cfg.to_yaml())
+
+    def ndp_train(run: str, *flags: str) -> None:
+        assert main(["--config", str(config), "--output-dir", str(tmp_path / run), *flags]) == 0
+
+    ndp_train("straight")
+    ndp_train("stopped", "--set", f"train.steps={STEPS // 2}")
+    ndp_train("stopped", "--resume")
+
+    last = f"checkpoints/step-{STEPS - 1:08d}"
+    straight, resumed = (
+        Checkpoint(tmp_path / "straight" / last),
+        Checkpoint(tmp_path / "stopped" / last),
+    )
+    exact = {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(resumed.dense_model(), straight.dense_model(), **exact)
+    torch.testing.assert_close(resumed.dense_optimizer(), straight.dense_optimizer(), **exact)
+    assert resumed.sparse_optimizer_step == straight.sparse_optimizer_step
+    for table in cfg.model.tables:
+        np.testing.assert_array_equal(
+            resumed.table_records(table.name, 0, table.num_rows),
+            straight.table_records(table.name, 0, table.num_rows),
+        )
+    summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["samples"] == (STEPS // 2) * BATCH

@@ -13,6 +13,7 @@ from criteo_lines import tsv_line
 
 from ndp.config import DataConfig
 from ndp.data.columnar import read_meta
+from ndp.data.dataset import apply_index_policy
 from ndp.data.loader import build_datasets, open_tsv
 from ndp.data.preprocess import preprocess_criteo
 from ndp.data.synthetic import write_synthetic
@@ -205,6 +206,21 @@ def test_index_policy_hash_and_clamp_bring_rows_into_the_table(policy, synth_dir
     assert torch.equal(
         next(small.batches(100)).sparse["f0"].values(), next(big.batches(100)).sparse["f0"].values()
     )
+
+
+def test_negative_index_fails_naming_table_feature_and_value():
+    rows = np.array([3, -2, 12], dtype=np.int64)
+    with pytest.raises(
+        DataError, match=r"feature 'f1': index -2 is out of range \[0, 10\) of table 't_f1'"
+    ):
+        apply_index_policy(rows, num_rows=10, policy="fail", table="t_f1", feature="f1")
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("hash", [3, 8, 2]), ("clamp", [3, 0, 9])])
+def test_index_policy_hash_and_clamp_bring_negative_rows_into_the_table(policy, expected):
+    rows = np.array([3, -2, 12], dtype=np.int64)
+    got = apply_index_policy(rows, num_rows=10, policy=policy, table="t_f1", feature="f1")
+    assert got.tolist() == expected
 
 
 def test_model_feature_missing_from_preprocessed_data_is_a_data_error(synth_dir, criteo_config):

@@ -46,3 +46,9 @@ def test_negative_cache_budget_is_refused():
 def test_missing_config_file_names_the_path(tmp_path):
     with pytest.raises(ConfigError, match="file not found: .*absent.yaml"):
         load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]"])
+def test_bind_host_on_every_interface_is_refused(host):
+    with pytest.raises(ConfigError, match=r"cluster\.bind_host: binding to all interfaces"):
+        config_from_dict(raw(cluster={"bind_host": host}))

@@ -11,13 +11,14 @@ from ndp.bench.load import LoadOptions, client_traffic, expected_row_sums, run_l
 from ndp.cli.bench import main as bench_main
 
 SMALL = LoadOptions(
-    num_clients=8, steps=50, batch_size=16, pooling_factor=4, num_rows=2_000, embedding_dim=8
+    num_clients=8, steps=125, batch_size=16, pooling_factor=4, num_rows=2_000, embedding_dim=8
 )
 
 
-def test_eight_clients_fifty_steps_every_call_answered_cache_in_budget_no_update_lost():
+def test_eight_clients_a_thousand_lookups_and_pushes_each_answered_in_budget_none_lost():
     result = run_load(SMALL)
     calls = SMALL.num_clients * SMALL.steps
+    assert calls == 1000  # lookups, and as many pushes
     assert result.lookup_latency_s.shape == result.push_latency_s.shape == (calls,)
     assert (result.lookup_latency_s > 0).all() and (result.push_latency_s > 0).all()
     assert result.stats_samples >= 2
