@@ -69,13 +69,15 @@ class NdpEngine:
         self._started_ray = not ray.is_initialized()
         self._nodes: list[Any] = []
         self._workers: list[Any] = []
-        self._worker_timings: dict[str, float] = defaultdict(float)
+        self._update_seconds: dict[int, float] = {}  # per node, at the last timings()
         self._prefetch_clients: list[Any] = []  # coordinator -> node, for Prefetch only
         self._prefetches_in_flight: list[Any] = []
         self._early_pooling = cfg.pipeline.early_pooling and cfg.pipeline.lookahead_depth >= 1
         self._ahead: dict[int, Batch] = {}  # batches read ahead, for early pooling
         try:
-            init_local_ray(address=address or cfg.cluster.address)
+            init_local_ray(
+                address=address or cfg.cluster.address, include_dashboard=cfg.cluster.dashboard
+            )
             self._start_storage_nodes()
             self._start_gpu_workers()
         except BaseException:
@@ -185,14 +187,23 @@ class NdpEngine:
         return torch.cat(_get(refs))
 
     def timings(self) -> dict[str, float]:
-        """Per-phase seconds summed over workers plus link bytes, since the last call."""
+        """Per-phase seconds summed over workers plus link bytes, since the last call.
+
+        `storage_update_s` is the nodes' time applying updates (summed over nodes; it runs
+        beside the workers' phases, not inside them). Does not flush: the last step's push
+        may still be in flight, so the node counters here may lag it by one update.
+        """
         merged: dict[str, float] = defaultdict(float)
         for worker_timings in _get([w.timings.remote() for w in self._workers]):
             for key, value in worker_timings.items():
                 merged[key] += value
-        for node, stats in enumerate(self.node_stats()):  # cumulative, per storage node
-            merged[f"node{node}_cache_hit_rate"] = stats["cache"]["hit_rate"]
-            merged[f"node{node}_flash_bytes_read"] = stats["flash"]["bytes_read"]
+        stats = _get([n.stats.remote() for n in self._nodes])
+        for node, node_stats in enumerate(stats):  # cumulative, per storage node
+            merged[f"node{node}_cache_hit_rate"] = node_stats["cache"]["hit_rate"]
+            merged[f"node{node}_flash_bytes_read"] = node_stats["flash"]["bytes_read"]
+            update_s = node_stats["update_seconds"]
+            merged["storage_update_s"] += update_s - self._update_seconds.get(node, 0.0)
+            self._update_seconds[node] = update_s
         return dict(merged)
 
     def node_stats(self) -> list[dict]:
@@ -297,6 +308,7 @@ class NdpEngine:
         for actor in [*self._workers, *self._nodes]:
             _quietly(lambda a=actor: ray.kill(a, no_restart=True))
         self._workers, self._nodes = [], []
+        self._update_seconds = {}
         for name in names:  # a killed actor's name is released asynchronously
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:

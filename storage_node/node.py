@@ -39,6 +39,7 @@ import json
 import os
 import re
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,6 +199,8 @@ class StorageNodeCore:
         self.applied_step = -1
         self.optimizer_step = 0
         """Updates applied so far: FBGEMM's iteration counter (Adam bias correction)."""
+        self.update_seconds = 0.0
+        """Wall seconds spent applying updates (merge, optimizer, write-back, corrections)."""
         self._lock = threading.RLock()
         self._step_applied = threading.Condition(self._lock)
         self._pending: dict[int, _PendingStep] = {}
@@ -553,7 +556,9 @@ class StorageNodeCore:
             pending.pushed[worker] = row_grads
             if len(pending.pushed) < self.num_workers:
                 return False
+            started = time.perf_counter()
             self._apply_step(step, pending)
+            self.update_seconds += time.perf_counter() - started
             return True
 
     def _row_gradients(
@@ -780,6 +785,7 @@ class StorageNodeCore:
                 "node_id": self.node_id,
                 "applied_step": self.applied_step,
                 "optimizer_step": self.optimizer_step,
+                "update_seconds": self.update_seconds,
                 "early": dict(self.early_counters),
                 **total,
                 "tables": tables,
