@@ -8,6 +8,9 @@ sends d(loss)/d(pooled) back to the storage nodes, which apply the sparse optimi
 
 Off the critical path (lookahead, `ndp.pipeline`):
 
+* the gradient push leaves from inside backward, as soon as every pooled vector's gradient
+  exists (`_PushOnceReady`), so the nodes apply the update while the bottom MLP's backward,
+  the all-reduce and the dense optimizer step still run;
 * the gradient push is sent, not waited for: `train_step` returns while the nodes apply the
   update. The node's step barrier already orders the next lookup after that update, so the
   math is unchanged; the acknowledgements are collected (and any refusal raised) during the
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -139,18 +142,21 @@ class DenseWorker:
                     )
                     for node, bags in early_routed.items()
                 ]
-        with self._phase("dense_compute_s"):
-            leaves = {f: t.to(self.device).requires_grad_() for f, t in pooled.items()}
-            logits = self.dense_half(batch.dense.to(self.device), leaves)
-            loss = self.loss_fn(logits, batch.labels.to(self.device))
-            self.optimizer.zero_grad(set_to_none=True)
-            (loss / self.world_size).backward()
+        pushed_before = self._seconds["gradient_push_s"]
+        started = time.perf_counter()
+        leaves = {f: t.to(self.device).requires_grad_() for f, t in pooled.items()}
+        early_push = _PushOnceReady(lambda grads: self._push_gradients(step, grads), leaves)
+        logits = self.dense_half(batch.dense.to(self.device), leaves)
+        loss = self.loss_fn(logits, batch.labels.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss / self.world_size).backward()
+        early_push.finish()
+        pushing = self._seconds["gradient_push_s"] - pushed_before  # inside backward
+        self._seconds["dense_compute_s"] += time.perf_counter() - started - pushing
         with self._phase("allreduce_s"):
             self._sum_dense_gradients()
         with self._phase("dense_optimizer_s"):
             self.optimizer.step()
-        grads = {f: leaf.grad.detach().cpu() for f, leaf in leaves.items()}
-        self._push_gradients(step, grads)
         return float(loss.detach())
 
     @torch.no_grad()
@@ -254,6 +260,49 @@ class DenseWorker:
 
     def _phase(self, name: str) -> _Phase:
         return _Phase(self._seconds, name)
+
+
+class _PushOnceReady:
+    """Sends d(loss)/d(pooled) as soon as backward has produced it for every feature.
+
+    Why from a hook: the pooled vectors' gradients come out of the interaction's backward,
+    before the bottom MLP's backward, the dense all-reduce and the optimizer step run; pushing
+    then lets the storage nodes apply the update while the worker finishes those, instead of
+    after them (the next lookup waits for that update).
+
+    Args:
+        push: called once with {feature: gradient [B, D] on CPU}.
+        leaves: {feature: pooled vectors, requires_grad} of this step.
+    """
+
+    def __init__(
+        self, push: Callable[[dict[str, torch.Tensor]], None], leaves: Mapping[str, torch.Tensor]
+    ) -> None:
+        self._push = push
+        self._leaves = leaves
+        self._grads: dict[str, torch.Tensor] = {}
+        self._sent = False
+        for feature, leaf in leaves.items():
+            leaf.register_hook(self._collector(feature))
+
+    def _collector(self, feature: str) -> Callable[[torch.Tensor], None]:
+        def collect(grad: torch.Tensor) -> None:
+            self._grads[feature] = grad.detach().cpu()
+            if len(self._grads) == len(self._leaves):
+                self._send()
+
+        return collect
+
+    def finish(self) -> None:
+        """After backward: push now if some feature got no gradient (zeros for it)."""
+        if not self._sent:
+            for feature, leaf in self._leaves.items():
+                self._grads.setdefault(feature, torch.zeros(leaf.shape, dtype=torch.float32))
+            self._send()
+
+    def _send(self) -> None:
+        self._sent = True
+        self._push({feature: self._grads[feature] for feature in self._leaves})
 
 
 def _resolve_all(futures: Sequence[Any]) -> None:

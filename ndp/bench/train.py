@@ -74,6 +74,10 @@ class BenchOptions:
     """Which scenarios to run (the targets of the missing ones are reported as not measured)."""
     fp16_wire: bool = True
     """Also run ndp on `fits_in_dram` with fp16 on the wire (target 4)."""
+    worker_cpus: float = float(os.cpu_count() or 1)
+    """Ray CPUs of the GPU-worker actor, which Ray turns into its torch threads: all cores by
+    default, as many as the in-process baselines' dense half uses (without a CPU request an
+    actor gets one thread)."""
 
     @classmethod
     def quick(cls) -> BenchOptions:
@@ -139,7 +143,11 @@ def scenario_config(options: BenchOptions, scenario: str) -> dict:
         },
         "optimizer": {"dense": {"name": "sgd", "lr": 0.01}, "sparse": {"name": "sgd", "lr": 0.01}},
         "train": {"batch_size": options.batch_size, "seed": 5, "device": options.device},
-        "cluster": {"num_storage_nodes": num_nodes, "num_gpu_workers": 1},
+        "cluster": {
+            "num_storage_nodes": num_nodes,
+            "num_gpu_workers": 1,
+            "gpu_worker_resources": {"CPU": options.worker_cpus},
+        },
         "storage": {
             "cache_bytes": max(per_node, 4096),
             "cache_policy": "hot+lfu",
