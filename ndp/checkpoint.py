@@ -17,6 +17,7 @@ config. Layout::
         tables/<table>/<start>-<end>.npy   float32 [end - start, D + S]: weights | opt. state
       step-00000005/                   an older one (retention: checkpoint.keep_last)
       step-00000017.tmp-3fa9c1/        a write that never finished: ignored, then removed
+      step-00000011.old-5be07d/        step 11 set aside while a rewrite of it is renamed in
 
 Why tables are stored as global-row-range chunks rather than per-node files: restoring onto a
 different number of storage nodes (a new plan) only has to slice global rows, so the same
@@ -26,7 +27,11 @@ rows [a, b) from whichever chunks cover them.
 Why writes are atomic: everything goes into `step-<s>.tmp-<random>/`; files and the directory
 are fsynced, then the directory is renamed to `step-<s>/` and the parent fsynced. A crash at
 any point leaves the previous checkpoint untouched; `latest_checkpoint` never picks a `.tmp-`
-directory and `remove_partial_checkpoints` deletes them.
+directory and `remove_partial_checkpoints` deletes them. Rewriting a step that exists (a replay
+after recovery) first renames the old `step-<s>/` aside to `step-<s>.old-<random>/`, then
+renames the new one in, then deletes the old: a crash between the renames leaves the aside
+copy, which `list_checkpoints` stands in for the missing step and `remove_partial_checkpoints`
+renames back (or deletes, once the new one is in).
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ MANIFEST = "manifest.json"
 CHUNK_ROWS = 1 << 20
 """Rows per table chunk file: bounds the memory one read_rows call and one file need."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_ASIDE = ".old-"
+"""Infix of a finished checkpoint set aside while a rewrite of its step is renamed in."""
+_ASIDE_DIR = re.compile(r"^step-(\d+)\.old-[0-9a-f]+$")
 
 
 class CheckpointError(NDPError):
@@ -101,6 +109,7 @@ def write_checkpoint(root: str | Path, state: EngineState, *, next_step: int, cf
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(next_step - 1)
     tmp = root / f"{final.name}.tmp-{secrets.token_hex(4)}"
+    aside: Path | None = None
     tmp.mkdir()
     try:
         files: dict[str, str] = {}
@@ -139,13 +148,20 @@ def write_checkpoint(root: str | Path, state: EngineState, *, next_step: int, cf
         dirs = {d for rel in files for d in (tmp / rel).parents if d.is_relative_to(tmp)}
         for sub in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
             _fsync_dir(sub)
-        if final.exists():  # the same step again (a replay after recovery): replace it
-            shutil.rmtree(final)
+        if final.exists():  # the same step again (a replay after recovery): replace it,
+            # never leaving a moment without a loadable copy of the step
+            aside = root / f"{final.name}{_ASIDE}{secrets.token_hex(4)}"
+            os.rename(final, aside)
+            _fsync_dir(root)
         os.rename(tmp, final)
         _fsync_dir(root)
     except BaseException:
+        if aside is not None and aside.is_dir() and not final.exists():
+            os.rename(aside, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
@@ -219,16 +235,25 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Finished checkpoints under `root`, oldest first (temporary directories excluded)."""
+    """Finished checkpoints under `root`, oldest first (temporary directories excluded).
+
+    A step whose `step-<s>/` is missing but whose set-aside copy `step-<s>.old-*/` is whole (a
+    rewrite crashed between its two renames) is listed as that copy.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if path.is_dir() and (match := _STEP_DIR.match(path.name)) and (path / MANIFEST).is_file()
-    ]
-    return [path for _, path in sorted(found)]
+    finished: dict[int, Path] = {}
+    set_aside: dict[int, Path] = {}
+    for path in sorted(root.iterdir()):
+        if not (path.is_dir() and (path / MANIFEST).is_file()):
+            continue
+        if match := _STEP_DIR.match(path.name):
+            finished[int(match.group(1))] = path
+        elif match := _ASIDE_DIR.match(path.name):
+            set_aside.setdefault(int(match.group(1)), path)
+    found = {**set_aside, **finished}
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -237,11 +262,22 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def remove_partial_checkpoints(root: str | Path) -> list[Path]:
-    """Delete `step-*.tmp-*` directories left by an interrupted write; returns them."""
+    """Clean up after an interrupted write; returns the directories deleted.
+
+    Deletes `step-*.tmp-*` directories; renames a set-aside `step-<s>.old-*/` back to
+    `step-<s>/` when that is missing (the rewrite died between its renames), else deletes it.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
     partial = [p for p in root.iterdir() if p.is_dir() and ".tmp-" in p.name]
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and _ASIDE_DIR.match(p.name)):
+        final = root / step_dir_name(int(_ASIDE_DIR.match(path.name).group(1)))
+        if not final.exists() and (path / MANIFEST).is_file():
+            os.rename(path, final)
+            _fsync_dir(root)
+        else:
+            partial.append(path)
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
     return partial

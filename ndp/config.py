@@ -312,6 +312,8 @@ class ClusterConfig:
 
     address: str | None = None
     """Ray cluster address (`auto`, `ray://host:10001`, `host:6379`); unset: start a local Ray."""
+    dashboard: bool = True
+    """Start Ray's dashboard (127.0.0.1:8265) with a local Ray instance, so the named ndp actors can be watched."""
     num_storage_nodes: int = 2
     """Storage-node actors (emulated CSDs)."""
     num_gpu_workers: int = 1
@@ -326,6 +328,9 @@ class ClusterConfig:
     """Address gRPC servers bind to; unset: 127.0.0.1 locally, the Ray node address on a cluster."""
     rpc_timeout_s: float = 120.0
     """Deadline of one storage-node RPC."""
+    step_timeout_s: float = 600.0
+    """Longest the coordinator waits for the actors' answer to one step, flush or predict; an
+    actor silent for longer counts as failed (restarted and rolled back like a dead one)."""
     constraints: dict[str, ShardingConstraint] = field(default_factory=dict)
     """Per-table planner overrides, keyed by table name."""
     plan_sample_batches: int = 0
@@ -337,16 +342,30 @@ class ClusterConfig:
     """PEM private key of `tls_cert`."""
     tls_ca: str | None = None
     """PEM CA certificate that signed `tls_cert`; clients trust only it."""
+    tls_client_cert: str | None = None
+    """PEM client certificate signed by `tls_ca`; with tls_client_key: mutual TLS, the nodes
+    refuse every client that does not present a certificate from `tls_ca`."""
+    tls_client_key: str | None = None
+    """PEM private key of `tls_client_cert`."""
 
     def validate(self, path: str) -> None:
         tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
         if any(tls.values()) and not all(tls.values()):
             missing = ", ".join(k for k, v in tls.items() if not v)
             _fail(path, f"TLS needs tls_cert, tls_key and tls_ca together; set {missing}")
+        client = {"tls_client_cert": self.tls_client_cert, "tls_client_key": self.tls_client_key}
+        if any(client.values()) and not (all(client.values()) and all(tls.values())):
+            missing = ", ".join(k for k, v in {**tls, **client}.items() if not v)
+            _fail(
+                path,
+                "mutual TLS needs tls_client_cert and tls_client_key together, and tls_cert, "
+                f"tls_key and tls_ca; set {missing}",
+            )
         _positive(path, "num_storage_nodes", self.num_storage_nodes)
         _positive(path, "num_gpu_workers", self.num_gpu_workers)
         _positive(path, "node_capacity_bytes", self.node_capacity_bytes)
         _positive(path, "rpc_timeout_s", self.rpc_timeout_s)
+        _positive(path, "step_timeout_s", self.step_timeout_s)
         if self.plan_sample_batches < 0:
             _fail(_join(path, "plan_sample_batches"), f"{self.plan_sample_batches} must be >= 0")
         for key, value in {**self.storage_node_resources, **self.gpu_worker_resources}.items():

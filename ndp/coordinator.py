@@ -35,7 +35,7 @@ import torch
 from gpu_worker.actor import launch_gpu_worker
 from ndp.config import Config
 from ndp.data.batch import Batch
-from ndp.errors import NDPError
+from ndp.errors import ComponentTimeoutError, NDPError
 from ndp.planner import ShardingPlan, plan_shards
 from ndp.ray_local import init_local_ray
 from ndp.routing import route_indices
@@ -133,7 +133,7 @@ class NdpEngine:
             worker.train_step.remote(step, part, early_part)
             for worker, part, early_part in zip(self._workers, parts, early, strict=True)
         ]
-        losses = _get(refs)
+        losses = _get(refs, timeout_s=self.cfg.cluster.step_timeout_s, component="gpu-worker")
         return float(sum(losses) / len(losses))
 
     def flush(self) -> None:
@@ -143,7 +143,11 @@ class NdpEngine:
             the first refusal of a push (e.g. a StorageNodeError) a worker collected.
         """
         if self._workers:
-            _get([w.flush.remote() for w in self._workers])
+            _get(
+                [w.flush.remote() for w in self._workers],
+                timeout_s=self.cfg.cluster.step_timeout_s,
+                component="gpu-worker",
+            )
 
     def prefetch(self, step: int, batch: Batch) -> None:
         """Lookahead: send `batch`'s unique rows to their nodes to stage and pin for `step`.
@@ -184,7 +188,9 @@ class NdpEngine:
             worker.predict.remote(step, part)
             for worker, part in zip(self._workers, parts, strict=True)
         ]
-        return torch.cat(_get(refs))
+        return torch.cat(
+            _get(refs, timeout_s=self.cfg.cluster.step_timeout_s, component="gpu-worker")
+        )
 
     def timings(self) -> dict[str, float]:
         """Per-phase seconds summed over workers plus link bytes, since the last call.
@@ -359,17 +365,41 @@ class NdpEngine:
         self.close()
 
 
-def _get(refs: Any) -> Any:
-    """ray.get that re-raises a user error (NDPError) from an actor as itself."""
+def _get(refs: Any, *, timeout_s: float | None = None, component: str = "actor") -> Any:
+    """ray.get that re-raises a user error (NDPError) from an actor as itself.
+
+    Args:
+        refs: one ObjectRef or a list (element i from actor `<component>-<i>`).
+        timeout_s: deadline for all of them (`cluster.step_timeout_s`); None: wait forever.
+        component: names the actors in the timeout error (`gpu-worker`, `storage-node`).
+
+    Raises:
+        ComponentTimeoutError: some refs were not ready in time; names their actors. An actor
+            that hangs without dying (stopped, deadlocked) is only noticed this way.
+    """
     import ray
 
+    many = isinstance(refs, list)
+    refs_list = list(refs) if many else [refs]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        if isinstance(refs, list):  # fail on the first error, not behind a blocked peer
-            pending = list(refs)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
-        return ray.get(refs)
+        pending = refs_list  # fail on the first error, not behind a blocked peer
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                index = {ref: i for i, ref in enumerate(refs_list)}
+                silent = ", ".join(
+                    f"{component}-{index[ref]}" if many else component for ref in pending
+                )
+                raise ComponentTimeoutError(
+                    f"{silent} did not answer within cluster.step_timeout_s={timeout_s:g}s "
+                    "(hung or stopped without dying); raise cluster.step_timeout_s if its "
+                    "steps are legitimately slower"
+                )
+            ray.get(ready)
+        values = ray.get(refs_list)
+        return values if many else values[0]
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, NDPError):

@@ -29,3 +29,8 @@ class StorageNodeError(NDPError):
 
 class NotAvailableError(NDPError):
     """A documented interface that this build does not provide yet."""
+
+
+class ComponentTimeoutError(NDPError):
+    """An actor did not answer within `cluster.step_timeout_s` (hung, stopped or stalled);
+    recovery treats it like a dead one."""

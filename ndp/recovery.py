@@ -5,7 +5,8 @@
 not change. Per training step:
 
     loss = engine.train_step(step, batch)
-    on a component failure (an actor died, a storage node stopped answering):
+    on a component failure (an actor died, a storage node stopped answering, an actor
+    stayed silent past cluster.step_timeout_s: hung or stopped without dying):
         restarts += 1; past checkpoint.max_restarts -> RecoveryError (component, cause, last ckpt)
         engine.restart()                         fresh actors
         roll back to the newest checkpoint       (or to the initial model when there is none)
@@ -26,7 +27,7 @@ from typing import Any
 from ndp.checkpoint import Checkpoint, CheckpointSchedule, latest_checkpoint, restore_rng_state
 from ndp.config import Config
 from ndp.data.batch import Batch
-from ndp.errors import NDPError, NotAvailableError
+from ndp.errors import ComponentTimeoutError, NDPError, NotAvailableError
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,12 @@ class RecoveryError(NDPError):
 
 
 def is_component_failure(exc: BaseException) -> bool:
-    """True for a dead or unreachable actor; False for a user error or a bug in a step."""
+    """True for a dead, unreachable or hung actor; False for a user error or a bug in a step."""
     import ray
 
     from gpu_worker.storage_client import StorageNodeUnavailableError
 
-    if isinstance(exc, StorageNodeUnavailableError):
+    if isinstance(exc, StorageNodeUnavailableError | ComponentTimeoutError):
         return True
     if isinstance(exc, NDPError):
         return False
@@ -61,7 +62,7 @@ def is_component_failure(exc: BaseException) -> bool:
 def describe_component(exc: BaseException) -> str:
     """Which kind of component a failure names (best effort, for the error message)."""
     text = f"{type(exc).__name__} {exc}"
-    if "StorageNode" in text or "storage node" in text:
+    if "StorageNode" in text or "storage node" in text or "storage-node" in text:
         return "a storage node"
     if "GpuWorker" in text or "gpu-worker" in text:
         return "a GPU worker"

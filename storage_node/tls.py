@@ -2,9 +2,10 @@
 
 With `cluster.tls_cert`, `cluster.tls_key` and `cluster.tls_ca` set, a node serves only TLS
 (no plaintext port) and clients dial with the CA that signed the node's certificate; the
-shared `ndp-token` is still checked on every call, now inside the encrypted channel. When
-`tls_ca` also signs client certificates, a client presenting its own cert/key pair is
-verified too (mutual TLS, `require_client_auth`).
+shared `ndp-token` is still checked on every call, now inside the encrypted channel. With
+`cluster.tls_client_cert` and `cluster.tls_client_key` set as well (mutual TLS), clients
+present that certificate and a node refuses the handshake of any client without a
+certificate signed by `tls_ca` (`require_client_auth`), before any call reaches it.
 
 Unset (the default), traffic is plaintext on the node's own address (loopback locally):
 fine for a single machine, not for a shared network.
@@ -30,14 +31,35 @@ class TlsFiles:
     """Private key of `cert`."""
     ca: str
     """CA certificate(s) that sign the peer: the server's for a client, clients' for a server."""
+    require_client_auth: bool = False
+    """Server side: refuse clients that present no certificate signed by `ca` (mutual TLS)."""
 
     @staticmethod
     def from_cluster(cluster: object) -> TlsFiles | None:
-        """From `cfg.cluster` (`tls_cert`, `tls_key`, `tls_ca`); None when TLS is off."""
+        """A node's side from `cfg.cluster` (`tls_cert`, `tls_key`, `tls_ca`; client certs
+        required when `tls_client_cert` is set); None when TLS is off."""
         ca = getattr(cluster, "tls_ca", None)
         if ca is None:
             return None
-        return TlsFiles(cert=cluster.tls_cert, key=cluster.tls_key, ca=ca)  # type: ignore[attr-defined]
+        return TlsFiles(
+            cert=cluster.tls_cert,  # type: ignore[attr-defined]
+            key=cluster.tls_key,  # type: ignore[attr-defined]
+            ca=ca,
+            require_client_auth=getattr(cluster, "tls_client_cert", None) is not None,
+        )
+
+    @staticmethod
+    def client_from_cluster(cluster: object) -> TlsFiles | None:
+        """A client's side from `cfg.cluster`: trust `tls_ca`, present `tls_client_cert` /
+        `tls_client_key` (None when unset: no client certificate); None when TLS is off."""
+        ca = getattr(cluster, "tls_ca", None)
+        if ca is None:
+            return None
+        return TlsFiles(
+            cert=getattr(cluster, "tls_client_cert", None),
+            key=getattr(cluster, "tls_client_key", None),
+            ca=ca,
+        )
 
 
 def _read(path: str | None, field: str) -> bytes:
@@ -51,14 +73,13 @@ def _read(path: str | None, field: str) -> bytes:
         ) from None
 
 
-def server_credentials(
-    files: TlsFiles, *, require_client_auth: bool = False
-) -> grpc.ServerCredentials:
-    """Credentials for `grpc.Server.add_secure_port` (the node's cert/key; CA for clients)."""
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """Credentials for `grpc.Server.add_secure_port`: the node's cert/key; with
+    `files.require_client_auth`, only clients with a certificate signed by `files.ca`."""
     return grpc.ssl_server_credentials(
         [(_read(files.key, "tls_key"), _read(files.cert, "tls_cert"))],
         root_certificates=_read(files.ca, "tls_ca"),
-        require_client_auth=require_client_auth,
+        require_client_auth=files.require_client_auth,
     )
 
 
@@ -67,6 +88,6 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     with_client_cert = files.cert is not None and files.key is not None
     return grpc.ssl_channel_credentials(
         root_certificates=_read(files.ca, "tls_ca"),
-        private_key=_read(files.key, "tls_key") if with_client_cert else None,
-        certificate_chain=_read(files.cert, "tls_cert") if with_client_cert else None,
+        private_key=_read(files.key, "tls_client_key") if with_client_cert else None,
+        certificate_chain=_read(files.cert, "tls_client_cert") if with_client_cert else None,
     )

@@ -21,7 +21,10 @@ SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup_env.sh"
 
 
 def pins(lock: Path) -> dict[str, str]:
-    """{distribution name (lower case): version} of a lock file; every entry must be pinned."""
+    """{distribution name (lower case): version} of a lock file; every entry must be pinned.
+
+    Extras are dropped from the name (`ray[default]` -> `ray`); `extras` reads them.
+    """
     result = {}
     for line in lock.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -29,7 +32,17 @@ def pins(lock: Path) -> dict[str, str]:
             continue
         name, sep, version = line.partition("==")
         assert sep, f"{lock.name}: {line!r} is not pinned with =="
-        result[name.strip().lower()] = version.strip()
+        result[name.split("[", 1)[0].strip().lower()] = version.strip()
+    return result
+
+
+def extras(lock: Path) -> dict[str, set[str]]:
+    """{distribution name (lower case): extras} of the lock file's entries that name extras."""
+    result = {}
+    for line in lock.read_text().splitlines():
+        match = re.match(r"\s*([A-Za-z0-9_.-]+)\[([^\]]*)\]\s*==", line.split("#", 1)[0])
+        if match:
+            result[match[1].lower()] = {e.strip() for e in match[2].split(",")}
     return result
 
 
@@ -54,6 +67,9 @@ def test_cpu_lock_pins_the_verified_set_and_never_the_cuda_fbgemm_wheel():
     assert {"ray", "grpcio", "protobuf", "pyyaml", "numpy", "torchmetrics", "tqdm"} <= set(cpu)
     assert "fbgemm-gpu" not in cpu and "torchrec" not in cpu
     assert pins(NODEPS_LOCK) == {"torchrec": "1.8.0"}
+    # the dashboard, the job server (`ray job submit`) and the state API need ray[default]
+    assert "default" in extras(CPU_LOCK)["ray"]
+    assert {"aiohttp", "aiohttp-cors", "opencensus", "prometheus-client", "py-spy"} <= set(cpu)
 
 
 def test_cuda_lock_swaps_only_torch_source_and_fbgemm():
@@ -63,6 +79,7 @@ def test_cuda_lock_swaps_only_torch_source_and_fbgemm():
     assert {k: v for k, v in cuda.items() if k != "fbgemm-gpu"} == {
         k: v for k, v in cpu.items() if k != "fbgemm-gpu-cpu"
     }
+    assert extras(CUDA_LOCK) == extras(CPU_LOCK)
     assert "download.pytorch.org" in CUDA_LOCK.read_text()
 
 

@@ -1,4 +1,5 @@
-"""Test certificates made with the openssl CLI: a CA and a node certificate it signs."""
+"""Test certificates made with the openssl CLI: a CA, a node certificate it signs, and client
+certificates for mutual TLS."""
 
 from __future__ import annotations
 
@@ -14,22 +15,7 @@ def openssl(*args: str, cwd) -> None:
 
 def make_test_certs(d: Path) -> TlsFiles:
     """A self-signed CA and a certificate for 127.0.0.1 / localhost signed by it, in `d`."""
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ndp test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        cwd=d,
-    )
+    make_ca(d, "ca", subject="ndp test CA")
     openssl(
         "req",
         "-newkey",
@@ -63,3 +49,61 @@ def make_test_certs(d: Path) -> TlsFiles:
         cwd=d,
     )
     return TlsFiles(cert=str(d / "node.pem"), key=str(d / "node.key"), ca=str(d / "ca.pem"))
+
+
+def make_ca(d: Path, name: str, *, subject: str | None = None) -> tuple[Path, Path]:
+    """A self-signed CA `d/<name>.pem` with key `d/<name>.key`; -> (cert, key)."""
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={subject or name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
+    return d / f"{name}.pem", d / f"{name}.key"
+
+
+def make_client_cert(d: Path, name: str, *, ca_cert: Path, ca_key: Path) -> tuple[str, str]:
+    """A client certificate `d/<name>.pem` (key `d/<name>.key`) signed by the given CA."""
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
+    (d / f"{name}.ext").write_text("extendedKeyUsage=clientAuth\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        str(ca_cert),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
+    return str(d / f"{name}.pem"), str(d / f"{name}.key")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,79 @@ def test_a_killed_writer_s_temp_dir_is_ignored_and_cleaned(tmp_path):
     assert latest_checkpoint(tmp_path) == good
     assert remove_partial_checkpoints(tmp_path) == [partial]
     assert not partial.exists()
+
+
+class _Crash(BaseException):
+    """The writing process dies here: nothing after it touches the disk."""
+
+
+def _die_at(monkeypatch, crash_point) -> None:
+    """Make the process 'die' at the first os.rename/shutil.rmtree for which `crash_point`
+    is true: that call and every later rename/rmtree (clean-up handlers too) raise `_Crash`."""
+    rename, rmtree = os.rename, shutil.rmtree
+    dead = False
+
+    def guard(name, real):
+        def call(path, *args, **kwargs):
+            nonlocal dead
+            dead = dead or crash_point(name, Path(path))
+            if dead:
+                raise _Crash(f"{name}({path})")
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "rename", guard("rename", rename))
+    monkeypatch.setattr(shutil, "rmtree", guard("rmtree", rmtree))
+
+
+def test_a_crash_between_setting_a_step_aside_and_renaming_its_rewrite_in_keeps_it_loadable(
+    tmp_path, monkeypatch
+):
+    cfg = tiny_job()
+    write_checkpoint(tmp_path, _state(1.0), next_step=4, cfg=cfg)
+    _die_at(monkeypatch, lambda name, path: name == "rename" and ".tmp-" in path.name)
+    with pytest.raises(_Crash):
+        write_checkpoint(tmp_path, _state(2.0), next_step=4, cfg=cfg)
+    monkeypatch.undo()
+    assert not (tmp_path / "step-00000003").exists()  # the crash hit between the renames
+    loaded = resolve_checkpoint(tmp_path)
+    assert loaded.next_step == 4
+    assert loaded.dense_model()["w"].tolist() == [1.0, 1.0]
+    remove_partial_checkpoints(tmp_path)  # what the next run's schedule does first
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]
+    assert Checkpoint(tmp_path / "step-00000003").dense_model()["w"].tolist() == [1.0, 1.0]
+
+
+def test_a_crash_before_the_replaced_step_is_deleted_loads_the_rewrite(tmp_path, monkeypatch):
+    cfg = tiny_job()
+    write_checkpoint(tmp_path, _state(1.0), next_step=4, cfg=cfg)
+    _die_at(monkeypatch, lambda name, path: name == "rmtree" and ".old-" in path.name)
+    with pytest.raises(_Crash):
+        write_checkpoint(tmp_path, _state(2.0), next_step=4, cfg=cfg)
+    monkeypatch.undo()
+    assert len(list(tmp_path.iterdir())) == 2  # the rewrite and the old copy set aside
+    assert resolve_checkpoint(tmp_path).dense_model()["w"].tolist() == [2.0, 2.0]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003"]
+    remove_partial_checkpoints(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]
+
+
+def test_a_failed_rename_of_a_rewrite_puts_the_old_step_back(tmp_path, monkeypatch):
+    cfg = tiny_job()
+    write_checkpoint(tmp_path, _state(1.0), next_step=4, cfg=cfg)
+    rename = os.rename
+
+    def refuse_the_rewrite(src, dst):
+        if ".tmp-" in Path(src).name:
+            raise OSError("simulated: no space left")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refuse_the_rewrite)
+    with pytest.raises(OSError, match="simulated"):
+        write_checkpoint(tmp_path, _state(2.0), next_step=4, cfg=cfg)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]
+    assert Checkpoint(tmp_path / "step-00000003").dense_model()["w"].tolist() == [1.0, 1.0]
 
 
 def test_every_directory_is_fsynced_before_the_rename(tmp_path, monkeypatch):

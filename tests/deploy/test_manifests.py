@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import tomllib
 from pathlib import Path
@@ -79,13 +80,25 @@ def test_kuberay_cluster_groups_offer_what_the_job_config_asks_for():
     assert "gpu_worker" not in groups["storage-node"]
     assert "storage_node" not in groups["gpu-worker"]
     assert cluster["spec"]["rayVersion"] == _pinned("ray")
+    # a RayJob goes through the head's job server, which only ray[default] has
+    assert "default" in _pinned_extras("ray")
+
+
+def _pinned_line(package: str) -> re.Match:
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        match = re.match(rf"{re.escape(package)}(?:\[([^\]]*)\])?==([^\s#]+)", line)
+        if match:
+            return match
+    raise AssertionError(f"{package} not pinned in requirements.lock")
 
 
 def _pinned(package: str) -> str:
-    for line in (REPO / "requirements.lock").read_text().splitlines():
-        if line.startswith(f"{package}=="):
-            return line.split("==", 1)[1].strip()
-    raise AssertionError(f"{package} not pinned in requirements.lock")
+    return _pinned_line(package)[2]
+
+
+def _pinned_extras(package: str) -> set[str]:
+    extras = _pinned_line(package)[1] or ""
+    return {e.strip() for e in extras.split(",") if e.strip()}
 
 
 def test_dockerfile_installs_with_setup_env_and_selects_cuda_by_build_arg():

@@ -1,7 +1,9 @@
-"""ndp-train on a real multi-node Ray cluster (three raylets on this machine).
+"""ndp-train as a `ray job submit` job on a real multi-node Ray cluster (three raylets here).
 
 The cluster runs in a subprocess (`multinode_driver.py`) so that it never meets the
-session-wide `ray_session` instance; the driver tears down exactly the processes it started.
+session-wide `ray_session` instance; the driver submits ndp-train through the head's
+dashboard (the path docs/cluster.md documents), reads the actors back from the dashboard's
+state API and tears down exactly the processes it started.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ CONFIG = {
 }
 
 
-def test_actors_land_where_their_resources_are(tmp_path):
+def test_submitted_job_succeeds_and_the_dashboard_lists_its_actors_where_their_resources_are(
+    tmp_path,
+):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     out = tmp_path / "run"
@@ -55,12 +59,18 @@ def test_actors_land_where_their_resources_are(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["rc"] == 0, report["stderr_tail"]
+    assert report["rc"] == 0, (report.get("job_status"), report["stderr_tail"])
+    assert report["job_status"] == "SUCCEEDED"
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary  # ndp-train finished its 3 steps and wrote the run summary
+    assert summary  # the job's ndp-train finished its 3 steps and wrote the run summary
 
-    where = {a["name"]: a["node_id"] for a in report["actors"] if a["name"].startswith("ndp-")}
+    # the dashboard's state API lists the named actors, all made by the submitted job
+    named = {a["name"]: a for a in report["actors"] if a["name"].startswith("ndp-")}
+    assert {"ndp-storage-node-0", "ndp-storage-node-1", "ndp-gpu-worker-0"} <= set(named)
+    assert {a["job_id"] for a in named.values()} == {report["job_id"]}
+
+    where = {name: a["node_id"] for name, a in named.items()}
     assert where["ndp-storage-node-0"] == report["storage_host"]
     assert where["ndp-storage-node-1"] == report["storage_host"]
     assert where["ndp-gpu-worker-0"] == report["gpu_host"]
