@@ -123,7 +123,8 @@ class StorageClient:
         max_message_bytes: largest request or reply (`storage.max_message_bytes`).
         timeout_s: deadline of each call (`cluster.rpc_timeout_s`); a lookup waiting for the
             previous step's update waits at most this long.
-        tls: dial with TLS, trusting `tls.ca` (`storage_node.tls`); None: plaintext.
+        tls: dial with TLS, trusting `tls.ca` and presenting `tls.cert` if set
+            (`storage_node.tls`); None: plaintext.
     """
 
     def __init__(
@@ -187,10 +188,23 @@ class StorageClient:
     # ----------------------------------------------------------------- async forms
 
     def lookup_async(
-        self, step: int, worker: int, bags: Mapping[str, Bags], *, train: bool = True
+        self,
+        step: int,
+        worker: int,
+        bags: Mapping[str, Bags],
+        *,
+        train: bool = True,
+        use_early: bool = False,
     ) -> ReplyFuture[dict[str, torch.Tensor]]:
-        """Pooled vectors {feature: float32 [B, D]} of every feature in `bags`."""
-        request = codec.lookup_request(step, worker, bags, train=train, dtype=self.wire_dtype)
+        """Pooled vectors {feature: float32 [B, D]} of every feature in `bags`.
+
+        Args:
+            use_early: `bags` are those of this worker's kept `early_lookup` of `step`: they
+                are not sent again, the node answers the kept vectors (training only).
+        """
+        request = codec.lookup_request(
+            step, worker, bags, train=train, dtype=self.wire_dtype, use_early=use_early
+        )
         return self._call(
             self._stub.Lookup,
             request,
@@ -301,5 +315,5 @@ def connect(address: str | Mapping[str, Any], cfg: Any, *, token: str) -> Storag
         wire_dtype=cfg.storage.wire_dtype,
         max_message_bytes=cfg.storage.max_message_bytes,
         timeout_s=cfg.cluster.rpc_timeout_s,
-        tls=TlsFiles.from_cluster(cfg.cluster),
+        tls=TlsFiles.client_from_cluster(cfg.cluster),
     )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,7 +90,9 @@ class DenseWorker:
         self._counters: dict[str, float] = defaultdict(float)
         self._group_ready = world_size == 1
         self._pushes_in_flight: list[Any] = []
-        self._early_in_flight: list[Any] = []
+        self._early_in_flight: list[_EarlySent] = []
+        self._early_kept: dict[tuple[int, int], Mapping[str, Bags]] = {}
+        """(step, node) -> bags of an early lookup the node kept: its lookup sends no bags."""
         self._early_correct = cfg.pipeline.mode == "exact"
 
     # ----------------------------------------------------------------- process group
@@ -132,13 +135,18 @@ class DenseWorker:
             early_routed = None
             if early is not None:
                 early_routed = route_lookup(early.sparse, self.plan, self.tables)
-        self._resolve_early_lookups()
+        self._resolve_early_lookups(keep=True)
         pooled = self._lookup(step, routed, train=True)
         if early_routed is not None:
             with self._phase("early_lookup_s"):
                 self._early_in_flight = [
-                    self.clients[node].early_lookup_async(
-                        step + 1, self.rank, bags, correct=self._early_correct
+                    _EarlySent(
+                        step + 1,
+                        node,
+                        bags,
+                        self.clients[node].early_lookup_async(
+                            step + 1, self.rank, bags, correct=self._early_correct
+                        ),
                     )
                     for node, bags in early_routed.items()
                 ]
@@ -180,7 +188,10 @@ class DenseWorker:
         """
         with self._phase("push_wait_s"):
             _resolve_all(self._take_pushes())
-        self._resolve_early_lookups()
+        # forget the kept pools: what runs after a flush may drop them on the nodes (restore,
+        # write_rows), so the next lookup sends its bags (a node still holding the pool
+        # matches them and answers it anyway)
+        self._resolve_early_lookups(keep=False)
 
     def wait_for_pushes(self) -> None:
         """Alias of `flush` (the gradient pushes are what carries the update)."""
@@ -218,17 +229,37 @@ class DenseWorker:
         futures, self._pushes_in_flight = self._pushes_in_flight, []
         return futures
 
-    def _resolve_early_lookups(self) -> None:
-        futures, self._early_in_flight = self._early_in_flight, []
+    def _resolve_early_lookups(self, *, keep: bool) -> None:
+        """Collect the early lookups in flight; with `keep`, remember the pools nodes kept."""
+        sent, self._early_in_flight = self._early_in_flight, []
         with self._phase("early_lookup_s"):
-            _resolve_all(futures)
+            _resolve_all([early.reply for early in sent])
+        self._early_kept = {
+            (early.step, early.node): early.bags for early in sent if keep and early.reply.result()
+        }
+
+    def _answers_from_early_pool(self, step: int, node: int, bags: Mapping[str, Bags]) -> bool:
+        """True when `node` keeps this worker's early pool of exactly these bags for `step`."""
+        kept = self._early_kept.get((step, node))
+        return (
+            kept is not None
+            and kept.keys() == bags.keys()
+            and all(kept[feature].same_as(bags[feature]) for feature in bags)
+        )
 
     def _lookup(self, step: int, routed: RoutedBags, *, train: bool) -> dict[str, torch.Tensor]:
         with self._phase("lookup_wait_s"):
             futures = {
-                node: self.clients[node].lookup_async(step, self.rank, bags, train=train)
+                node: self.clients[node].lookup_async(
+                    step,
+                    self.rank,
+                    bags,
+                    train=train,
+                    use_early=train and self._answers_from_early_pool(step, node, bags),
+                )
                 for node, bags in routed.items()
             }
+            self._early_kept = {}
         # The previous step's push acknowledgements: the nodes answer this lookup only after
         # that update anyway, so waiting here costs nothing the barrier does not.
         with self._phase("push_wait_s"):
@@ -260,6 +291,17 @@ class DenseWorker:
 
     def _phase(self, name: str) -> _Phase:
         return _Phase(self._seconds, name)
+
+
+@dataclass
+class _EarlySent:
+    """An early lookup in flight: which step's bags went to which node."""
+
+    step: int
+    node: int
+    bags: Mapping[str, Bags]
+    reply: Any
+    """ReplyFuture[bool]: True when the node kept the pooled vectors."""
 
 
 class _PushOnceReady:

@@ -39,18 +39,20 @@ class FeatureBags(_message.Message):
     def __init__(self, feature: _Optional[str] = ..., indices: _Optional[_Union[TensorProto, _Mapping]] = ..., offsets: _Optional[_Union[TensorProto, _Mapping]] = ..., per_sample_weights: _Optional[_Union[TensorProto, _Mapping]] = ..., mean_divisor: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("step", "worker", "train", "features", "wire_dtype")
+    __slots__ = ("step", "worker", "train", "features", "wire_dtype", "use_early")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    USE_EARLY_FIELD_NUMBER: _ClassVar[int]
     step: int
     worker: int
     train: bool
     features: _containers.RepeatedCompositeFieldContainer[FeatureBags]
     wire_dtype: str
-    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., train: _Optional[bool] = ..., features: _Optional[_Iterable[_Union[FeatureBags, _Mapping]]] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    use_early: bool
+    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., train: _Optional[bool] = ..., features: _Optional[_Iterable[_Union[FeatureBags, _Mapping]]] = ..., wire_dtype: _Optional[str] = ..., use_early: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("pooled",)

@@ -252,11 +252,18 @@ def lookup_request(
     *,
     train: bool,
     dtype: torch.dtype,
+    use_early: bool = False,
 ) -> pb.LookupRequest:
-    """All features one node serves for one batch, in one message."""
-    request = pb.LookupRequest(step=step, worker=worker, train=train, wire_dtype=DTYPE_NAMES[dtype])
-    for feature, b in bags.items():
-        _fill_bags(request.features.add(feature=feature), b)
+    """All features one node serves for one batch, in one message.
+
+    With `use_early` the bags stay home: the node answers the early pool it kept for them.
+    """
+    request = pb.LookupRequest(
+        step=step, worker=worker, train=train, wire_dtype=DTYPE_NAMES[dtype], use_early=use_early
+    )
+    if not use_early:
+        for feature, b in bags.items():
+            _fill_bags(request.features.add(feature=feature), b)
     return request
 
 
@@ -264,6 +271,11 @@ def parse_lookup_request(
     request: pb.LookupRequest,
 ) -> tuple[dict[str, Bags], torch.dtype]:
     """The bags of a lookup request and the dtype the answer must use."""
+    if request.use_early and (not request.train or len(request.features)):
+        raise BadTensorError(
+            "a use_early lookup is a training lookup without features (the node answers the "
+            "early pool it keeps for the step); set train and send no features"
+        )
     bags: dict[str, Bags] = {}
     for message in request.features:
         _check_new_feature(message.feature, bags)

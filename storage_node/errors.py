@@ -4,7 +4,7 @@ All derive from `ndp.errors.StorageNodeError`, take only a message (they pickle 
 actors and map one-to-one onto gRPC status codes in the wire layer):
 
 - `IndexOutOfRangeError`, `UnknownFeatureError`, `BadTensorError` -> INVALID_ARGUMENT
-- `StepOrderError` -> FAILED_PRECONDITION
+- `StepOrderError` (and `EarlyPoolMissingError`) -> FAILED_PRECONDITION
 - `ShardFileError` -> FAILED_PRECONDITION (a shard file or checkpoint does not fit this node)
 """
 
@@ -29,12 +29,17 @@ class StepOrderError(StorageNodeError):
     """A lookup or push that does not fit the node's step order."""
 
 
+class EarlyPoolMissingError(StepOrderError):
+    """A bag-less lookup of a step whose early pool the node does not keep."""
+
+
 class ShardFileError(StorageNodeError):
     """A shard file or checkpoint whose header/manifest does not match the node's shards."""
 
 
 __all__ = [
     "BadTensorError",
+    "EarlyPoolMissingError",
     "IndexOutOfRangeError",
     "ShardFileError",
     "StepOrderError",

@@ -53,6 +53,7 @@ from ndp.model.spec import optimizer_state_width
 from storage_node.cache import RowCache
 from storage_node.errors import (
     BadTensorError,
+    EarlyPoolMissingError,
     IndexOutOfRangeError,
     ShardFileError,
     StepOrderError,
@@ -133,20 +134,6 @@ class _EarlyPool:
     """False (stale mode): updates applied after pooling are not added."""
 
 
-def _same_bags(a: Bags, b: Bags) -> bool:
-    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-        if x is None or y is None:
-            return x is None and y is None
-        return x.shape == y.shape and bool(torch.equal(x, y))
-
-    return (
-        same(a.indices, b.indices)
-        and same(a.offsets, b.offsets)
-        and same(a.per_sample_weights, b.per_sample_weights)
-        and same(a.mean_divisor, b.mean_divisor)
-    )
-
-
 def _file_stem(node_id: str, spec: ShardSpec) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{node_id}.{spec.table_name}")
     return f"{safe}.{spec.row_start}-{spec.row_end}.shard"
@@ -206,8 +193,14 @@ class StorageNodeCore:
         self._pending: dict[int, _PendingStep] = {}
         self._pins: dict[int, list[tuple[_Piece, np.ndarray]]] = {}
         self._early: dict[tuple[int, int], _EarlyPool] = {}
-        self.early_counters = {"early_pools": 0, "early_hits": 0, "early_mismatches": 0}
-        """Early pools kept, answered by a lookup, and dropped because the lookup's bags differed."""
+        self.early_counters = {
+            "early_pools": 0,
+            "early_hits": 0,
+            "early_hits_without_bags": 0,
+            "early_mismatches": 0,
+        }
+        """Early pools kept; answered by a lookup (of them: by a `lookup_early` that sent no
+        bags); dropped because the lookup's bags differed."""
         self._closed = False
         self._pieces: dict[str, _Piece] = {}
         self._piece_of_feature: dict[str, _Piece] = {}
@@ -408,6 +401,33 @@ class StorageNodeCore:
                 pending.lookups.setdefault(worker, {}).update(recorded)
             return pooled
 
+    def lookup_early(self, step: int, worker: int) -> dict[str, torch.Tensor]:
+        """The training lookup of (step, worker) answered from its kept early pool.
+
+        Why without bags: the worker sent exactly these bags in its `early_lookup` of this
+        step (and checked that they are the step's), so sending, decoding, validating and
+        comparing them again is pure overhead on the critical path.
+
+        Raises:
+            EarlyPoolMissingError: no early pool of (step, worker) is kept (never pooled, or
+                dropped by `write_rows`/`restore`); send the bags with `lookup` instead.
+        """
+        with self._lock:
+            self._check_open()
+            self._check_worker(worker)
+            self.wait_for_step(step, self.storage.step_wait_timeout_s)
+            early = self._early.pop((step, worker), None)
+            if early is None:
+                raise EarlyPoolMissingError(
+                    f"node {self.node_id!r} keeps no early pool of step {step} for worker "
+                    f"{worker}; send the lookup with its bags"
+                )
+            self.early_counters["early_hits"] += 1
+            self.early_counters["early_hits_without_bags"] += 1
+            pending = self._pending.setdefault(step, _PendingStep())
+            pending.lookups.setdefault(worker, {}).update(early.recorded)
+            return early.pooled
+
     def early_lookup(
         self, step: int, worker: int, bags: dict[str, Bags], *, correct: bool = True
     ) -> bool:
@@ -442,7 +462,7 @@ class StorageNodeCore:
         if early is None:
             return None
         same = early.bags.keys() == checked.keys() and all(
-            _same_bags(early.bags[f][1], checked[f][1]) for f in checked
+            early.bags[f][1].same_as(checked[f][1]) for f in checked
         )
         self.early_counters["early_hits" if same else "early_mismatches"] += 1
         return early if same else None

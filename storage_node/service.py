@@ -110,7 +110,10 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         # an evaluation lookup only needs them not to be older than that.
         if request.train or self.core.applied_step < request.step - 1:
             self.core.wait_for_step(request.step, self._wait_timeout(context))
-        pooled = self.core.lookup(request.step, request.worker, bags, train=request.train)
+        if request.use_early:
+            pooled = self.core.lookup_early(request.step, request.worker)
+        else:
+            pooled = self.core.lookup(request.step, request.worker, bags, train=request.train)
         reply = pb.LookupResponse()
         codec.fill_float_tensors(reply.pooled, pooled, answer_dtype)
         self._carry(reply)

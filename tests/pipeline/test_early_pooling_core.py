@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ndp.config import SparseOptimizerConfig, StorageConfig
+from storage_node.errors import EarlyPoolMissingError
 from storage_node.node import StorageNodeCore
 from storage_node.spec import Bags, ShardSpec
 
@@ -84,7 +85,12 @@ def test_early_pool_plus_corrections_equals_pooling_after_the_updates(
         got = _train(early, step, weighted)
         for feature in exact[step]:
             torch.testing.assert_close(got[feature], exact[step][feature], rtol=0, atol=1e-6)
-    assert early.early_counters == {"early_pools": 2, "early_hits": 2, "early_mismatches": 0}
+    assert early.early_counters == {
+        "early_pools": 2,
+        "early_hits": 2,
+        "early_hits_without_bags": 0,
+        "early_mismatches": 0,
+    }
     torch.testing.assert_close(
         early.read_rows("t0", torch.arange(ROWS)), plain.read_rows("t0", torch.arange(ROWS))
     )
@@ -116,3 +122,32 @@ def test_an_early_lookup_of_an_applied_step_keeps_nothing(tmp_path):
     _train(node, 0, weighted=False)
     assert not node.early_lookup(0, 0, _batch(0, weighted=False))
     assert node.early_counters["early_pools"] == 0
+
+
+def test_a_lookup_without_bags_answers_the_kept_pool_as_the_lookup_with_them_would(tmp_path):
+    plain = _node(tmp_path, "plain", optimizer="rowwise_adagrad", pooling="mean")
+    early = _node(tmp_path, "early", optimizer="rowwise_adagrad", pooling="mean")
+    assert early.early_lookup(1, 0, _batch(1, weighted=False))
+    _train(plain, 0, weighted=False)
+    _train(early, 0, weighted=False)  # corrects the kept pool of step 1
+    expected = _train(plain, 1, weighted=False)
+    got = early.lookup_early(1, 0)
+    for feature in expected:
+        torch.testing.assert_close(got[feature], expected[feature], rtol=0, atol=1e-6)
+    generator = torch.Generator().manual_seed(101)  # the gradients `_train` pushes at step 1
+    early.push_gradients(
+        1, 0, {f: torch.randn(p.shape, generator=generator) for f, p in got.items()}
+    )
+    torch.testing.assert_close(
+        early.read_rows("t0", torch.arange(ROWS)), plain.read_rows("t0", torch.arange(ROWS))
+    )
+    assert early.early_counters["early_hits_without_bags"] == 1
+
+
+def test_a_lookup_without_bags_and_no_kept_pool_is_refused_and_changes_nothing(tmp_path):
+    node = _node(tmp_path, "n", optimizer="sgd", pooling="sum")
+    before = node.read_rows("t0", torch.arange(ROWS))
+    with pytest.raises(EarlyPoolMissingError, match="no early pool of step 0 for worker 0"):
+        node.lookup_early(0, 0)
+    assert node.health()["pending_steps"] == []
+    torch.testing.assert_close(node.read_rows("t0", torch.arange(ROWS)), before)

@@ -65,8 +65,10 @@ def test_early_pooling_matches_reference_step_by_step(ray_session, optimizer, de
                 weights, reference.embeddings.table_weights(table.name), rtol=1e-5, atol=1e-5
             )
         early = [node["early"] for node in engine.node_stats()]
-    # Every step after the first was answered from early pools: 2 workers x 2 nodes each.
+    # Every step after the first was answered from early pools: 2 workers x 2 nodes each,
+    # and none of those lookups sent its bags again.
     assert sum(e["early_hits"] for e in early) == 2 * 2 * (STEPS - 1)
+    assert sum(e["early_hits_without_bags"] for e in early) == 2 * 2 * (STEPS - 1)
     assert sum(e["early_mismatches"] for e in early) == 0
 
 

@@ -165,6 +165,36 @@ def test_training_lookup_of_an_applied_step_is_failed_precondition(cfg, serve_no
     assert_unchanged(node.core, before)
 
 
+def test_lookup_without_bags_and_no_early_pool_is_failed_precondition(cfg, serve_node):
+    node = serve_node(cfg)
+    before = snapshot(node.core)
+    request = pb.LookupRequest(step=0, worker=0, train=True, use_early=True)
+    error = raw_call(node, "Lookup", request)
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "no early pool of step 0 for worker 0" in error.details()
+    assert_unchanged(node.core, before)
+    assert node.core.health()["pending_steps"] == []
+
+
+@pytest.mark.parametrize(
+    "request_fields", [{"train": False}, {"train": True, "features": "some"}], ids=str
+)
+def test_lookup_from_the_early_pool_that_is_not_a_bagless_training_lookup_is_invalid_argument(
+    cfg, serve_node, request_fields
+):
+    node = serve_node(cfg)
+    with node.client() as client:
+        assert client.early_lookup(0, 0, random_bags(2, seed=0))
+    request = codec.lookup_request(0, 0, random_bags(2, seed=0), train=True, dtype=torch.float32)
+    request.use_early = True
+    request.train = request_fields["train"]
+    if "features" not in request_fields:
+        del request.features[:]
+    error = raw_call(node, "Lookup", request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "use_early" in error.details()
+
+
 def test_lookup_whose_previous_step_never_lands_is_failed_precondition(cfg, serve_node):
     node = serve_node(cfg)
     with node.client(timeout_s=1.0) as client, pytest.raises(StepOrderError):
