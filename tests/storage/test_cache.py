@@ -140,3 +140,13 @@ def test_when_everything_is_pinned_new_rows_bypass_the_cache(tmp_path):
     np.testing.assert_array_equal(cache.fetch(np.array([5])), cache.flash.read_rows(np.array([5])))
     assert sorted(cache.cached_rows().tolist()) == [0, 1]
     cache.flash.close()
+
+
+@pytest.mark.parametrize("bound", [7, 50, 100_000])
+def test_distinct_slots_equal_numpy_unique_for_dense_and_sparse_bounds(bound):
+    from storage_node.cache import _distinct_below
+
+    rng = np.random.default_rng(bound)
+    for size in (0, 1, 5, 300):
+        values = rng.integers(0, bound, size=size)
+        assert np.array_equal(_distinct_below(values, bound), np.unique(values))
