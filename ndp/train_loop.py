@@ -187,6 +187,11 @@ def run_training(
                     now = time.perf_counter()
                     window_seconds = now - window_start
                     samples_per_s = len(window_losses) * batch_size / max(window_seconds, 1e-9)
+                    breakdown = _without(engine.timings(), TRAIN_RECORD_KEYS)
+                    if "link_bytes_in" in breakdown:  # the ndp engine's pooled traffic
+                        breakdown["link_bytes_per_sample"] = (
+                            breakdown["link_bytes_in"] + breakdown.get("link_bytes_out", 0.0)
+                        ) / (len(window_losses) * batch_size)
                     writer.write(
                         {
                             "type": "train",
@@ -195,7 +200,7 @@ def run_training(
                             "samples_per_s": samples_per_s,
                             "time_s": now - run_start,
                             "data_s": reading.take(),
-                            **_without(engine.timings(), TRAIN_RECORD_KEYS),
+                            **breakdown,
                         }
                     )
                     progress.set_postfix(

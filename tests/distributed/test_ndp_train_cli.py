@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from test_equivalence import tiny_config
 
 from ndp.coordinator import NdpEngine
@@ -68,6 +69,11 @@ def test_ndp_train_runs_the_default_config_on_storage_nodes_and_writes_its_outpu
     assert summary["mode"] == "ndp" and summary["steps"] == 6
     plan = json.loads((out / "plan.json").read_text())
     assert plan["num_nodes"] == 2
+    # the link carries one pooled vector per sample and table piece each way, nothing more
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    dims = {t["name"]: t["embedding_dim"] for t in config["model"]["tables"]}
+    pooled_bytes = sum(4 * dims[piece["table_name"]] for piece in plan["placements"])
+    assert all(line["link_bytes_per_sample"] == 2 * pooled_bytes for line in train_lines)
     assert "train:" in (out / "config.yaml").read_text()
 
 
