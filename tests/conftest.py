@@ -30,6 +30,17 @@ def ray_session():
 
 
 @pytest.fixture()
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
 def criteo_sample() -> Path:
     return CRITEO_SAMPLE
 

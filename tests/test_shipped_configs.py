@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from ndp.config import load_config
 from ndp.data.loader import build_datasets
@@ -59,12 +58,7 @@ LAPTOP = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_criteo_kaggle_has_the_26_kaggle_tables_dim_16_and_the_dlrm_mlps():
