@@ -22,7 +22,10 @@ config. Layout::
 Why tables are stored as global-row-range chunks rather than per-node files: restoring onto a
 different number of storage nodes (a new plan) only has to slice global rows, so the same
 files serve the same plan and any other one. `Checkpoint.table_records(table, a, b)` reads
-rows [a, b) from whichever chunks cover them.
+rows [a, b) from whichever chunks cover them. To restore, the coordinator reads the rows of
+each node's pieces (`node_restore_rows`) and streams them, a few MiB per message, to the node,
+which lays out its restore directory on its own machine (`storage_node/restore.py`): nodes
+need not share a file system with the coordinator.
 
 Why writes are atomic: everything goes into `step-<s>.tmp-<random>/`; files and the directory
 are fsynced, then the directory is renamed to `step-<s>/` and the parent fsynced. A crash at
@@ -45,9 +48,9 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,10 +58,18 @@ import torch
 from ndp.config import Config
 from ndp.errors import NDPError
 
+if TYPE_CHECKING:
+    from storage_node.restore import RestoreHeader
+    from storage_node.spec import ShardSpec
+
 FORMAT = "ndp-checkpoint/1"
 MANIFEST = "manifest.json"
 CHUNK_ROWS = 1 << 20
 """Rows per table chunk file: bounds the memory one read_rows call and one file need."""
+RESTORE_CHUNK_BYTES = 4 << 20
+"""Bytes of records per message when a node's pieces are streamed to it for a restore."""
+RESTORE_CALLS_IN_FLIGHT = 4
+"""Restore messages sent to a node before the oldest must be acknowledged (bounds memory)."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _ASIDE = ".old-"
 """Infix of a finished checkpoint set aside while a rewrite of its step is renamed in."""
@@ -453,62 +464,33 @@ def chunk_ranges(
 # --------------------------------------------------------------------------- storage nodes
 
 
-def write_node_restore_dir(
-    checkpoint: Checkpoint,
-    directory: str | Path,
-    *,
-    node_id: str,
-    shards: list[Any],
-    cfg: Config,
-) -> Path:
-    """Lay out this node's pieces (any plan) in the storage node's own checkpoint format.
+def node_restore_header(
+    checkpoint: Checkpoint, shards: list[ShardSpec], cfg: Config
+) -> RestoreHeader:
+    """The `RestoreHeader` that opens the stream of a node's pieces (any plan's pieces)."""
+    from storage_node.restore import RestoreHeader
 
-    `StorageNodeCore.restore(directory)` then verifies and loads them; the rows come from
-    the checkpoint's global-row chunks, so the node count may differ from the one saved.
+    return RestoreHeader(
+        applied_step=checkpoint.next_step - 1,
+        optimizer_step=checkpoint.sparse_optimizer_step,
+        optimizer=cfg.optimizer.sparse.name,
+        shards=tuple(shards),
+    )
+
+
+def node_restore_rows(
+    checkpoint: Checkpoint, header: RestoreHeader, *, chunk_bytes: int = RESTORE_CHUNK_BYTES
+) -> Iterator[TableChunk]:
+    """The rows of `header.shards`, piece by piece in order, in chunks of at most
+    `chunk_bytes` of records (at least one row each).
+
+    The rows are sliced from the checkpoint's global-row chunks, so the node count may differ
+    from the one saved; one chunk is read at a time, so memory stays bounded.
     """
-    from ndp.model.spec import optimizer_state_width
-    from storage_node.flash import FlashStore
-    from storage_node.node import CHECKPOINT_FORMAT
+    from ndp.model.spec import row_bytes
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    storage, name = cfg.storage, cfg.optimizer.sparse.name
-    entries = []
-    for spec in shards:
-        file = f"{_safe(node_id)}.{_safe(spec.table_name)}.{spec.row_start}-{spec.row_end}.shard"
-        store = FlashStore(
-            directory / file,
-            table_name=spec.table_name,
-            table_num_rows=spec.table_num_rows,
-            row_start=spec.row_start,
-            num_rows=spec.row_end - spec.row_start,
-            embedding_dim=spec.embedding_dim,
-            state_width=optimizer_state_width(name, spec.embedding_dim),
-            seed=cfg.train.seed,
-            page_bytes=storage.page_bytes,
-            io_threads=storage.io_threads,
-        )
-        try:
-            for lo, hi in chunk_ranges(spec.row_start, spec.row_end):
-                records = checkpoint.table_records(spec.table_name, lo, hi)
-                store.write_rows(np.arange(lo - spec.row_start, hi - spec.row_start), records)
-        finally:
-            store.close()
-        entries.append(
-            {
-                "spec": {**asdict(spec), "features": list(spec.features)},
-                "file": file,
-                "sha256": sha256_file(directory / file),
-                "bytes": store.layout.file_bytes,
-            }
-        )
-    manifest = {
-        "format": CHECKPOINT_FORMAT,
-        "node_id": node_id,
-        "applied_step": checkpoint.next_step - 1,
-        "optimizer_step": checkpoint.sparse_optimizer_step,
-        "optimizer": name,
-        "shards": entries,
-    }
-    (directory / f"{_safe(node_id)}.manifest.json").write_text(json.dumps(manifest, indent=1))
-    return directory
+    for spec in header.shards:
+        rows_per_chunk = max(1, chunk_bytes // row_bytes(header.optimizer, spec.embedding_dim))
+        for lo, hi in chunk_ranges(spec.row_start, spec.row_end, rows_per_chunk):
+            records = checkpoint.table_records(spec.table_name, lo, hi)
+            yield TableChunk(spec.table_name, lo, hi, records)

@@ -25,9 +25,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -270,34 +269,53 @@ class NdpEngine:
 
     def import_state(self, checkpoint: Checkpoint) -> None:
         """Load a checkpoint into the running actors (this engine's plan may differ from the
-        checkpoint's: each node gets its pieces re-sliced from the global-row chunks)."""
-        import shutil
-        import tempfile
+        checkpoint's: each node gets its pieces re-sliced from the global-row chunks).
 
-        from gpu_worker.storage_client import connect
-        from ndp.checkpoint import write_node_restore_dir
+        The checkpoint is read here and each node's rows are streamed to it through Ray, a
+        few MiB per call and at most `RESTORE_CALLS_IN_FLIGHT` calls ahead; the node writes
+        its restore directory on its own machine (`storage_node.restore`), so nodes need no
+        file system shared with this process. A node refuses a stream that is incomplete or
+        altered (sha256 per table) before anything of its state is replaced.
+        """
+        import ray
+
+        from ndp.checkpoint import (
+            RESTORE_CALLS_IN_FLIGHT,
+            node_restore_header,
+            node_restore_rows,
+        )
+        from storage_node.restore import RowsDigest
 
         checkpoint.check_fits(self.cfg)
         self.flush()  # no push of the old state may land after the restore
         model, optimizer = checkpoint.dense_model(), checkpoint.dense_optimizer()
         _get([w.load_dense_state.remote(model, optimizer) for w in self._workers])
-        staging = Path(tempfile.mkdtemp(prefix="ndp-restore-"))
-        try:
-            for node, addresses in enumerate(self.node_addresses):
-                directory = write_node_restore_dir(
-                    checkpoint,
-                    staging / f"node-{node}",
-                    node_id=str(node),
-                    shards=self.plan.shards_for_node(node, self.tables),
-                    cfg=self.cfg,
+        timeout_s = self.cfg.cluster.step_timeout_s
+        for node, actor in enumerate(self._nodes):
+            component = f"storage-node-{node}"
+            header = node_restore_header(
+                checkpoint, self.plan.shards_for_node(node, self.tables), self.cfg
+            )
+            try:
+                _get(actor.restore_begin.remote(header), timeout_s=timeout_s, component=component)
+                digest, in_flight = RowsDigest(), deque()
+                for chunk in node_restore_rows(checkpoint, header):
+                    digest.update(chunk.table_name, chunk.records)
+                    in_flight.append(
+                        actor.restore_rows.remote(chunk.table_name, chunk.row_start, chunk.records)
+                    )
+                    if len(in_flight) > RESTORE_CALLS_IN_FLIGHT:
+                        _get(in_flight.popleft(), timeout_s=timeout_s, component=component)
+                while in_flight:
+                    _get(in_flight.popleft(), timeout_s=timeout_s, component=component)
+                _get(
+                    actor.restore_finish.remote(digest.hexdigests()),
+                    timeout_s=timeout_s,
+                    component=component,
                 )
-                client = connect(addresses, self.cfg, token=self._token)
-                try:
-                    client.restore(str(directory))
-                finally:
-                    client.close()
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            except BaseException:
+                _quietly(lambda a=actor: ray.get(a.restore_abort.remote(), timeout=30))
+                raise
 
     def restart(self) -> None:
         """Kill every storage-node and GPU-worker actor (dead or alive) and start fresh ones.

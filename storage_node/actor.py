@@ -1,8 +1,12 @@
 """The storage node as a Ray actor: a plain class, wrapped with `ray.remote` where launched.
 
-Ray places and supervises the node; tensors never go through Ray. `start()` builds the core
-and a gRPC server on the node's own address and reports where it listens; GPU workers then
-talk to it directly with `gpu_worker.storage_client.StorageClient`.
+Ray places and supervises the node; the training data path never goes through Ray. `start()`
+builds the core and a gRPC server on the node's own address and reports where it listens; GPU
+workers then talk to it directly with `gpu_worker.storage_client.StorageClient`.
+
+Restores come through Ray, streamed by the coordinator (`restore_begin`, `restore_rows` ...,
+`restore_finish`; see `storage_node.restore`): the restore directory is written under the
+node's own flash dir, on its own machine, so no file system is shared with the coordinator.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from ndp.config import Config
 from storage_node.node import StorageNodeCore
+from storage_node.restore import RestoreDirWriter, RestoreHeader
 from storage_node.server import RunningServer, serve
 from storage_node.spec import ShardSpec
 from storage_node.tls import TlsFiles
@@ -80,6 +85,8 @@ class StorageNodeActor:
         self._core: StorageNodeCore | None = None
         self._server: RunningServer | None = None
         self._runtime_dir: str | None = None
+        self._flash_dir: str | None = None
+        self._restore: RestoreDirWriter | None = None  # a restore being streamed in
 
     def start(self) -> str:
         """Create the core and start serving; returns the TCP address `host:port`.
@@ -95,6 +102,7 @@ class StorageNodeActor:
         storage = self.cfg.storage
         flash_dir = storage.flash_dir or os.path.join(self._runtime_dir, "flash")
         os.makedirs(flash_dir, exist_ok=True)
+        self._flash_dir = flash_dir
         try:
             self._core = StorageNodeCore(
                 node_id=self.node_id,
@@ -154,8 +162,58 @@ class StorageNodeActor:
             raise RuntimeError("storage node not started; call start() first")
         self._core.write_rows(table_name, global_rows, weights, states)
 
+    def restore_begin(self, header: RestoreHeader) -> None:
+        """Open a restore (dropping one left open): the rows `restore_rows` receives go into a
+        private directory under this node's flash dir."""
+        if self._core is None or self._flash_dir is None:
+            raise RuntimeError("storage node not started; call start() first")
+        self.restore_abort()
+        directory = tempfile.mkdtemp(prefix=f"ndp-restore-sn{self.node_id}-", dir=self._flash_dir)
+        self._restore = RestoreDirWriter(
+            directory,
+            node_id=self.node_id,
+            header=header,
+            storage=self.cfg.storage,
+            seed=self.cfg.train.seed,
+        )
+
+    def restore_rows(self, table_name: str, row_start: int, records: Any) -> None:
+        """The next rows of the open restore: records float32 [n, D + S] of global rows
+        [row_start, row_start + n). A refused message drops the restore."""
+        writer = self._open_restore()
+        try:
+            writer.write(table_name, row_start, records)
+        except BaseException:
+            self.restore_abort()
+            raise
+
+    def restore_finish(self, records_sha256: dict[str, str]) -> None:
+        """Check the streamed rows (complete, sha256 per table) and restore the core from them.
+
+        Nothing changes on a refusal; the restore directory is removed either way.
+        """
+        writer = self._open_restore()
+        try:
+            assert self._core is not None
+            self._core.restore(writer.finish(records_sha256))
+        finally:
+            self.restore_abort()
+
+    def restore_abort(self) -> None:
+        """Drop the open restore, if any, and remove its directory (idempotent)."""
+        if self._restore is not None:
+            writer, self._restore = self._restore, None
+            writer.close()
+            shutil.rmtree(writer.directory, ignore_errors=True)
+
+    def _open_restore(self) -> RestoreDirWriter:
+        if self._restore is None:
+            raise RuntimeError("no restore open on this storage node; call restore_begin first")
+        return self._restore
+
     def shutdown(self) -> None:
         """Stop the server, close the core, remove the private runtime directory."""
+        self.restore_abort()
         if self._server is not None:
             self._server.stop()
             self._server = None

@@ -139,6 +139,38 @@ def _file_stem(node_id: str, spec: ShardSpec) -> str:
     return f"{safe}.{spec.row_start}-{spec.row_end}.shard"
 
 
+def open_shard_file(
+    directory: Path,
+    node_id: str,
+    spec: ShardSpec,
+    *,
+    optimizer: str,
+    seed: int,
+    storage: StorageConfig,
+    device_like: bool = True,
+) -> FlashStore:
+    """The flash file of one piece, `<directory>/<node_id>.<table>.<start>-<end>.shard`.
+
+    Args:
+        device_like: use the configured O_DIRECT and emulation knobs (a node serving
+            traffic); False for files that are only being written once (a restore stream).
+    """
+    return FlashStore(
+        directory / _file_stem(node_id, spec),
+        table_name=spec.table_name,
+        table_num_rows=spec.table_num_rows,
+        row_start=spec.row_start,
+        num_rows=spec.row_end - spec.row_start,
+        embedding_dim=spec.embedding_dim,
+        state_width=optimizer_state_width(optimizer, spec.embedding_dim),
+        seed=seed,
+        page_bytes=storage.page_bytes,
+        io_threads=storage.io_threads,
+        use_odirect=storage.use_odirect and device_like,
+        emulation=storage.emulation if device_like else None,
+    )
+
+
 def _copy_with_sha256(src: Path, dst: Path) -> str:
     """Copy `src` to `dst` via a temporary name + rename; returns the sha256 of the bytes."""
     digest = hashlib.sha256()
@@ -248,19 +280,13 @@ class StorageNodeCore:
                 features.add(feature)
 
     def _open_flash(self, spec: ShardSpec) -> FlashStore:
-        return FlashStore(
-            self.flash_dir / _file_stem(self.node_id, spec),
-            table_name=spec.table_name,
-            table_num_rows=spec.table_num_rows,
-            row_start=spec.row_start,
-            num_rows=spec.row_end - spec.row_start,
-            embedding_dim=spec.embedding_dim,
-            state_width=optimizer_state_width(self.optimizer.name, spec.embedding_dim),
+        return open_shard_file(
+            self.flash_dir,
+            self.node_id,
+            spec,
+            optimizer=self.optimizer.name,
             seed=self.seed,
-            page_bytes=self.storage.page_bytes,
-            io_threads=self.storage.io_threads,
-            use_odirect=self.storage.use_odirect,
-            emulation=self.storage.emulation,
+            storage=self.storage,
         )
 
     def _open_piece(self, spec: ShardSpec, *, cache_bytes: int) -> _Piece:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -59,6 +60,46 @@ def test_stop_at_half_and_resume_gives_the_uninterrupted_model(
         losses = _run(engine, resumed_cfg, data, start, STEPS)
         model = model_of(engine, resumed_cfg)
     assert start == STEPS // 2
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(straight_losses[STEPS // 2 :]), rtol=0, atol=1e-6
+    )
+    assert_same_model(model, straight_model)
+
+
+def test_resume_stages_no_restore_files_on_the_coordinator_s_machine(
+    ray_session, tmp_path, uninterrupted, monkeypatch
+):
+    """Storage nodes share no file system with the coordinator (a real cluster): restoring
+    may not create files on its side for them to read. Nodes lay out their restore
+    directories under their own flash dir and remove them."""
+    straight_losses, straight_model = uninterrupted
+    cfg = tiny_job(sparse_optimizer="adam", interval_steps=4)
+    data = build_datasets(cfg)[0]
+    with NdpEngine(cfg) as engine:
+        job = ResilientEngine(
+            engine, cfg, checkpoint_root=tmp_path / "ckpt", train_data=data, total_steps=STEPS
+        )
+        _run(job, cfg, data, 0, STEPS // 2)
+    checkpoint = resolve_checkpoint(tmp_path / "ckpt")
+
+    flash_dir = tmp_path / "flash"
+    resumed_cfg = replace(
+        cfg,
+        cluster=replace(cfg.cluster, num_storage_nodes=3),
+        storage=replace(cfg.storage, flash_dir=str(flash_dir)),
+    )
+
+    def no_local_staging(*args, **kwargs):
+        raise AssertionError("import_state staged files on the coordinator's machine")
+
+    with NdpEngine(resumed_cfg) as engine:
+        with monkeypatch.context() as patch:  # only in this (the coordinator's) process
+            patch.setattr(tempfile, "mkdtemp", no_local_staging)
+            patch.setattr(tempfile, "mkstemp", no_local_staging)
+            start = resume(engine, checkpoint)
+        assert not list(flash_dir.glob("ndp-restore-*"))
+        losses = _run(engine, resumed_cfg, data, start, STEPS)
+        model = model_of(engine, resumed_cfg)
     torch.testing.assert_close(
         torch.tensor(losses), torch.tensor(straight_losses[STEPS // 2 :]), rtol=0, atol=1e-6
     )
