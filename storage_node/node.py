@@ -376,11 +376,16 @@ class StorageNodeCore:
 
     # ------------------------------------------------------------------ steps
 
-    def wait_for_step(self, step: int, timeout_s: float) -> None:
+    def wait_for_step(self, step: int, timeout_s: float, *, training: bool = True) -> None:
         """Block until the update of `step - 1` is applied (so step's inputs are final).
 
+        Args:
+            training: a training lookup, which must come before `step`'s own update; an
+                evaluation lookup (False) only needs rows no older than `step - 1`, so later
+                updates landing while it waited are fine.
+
         Raises:
-            StepOrderError: `step` was already applied, or the wait timed out.
+            StepOrderError: (training) `step` was already applied, or the wait timed out.
         """
         with self._step_applied:
             if not self._step_applied.wait_for(
@@ -391,7 +396,7 @@ class StorageNodeCore:
                     f"(node {self.node_id!r} has applied step {self.applied_step}; are all "
                     f"{self.num_workers} workers pushing gradients?)"
                 )
-            if self.applied_step >= step:
+            if training and self.applied_step >= step:
                 raise StepOrderError(
                     f"step {step} is already applied on node {self.node_id!r} "
                     f"(applied_step={self.applied_step}); a training lookup must be for step "

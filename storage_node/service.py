@@ -109,7 +109,9 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         # A training lookup reads weights that step s-1's update must already have changed;
         # an evaluation lookup only needs them not to be older than that.
         if request.train or self.core.applied_step < request.step - 1:
-            self.core.wait_for_step(request.step, self._wait_timeout(context))
+            self.core.wait_for_step(
+                request.step, self._wait_timeout(context), training=request.train
+            )
         if request.use_early:
             pooled = self.core.lookup_early(request.step, request.worker)
         else:

@@ -128,6 +128,19 @@ def test_wait_for_step_times_out_with_a_step_order_error(make_node):
         make_node().wait_for_step(1, timeout_s=0.01)
 
 
+def test_evaluation_wait_is_satisfied_by_later_updates_a_training_wait_is_not(make_node):
+    """An evaluation lookup may wake after more updates landed than it waited for (rows are
+    only newer); a training lookup of an applied step is out of order."""
+    node = make_node()
+    for step in range(2):
+        node.lookup(step, 0, {"f_t0": bags([1], [0, 1])})
+        node.push_gradients(step, 0, {"f_t0": torch.ones(1, 8)})
+    assert node.applied_step == 1
+    node.wait_for_step(1, timeout_s=0.01, training=False)
+    with pytest.raises(StepOrderError, match="already applied"):
+        node.wait_for_step(1, timeout_s=0.01)
+
+
 def test_training_lookup_of_the_next_step_waits_for_the_update(make_node):
     node = make_node()
     node.lookup(0, 0, {"f_t0": bags([1], [0, 1])})
