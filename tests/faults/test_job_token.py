@@ -46,3 +46,21 @@ def test_the_job_token_reaches_no_log_record_output_or_ray_log_file(
     assert log_files
     leaked = [path.name for path in log_files if token.encode() in path.read_bytes()]
     assert leaked == [], f"the token leaked into Ray log files {leaked}"
+
+
+def test_every_job_gets_its_own_token_and_another_job_s_token_is_refused(ray_session):
+    from gpu_worker.storage_client import connect
+    from storage_node.auth import UnauthenticatedError
+
+    cfg = tiny_job(enabled=False)
+    with NdpEngine(cfg) as first:
+        first_token = first._token
+    with NdpEngine(cfg) as second:
+        assert second._token != first_token
+        assert len(second._token) >= 32  # secrets.token_urlsafe(32): 256 bits
+        stale = connect(second.node_addresses[0], cfg, token=first_token)
+        try:
+            with pytest.raises(UnauthenticatedError):
+                stale.health()
+        finally:
+            stale.close()
