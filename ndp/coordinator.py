@@ -132,7 +132,7 @@ class NdpEngine:
             worker.train_step.remote(step, part, early_part)
             for worker, part, early_part in zip(self._workers, parts, early, strict=True)
         ]
-        losses = _get(refs, timeout_s=self.cfg.cluster.step_timeout_s, component="gpu-worker")
+        losses = self._wait(refs)
         return float(sum(losses) / len(losses))
 
     def flush(self) -> None:
@@ -142,11 +142,7 @@ class NdpEngine:
             the first refusal of a push (e.g. a StorageNodeError) a worker collected.
         """
         if self._workers:
-            _get(
-                [w.flush.remote() for w in self._workers],
-                timeout_s=self.cfg.cluster.step_timeout_s,
-                component="gpu-worker",
-            )
+            self._wait([w.flush.remote() for w in self._workers])
 
     def prefetch(self, step: int, batch: Batch) -> None:
         """Lookahead: send `batch`'s unique rows to their nodes to stage and pin for `step`.
@@ -187,9 +183,7 @@ class NdpEngine:
             worker.predict.remote(step, part)
             for worker, part in zip(self._workers, parts, strict=True)
         ]
-        return torch.cat(
-            _get(refs, timeout_s=self.cfg.cluster.step_timeout_s, component="gpu-worker")
-        )
+        return torch.cat(self._wait(refs))
 
     def timings(self) -> dict[str, float]:
         """Per-phase seconds summed over workers plus link bytes, since the last call.
@@ -199,10 +193,10 @@ class NdpEngine:
         may still be in flight, so the node counters here may lag it by one update.
         """
         merged: dict[str, float] = defaultdict(float)
-        for worker_timings in _get([w.timings.remote() for w in self._workers]):
+        for worker_timings in self._wait([w.timings.remote() for w in self._workers]):
             for key, value in worker_timings.items():
                 merged[key] += value
-        stats = _get([n.stats.remote() for n in self._nodes])
+        stats = self._wait([n.stats.remote() for n in self._nodes], "storage-node")
         for node, node_stats in enumerate(stats):  # cumulative, per storage node
             merged[f"node{node}_cache_hit_rate"] = node_stats["cache"]["hit_rate"]
             merged[f"node{node}_flash_bytes_read"] = node_stats["flash"]["bytes_read"]
@@ -218,13 +212,13 @@ class NdpEngine:
         reads rows (counted accesses) and moves `applied_step`.
         """
         self.flush()
-        return _get([n.stats.remote() for n in self._nodes])
+        return self._wait([n.stats.remote() for n in self._nodes], "storage-node")
 
     # ----------------------------------------------------------------- model access
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """The dense half's parameters (all workers hold the same replica; rank 0's)."""
-        return _get(self._workers[0].dense_state_dict.remote())
+        return self._wait(self._workers[0].dense_state_dict.remote(), "gpu-worker-0")
 
     def table_rows(self, table_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole table's weights [rows, D] and optimizer state [rows, S], gathered from its pieces."""
@@ -232,7 +226,10 @@ class NdpEngine:
         weights, states = [], []
         for piece in self.plan.pieces_of(table_name):
             rows = torch.arange(piece.row_start, piece.row_end, dtype=torch.int64)
-            w, s = _get(self._nodes[piece.node].read_rows.remote(table_name, rows))
+            w, s = self._wait(
+                self._nodes[piece.node].read_rows.remote(table_name, rows),
+                f"storage-node-{piece.node}",
+            )
             weights.append(w)
             states.append(s)
         return torch.cat(weights), torch.cat(states)
@@ -254,14 +251,19 @@ class NdpEngine:
                 for piece in self.plan.pieces_of(table.name):
                     for lo, hi in chunk_ranges(piece.row_start, piece.row_end):
                         rows = torch.arange(lo, hi, dtype=torch.int64)
-                        w, s = _get(self._nodes[piece.node].read_rows.remote(table.name, rows))
+                        w, s = self._wait(
+                            self._nodes[piece.node].read_rows.remote(table.name, rows),
+                            f"storage-node-{piece.node}",
+                        )
                         yield TableChunk(table.name, lo, hi, torch.cat([w, s], dim=1).numpy())
 
         optimizer_steps = {int(s["optimizer_step"]) for s in self.node_stats()}
         assert len(optimizer_steps) == 1, f"nodes disagree on the optimizer step: {optimizer_steps}"
         return EngineState(
             dense_model=self.dense_state_dict(),
-            dense_optimizer=_get(self._workers[0].optimizer_state_dict.remote()),
+            dense_optimizer=self._wait(
+                self._workers[0].optimizer_state_dict.remote(), "gpu-worker-0"
+            ),
             tables=chunks(),
             sparse_optimizer_step=optimizer_steps.pop(),
             plan=self.plan.to_dict(),
@@ -289,7 +291,7 @@ class NdpEngine:
         checkpoint.check_fits(self.cfg)
         self.flush()  # no push of the old state may land after the restore
         model, optimizer = checkpoint.dense_model(), checkpoint.dense_optimizer()
-        _get([w.load_dense_state.remote(model, optimizer) for w in self._workers])
+        self._wait([w.load_dense_state.remote(model, optimizer) for w in self._workers])
         timeout_s = self.cfg.cluster.step_timeout_s
         for node, actor in enumerate(self._nodes):
             component = f"storage-node-{node}"
@@ -352,6 +354,10 @@ class NdpEngine:
         actors.update({f"gpu-worker-{r}": a for r, a in enumerate(self._workers)})
         pids = _get([a.__ray_call__.remote(lambda _self: os.getpid()) for a in actors.values()])
         return dict(zip(actors, pids, strict=True))
+
+    def _wait(self, refs: Any, component: str = "gpu-worker") -> Any:
+        """`_get` with the job's deadline (`cluster.step_timeout_s`): a hung actor is named."""
+        return _get(refs, timeout_s=self.cfg.cluster.step_timeout_s, component=component)
 
     # ----------------------------------------------------------------- tear-down
 
