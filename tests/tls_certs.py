@@ -15,40 +15,16 @@ def openssl(*args: str, cwd) -> None:
 
 def make_test_certs(d: Path) -> TlsFiles:
     """A self-signed CA and a certificate for 127.0.0.1 / localhost signed by it, in `d`."""
-    make_ca(d, "ca", subject="ndp test CA")
-    openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "node.key",
-        "-out",
-        "node.csr",
-        cwd=d,
+    ca_cert, ca_key = make_ca(d, "ca", subject="ndp test CA")
+    cert, key = _signed_cert(
+        d,
+        "node",
+        subject="127.0.0.1",
+        extensions="subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ca_cert=ca_cert,
+        ca_key=ca_key,
     )
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "node.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "node.pem",
-        cwd=d,
-    )
-    return TlsFiles(cert=str(d / "node.pem"), key=str(d / "node.key"), ca=str(d / "ca.pem"))
+    return TlsFiles(cert=cert, key=key, ca=str(ca_cert))
 
 
 def make_ca(d: Path, name: str, *, subject: str | None = None) -> tuple[Path, Path]:
@@ -74,20 +50,34 @@ def make_ca(d: Path, name: str, *, subject: str | None = None) -> tuple[Path, Pa
 
 def make_client_cert(d: Path, name: str, *, ca_cert: Path, ca_key: Path) -> tuple[str, str]:
     """A client certificate `d/<name>.pem` (key `d/<name>.key`) signed by the given CA."""
+    return _signed_cert(
+        d,
+        name,
+        subject=name,
+        extensions="extendedKeyUsage=clientAuth",
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+    )
+
+
+def _signed_cert(
+    d: Path, name: str, *, subject: str, extensions: str, ca_cert: Path, ca_key: Path
+) -> tuple[str, str]:
+    """Key `d/<name>.key` and certificate `d/<name>.pem` for CN=`subject`, signed by the CA."""
     openssl(
         "req",
         "-newkey",
         "rsa:2048",
         "-nodes",
         "-subj",
-        f"/CN={name}",
+        f"/CN={subject}",
         "-keyout",
         f"{name}.key",
         "-out",
         f"{name}.csr",
         cwd=d,
     )
-    (d / f"{name}.ext").write_text("extendedKeyUsage=clientAuth\n")
+    (d / f"{name}.ext").write_text(extensions + "\n")
     openssl(
         "x509",
         "-req",
