@@ -276,48 +276,47 @@ class NdpEngine:
         The checkpoint is read here and each node's rows are streamed to it through Ray, a
         few MiB per call and at most `RESTORE_CALLS_IN_FLIGHT` calls ahead; the node writes
         its restore directory on its own machine (`storage_node.restore`), so nodes need no
-        file system shared with this process. A node refuses a stream that is incomplete or
-        altered (sha256 per table) before anything of its state is replaced.
+        file system shared with this process. Two phases, so that a refusal changes
+        nothing anywhere: every node receives and verifies its stream (complete, sha256 per
+        table, plan) first; only then do the nodes replace their state, and the workers
+        load the dense half last.
         """
         import ray
 
-        from ndp.checkpoint import (
-            RESTORE_CALLS_IN_FLIGHT,
-            node_restore_header,
-            node_restore_rows,
-        )
-        from storage_node.restore import RowsDigest
-
         checkpoint.check_fits(self.cfg)
         self.flush()  # no push of the old state may land after the restore
+        try:
+            for node in range(len(self._nodes)):
+                self._stream_restore(node, checkpoint)
+        except BaseException:
+            for actor in self._nodes:
+                _quietly(lambda a=actor: ray.get(a.restore_abort.remote(), timeout=30))
+            raise
+        self._wait([n.restore_commit.remote() for n in self._nodes], "storage-node")
         model, optimizer = checkpoint.dense_model(), checkpoint.dense_optimizer()
         self._wait([w.load_dense_state.remote(model, optimizer) for w in self._workers])
-        timeout_s = self.cfg.cluster.step_timeout_s
-        for node, actor in enumerate(self._nodes):
-            component = f"storage-node-{node}"
-            header = node_restore_header(
-                checkpoint, self.plan.shards_for_node(node, self.tables), self.cfg
+
+    def _stream_restore(self, node: int, checkpoint: Checkpoint) -> None:
+        """Send node `node` its rows of `checkpoint` and have it verify them (not commit)."""
+        from ndp.checkpoint import RESTORE_CALLS_IN_FLIGHT, node_restore_header, node_restore_rows
+        from storage_node.restore import RowsDigest
+
+        actor, component = self._nodes[node], f"storage-node-{node}"
+        header = node_restore_header(
+            checkpoint, self.plan.shards_for_node(node, self.tables), self.cfg
+        )
+        self._wait(actor.restore_begin.remote(header), component)
+        digest, in_flight = RowsDigest(), deque()
+        for chunk in node_restore_rows(checkpoint, header):
+            digest.update(chunk.table_name, chunk.records)
+            in_flight.append(
+                actor.restore_rows.remote(chunk.table_name, chunk.row_start, chunk.records)
             )
-            try:
-                _get(actor.restore_begin.remote(header), timeout_s=timeout_s, component=component)
-                digest, in_flight = RowsDigest(), deque()
-                for chunk in node_restore_rows(checkpoint, header):
-                    digest.update(chunk.table_name, chunk.records)
-                    in_flight.append(
-                        actor.restore_rows.remote(chunk.table_name, chunk.row_start, chunk.records)
-                    )
-                    if len(in_flight) > RESTORE_CALLS_IN_FLIGHT:
-                        _get(in_flight.popleft(), timeout_s=timeout_s, component=component)
-                while in_flight:
-                    _get(in_flight.popleft(), timeout_s=timeout_s, component=component)
-                _get(
-                    actor.restore_finish.remote(digest.hexdigests()),
-                    timeout_s=timeout_s,
-                    component=component,
-                )
-            except BaseException:
-                _quietly(lambda a=actor: ray.get(a.restore_abort.remote(), timeout=30))
-                raise
+            if len(in_flight) > RESTORE_CALLS_IN_FLIGHT:
+                self._wait(in_flight.popleft(), component)
+        while in_flight:
+            self._wait(in_flight.popleft(), component)
+        self._wait(actor.restore_finish.remote(digest.hexdigests()), component)
 
     def restart(self) -> None:
         """Kill every storage-node and GPU-worker actor (dead or alive) and start fresh ones.

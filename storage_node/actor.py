@@ -5,7 +5,8 @@ builds the core and a gRPC server on the node's own address and reports where it
 workers then talk to it directly with `gpu_worker.storage_client.StorageClient`.
 
 Restores come through Ray, streamed by the coordinator (`restore_begin`, `restore_rows` ...,
-`restore_finish`; see `storage_node.restore`): the restore directory is written under the
+`restore_finish` to verify, `restore_commit` once every node verified; see
+`storage_node.restore`): the restore directory is written under the
 node's own flash dir, on its own machine, so no file system is shared with the coordinator.
 """
 
@@ -87,6 +88,7 @@ class StorageNodeActor:
         self._runtime_dir: str | None = None
         self._flash_dir: str | None = None
         self._restore: RestoreDirWriter | None = None  # a restore being streamed in
+        self._restore_manifest: dict | None = None  # set once that restore is verified
 
     def start(self) -> str:
         """Create the core and start serving; returns the TCP address `host:port`.
@@ -188,19 +190,34 @@ class StorageNodeActor:
             raise
 
     def restore_finish(self, records_sha256: dict[str, str]) -> None:
-        """Check the streamed rows (complete, sha256 per table) and restore the core from them.
+        """Check the streamed rows (complete, sha256 per table) and the restore directory as
+        the core would (`verify_restore`); nothing is replaced yet (`restore_commit` does).
 
-        Nothing changes on a refusal; the restore directory is removed either way.
+        A refusal drops the restore and its directory.
         """
         writer = self._open_restore()
         try:
             assert self._core is not None
-            self._core.restore(writer.finish(records_sha256))
+            directory = writer.finish(records_sha256)
+            self._restore_manifest = self._core.verify_restore(directory)
+        except BaseException:
+            self.restore_abort()
+            raise
+
+    def restore_commit(self) -> None:
+        """Replace the node's state with the verified restore; the directory is removed."""
+        writer = self._open_restore()
+        if self._restore_manifest is None:
+            raise RuntimeError("restore not verified on this storage node; call restore_finish")
+        try:
+            assert self._core is not None
+            self._core.restore_verified(writer.directory, self._restore_manifest)
         finally:
             self.restore_abort()
 
     def restore_abort(self) -> None:
         """Drop the open restore, if any, and remove its directory (idempotent)."""
+        self._restore_manifest = None
         if self._restore is not None:
             writer, self._restore = self._restore, None
             writer.close()

@@ -905,6 +905,19 @@ class StorageNodeCore:
         Everything is verified (format, optimizer, shard specs, sha256) before anything is
         replaced; pending lookups/pushes and prefetch pins are dropped.
         """
+        with self._lock:
+            self.restore_verified(directory, self.verify_restore(directory))
+
+    def verify_restore(self, directory: str | Path) -> dict:
+        """Check that `directory` holds a checkpoint this node can restore; its manifest.
+
+        Why separate: a job restores all its nodes together, so it verifies every node
+        before any of them replaces its state (`restore_verified`).
+
+        Raises:
+            ShardFileError: no manifest, another format or optimizer, another plan, or a
+                file whose sha256 differs from the manifest's.
+        """
         directory = Path(directory)
         with self._lock:
             self._check_open()
@@ -922,6 +935,15 @@ class StorageNodeCore:
                     raise ShardFileError(
                         f"checkpoint file {directory / entry['file']} is corrupt (sha256 mismatch)"
                     )
+            return manifest
+
+    def restore_verified(self, directory: str | Path, manifest: dict) -> None:
+        """Replace every piece with the files of `directory`, which `verify_restore` passed
+        with this `manifest` (and which nothing changed since)."""
+        directory = Path(directory)
+        by_table = {entry["spec"]["table_name"]: entry for entry in manifest["shards"]}
+        with self._lock:
+            self._check_open()
             for table, piece in self._pieces.items():
                 counters = piece.flash.counters
                 piece.cache.invalidate()

@@ -100,6 +100,12 @@ def test_a_node_of_another_plan_is_restored_from_rows_streamed_in_small_chunks(
         spec = next(s for s in actor.shards if s.table_name == "big")
         assert (spec.row_start, spec.row_end) != (0, 300)  # a piece the checkpoint never had
         actor.restore_finish(_stream(actor, checkpoint))
+        before = _rows(actor)  # verified, not committed: the node still holds its own rows
+        assert actor.stats()["applied_step"] == -1
+        actor.restore_commit()
+        assert any(not np.array_equal(before[t], rows) for t, rows in _rows(actor).items()), (
+            "the commit must replace the node's rows"
+        )
         for spec in actor.shards:
             np.testing.assert_array_equal(
                 _rows(actor)[spec.table_name],

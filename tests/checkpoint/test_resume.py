@@ -136,3 +136,34 @@ def test_ndp_train_resume_continues_a_stopped_run_to_the_uninterrupted_model(ray
         )
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["samples"] == (STEPS // 2) * BATCH
+
+
+def test_a_restore_refused_by_one_node_changes_no_node_and_no_worker(
+    ray_session, tmp_path, monkeypatch
+):
+    """Every node verifies its stream before any node (or the dense half) is replaced."""
+    from storage_node import restore as node_restore
+
+    cfg = tiny_job(sparse_optimizer="adagrad", interval_steps=2)
+    data = build_datasets(cfg)[0]
+    with NdpEngine(cfg) as engine:
+        job = ResilientEngine(engine, cfg, checkpoint_root=tmp_path, train_data=data, total_steps=4)
+        _run(job, cfg, data, 0, 3)  # a checkpoint after 2 steps, then one more step
+        checkpoint = resolve_checkpoint(tmp_path)
+        assert checkpoint.next_step == 2
+        before = model_of(engine, cfg)
+
+        digests = node_restore.RowsDigest.hexdigests
+        calls = {"n": 0}
+
+        def second_node_sends_wrong_digests(self):
+            calls["n"] += 1  # the coordinator asks once per node, in node order
+            good = digests(self)
+            return {t: "0" * 64 for t in good} if calls["n"] == 2 else good
+
+        monkeypatch.setattr(node_restore.RowsDigest, "hexdigests", second_node_sends_wrong_digests)
+        with pytest.raises(Exception, match="sha256 mismatch"):
+            engine.import_state(checkpoint)
+        assert calls["n"] == 2
+        assert_same_model(model_of(engine, cfg), before)
+        assert [s["applied_step"] for s in engine.node_stats()] == [2, 2]
