@@ -74,10 +74,10 @@ class BenchOptions:
     """Which scenarios to run (the targets of the missing ones are reported as not measured)."""
     fp16_wire: bool = True
     """Also run ndp on `fits_in_dram` with fp16 on the wire (target 4)."""
-    worker_cpus: float = float(os.cpu_count() or 1)
-    """Ray CPUs of the GPU-worker actor, which Ray turns into its torch threads: all cores by
-    default, as many as the in-process baselines' dense half uses (without a CPU request an
-    actor gets one thread)."""
+    worker_cpus: float | None = None
+    """Ray CPUs of the GPU-worker actor, which Ray turns into its torch threads. None: the
+    cores this process may run on, capped at what the Ray instance has, i.e. as many threads
+    as the in-process baselines' dense half uses (without a CPU request an actor gets one)."""
 
     @classmethod
     def quick(cls) -> BenchOptions:
@@ -146,7 +146,7 @@ def scenario_config(options: BenchOptions, scenario: str) -> dict:
         "cluster": {
             "num_storage_nodes": num_nodes,
             "num_gpu_workers": 1,
-            "gpu_worker_resources": {"CPU": options.worker_cpus},
+            "gpu_worker_resources": {"CPU": options.worker_cpus or 0.0},
         },
         "storage": {
             "cache_bytes": max(per_node, 4096),
@@ -344,6 +344,11 @@ def run_train_bench(
     started_ray = not ray.is_initialized()
     if started_ray:  # one Ray for every ndp run (an engine that starts Ray stops it again)
         init_local_ray()
+    if options.worker_cpus is None:
+        usable = len(os.sched_getaffinity(0))
+        options = replace(
+            options, worker_cpus=float(min(usable, ray.cluster_resources().get("CPU", 1.0)))
+        )
     try:
         systems = _run_all(options, log)
     finally:

@@ -56,6 +56,8 @@ def test_tiny_train_bench_measures_all_five_systems_and_wire_bytes(ray_session, 
     out = capsys.readouterr().out
     assert "1. fits in DRAM" in out and "4. link bytes per sample" in out
     assert "2. large_zipf: ndp / os_paged: not measured" in out
+    # the worker's dense half gets this process's cores (capped by Ray's), like the baselines'
+    assert results["options"]["worker_cpus"] == min(len(os.sched_getaffinity(0)), 4)
 
 
 @pytest.mark.skipif(not _cgroup_writable(), reason="memory cgroup v1 not writable here")
