@@ -99,11 +99,15 @@ class _RecordedBags:
     inv_divisor: torch.Tensor | None
     """float32 [B] 1 / bag divisor for mean pooling, None for sum pooling."""
     batch_size: int
+    _bag_of_value: torch.Tensor | None = field(default=None, repr=False)
 
     def bag_of_value(self) -> torch.Tensor:
-        """int64 [nnz] bag (sample) of each value."""
-        lengths = self.offsets[1:] - self.offsets[:-1]
-        return torch.repeat_interleave(torch.arange(self.batch_size), lengths)
+        """int64 [nnz] bag (sample) of each value (computed once: every correction of an early
+        pool and the push of its step need it)."""
+        if self._bag_of_value is None:
+            lengths = self.offsets[1:] - self.offsets[:-1]
+            self._bag_of_value = torch.repeat_interleave(torch.arange(self.batch_size), lengths)
+        return self._bag_of_value
 
     def scale(self, bag_of_value: torch.Tensor) -> torch.Tensor | None:
         """float32 [nnz] per-value gradient factor (weights, 1/length), None = 1."""
@@ -513,12 +517,15 @@ class StorageNodeCore:
             for feature, (piece, bags) in early.bags.items():
                 if piece.spec.table_name != table or bags.indices.numel() == 0:
                     continue
-                hit = torch.isin(bags.indices, unique_rows)
+                # one binary search finds both whether each value was updated and where
+                position = torch.searchsorted(unique_rows, bags.indices)
+                position.clamp_(max=unique_rows.numel() - 1)
+                hit = unique_rows[position] == bags.indices
                 if not bool(hit.any()):
                     continue
                 rec = early.recorded[feature]
                 bag_of_value = rec.bag_of_value()
-                change = delta[torch.searchsorted(unique_rows, bags.indices[hit])]
+                change = delta[position[hit]]
                 scale = rec.scale(bag_of_value)  # weights x 1/divisor, as the pooling used
                 if scale is not None:
                     change = change * scale[hit][:, None]
