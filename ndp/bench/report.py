@@ -6,6 +6,9 @@ raw figures a benchmark chooses to keep, two keys drive the human-readable files
     "tables": [{"title": str, "columns": [str], "rows": [[cell, ...]]}]     -> results.md
     "plots":  [{"title": str, "xlabel": str, "ylabel": str, "xscale": "linear" | "log",
                 "series": [{"label": str, "x": [num], "y": [num]}]}]      -> results.png
+              or grouped bars over named categories:
+              [{"kind": "bars", "title", "xlabel", "ylabel", "categories": [str],
+                "series": [{"label": str, "y": [num | None]}]}]  (None: not measured)
     "summary": [str]                     (lines printed and listed in results.md, optional)
 
 so a new benchmark (e.g. `ndp-bench train`) only builds the dict.
@@ -91,17 +94,33 @@ def render_plots(results: dict[str, Any], path: Path) -> None:
     count = max(1, len(plots))
     figure, axes = plt.subplots(1, count, figsize=(6 * count, 4.5), squeeze=False)
     for ax, plot in zip(axes[0], plots, strict=False):
-        for series in plot["series"]:
-            ax.plot(series["x"], series["y"], marker="o", label=series["label"])
+        if plot.get("kind") == "bars":
+            _draw_bars(ax, plot)
+        else:
+            for series in plot["series"]:
+                ax.plot(series["x"], series["y"], marker="o", label=series["label"])
+            ax.set_xscale(plot.get("xscale", "linear"))
         ax.set_title(plot["title"])
         ax.set_xlabel(plot["xlabel"])
         ax.set_ylabel(plot["ylabel"])
-        ax.set_xscale(plot.get("xscale", "linear"))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _draw_bars(ax: Any, plot: dict[str, Any]) -> None:
+    """Grouped bars: one group per category, one bar per series (missing values left out)."""
+    categories = plot["categories"]
+    width = 0.8 / max(1, len(plot["series"]))
+    for i, series in enumerate(plot["series"]):
+        positions = [
+            c + (i - (len(plot["series"]) - 1) / 2) * width for c in range(len(categories))
+        ]
+        shown = [(p, y) for p, y in zip(positions, series["y"], strict=True) if y is not None]
+        ax.bar([p for p, _ in shown], [y for _, y in shown], width=width, label=series["label"])
+    ax.set_xticks(range(len(categories)), categories, rotation=15, fontsize=8)
 
 
 def write_results(results: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
