@@ -38,7 +38,9 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +149,8 @@ class FlashStore:
         self._emulation = emulation or EmulationConfig()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ndp-flash")
         self._io_threads = io_threads
+        self._held: tuple[np.ndarray, np.ndarray] | None = None
+        """Inside `holding_reads`: (sorted blocks, their bytes [n, block_bytes])."""
         self._max_run_blocks = max(1, MAX_RUN_BYTES // self.layout.block_bytes)
         flags = os.O_RDWR | os.O_CREAT
         if use_odirect:
@@ -310,6 +314,48 @@ class FlashStore:
         self._throttle(nbytes, emu.flash_read_bandwidth_mbps, emu.flash_read_latency_us)
         return buf
 
+    @contextmanager
+    def holding_reads(self) -> Iterator[None]:
+        """Keep the blocks read inside this block so that writes to them skip the re-read.
+
+        Why: an update reads the rows it changes (misses come from flash), and rows the cache
+        does not admit are written straight back: without this, that write's
+        read-modify-write reads the same blocks again. The held copies are the I/O buffers
+        of this one operation (released at exit) and every write inside the block updates
+        them, so they always equal the file.
+        """
+        self._held = (np.zeros(0, dtype=np.int64), np.zeros((0, self.layout.block_bytes), np.uint8))
+        try:
+            yield
+        finally:
+            self._held = None
+
+    def _hold(self, blocks: np.ndarray, buf: mmap.mmap) -> None:
+        """Remember (or refresh) the current bytes of sorted unique `blocks` held in `buf`."""
+        if self._held is None:
+            return
+        data = np.frombuffer(buf, dtype=np.uint8, count=blocks.size * self.layout.block_bytes)
+        data = data.reshape(blocks.size, self.layout.block_bytes)
+        held_blocks, held_data = self._held
+        keep = ~np.isin(held_blocks, blocks)  # the new bytes replace older copies
+        merged = np.concatenate([held_blocks[keep], blocks])
+        order = np.argsort(merged, kind="stable")
+        self._held = (merged[order], np.concatenate([held_data[keep], data])[order])
+
+    def _held_copy(self, blocks: np.ndarray) -> mmap.mmap | None:
+        """An aligned buffer of sorted unique `blocks` from the held reads, if all are held."""
+        if self._held is None or self._held[0].size == 0:
+            return None
+        held_blocks, held_data = self._held
+        where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
+        if not np.array_equal(held_blocks[where], blocks):
+            return None
+        buf = self._aligned(blocks.size * self.layout.block_bytes)
+        target = np.frombuffer(buf, dtype=np.uint8).reshape(blocks.size, -1)
+        target[:] = held_data[where]
+        del target
+        return buf
+
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Records of local `rows` (any order, duplicates allowed): float32 [n, D + S]."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -319,20 +365,25 @@ class FlashStore:
         row_blocks = rows // lay.rows_per_block
         blocks, block_pos = np.unique(row_blocks, return_inverse=True)
         buf = self._read_blocks(blocks)
+        self._hold(blocks, buf)
         view = np.frombuffer(buf, dtype=np.float32)
         return view[self._float_index(block_pos, rows)].copy()
 
     def write_rows(self, rows: np.ndarray, records: np.ndarray) -> None:
-        """Write records of unique local `rows` (read-modify-write of their blocks)."""
+        """Write records of unique local `rows` (read-modify-write of their blocks; the read
+        is skipped for blocks held by `holding_reads`)."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return
         lay = self.layout
         blocks, block_pos = np.unique(rows // lay.rows_per_block, return_inverse=True)
-        buf = self._read_blocks(blocks)
+        buf = self._held_copy(blocks)
+        if buf is None:
+            buf = self._read_blocks(blocks)
         view = np.frombuffer(buf, dtype=np.float32)
         view[self._float_index(block_pos, rows)] = records
         del view
+        self._hold(blocks, buf)
         self._issue(os.pwritev, buf, blocks)
         nbytes = blocks.size * lay.block_bytes
         self.counters.bytes_written += nbytes

@@ -676,17 +676,18 @@ class StorageNodeCore:
             merged = torch.zeros(unique_rows.numel(), values.shape[1], dtype=torch.float32)
             merged.index_add_(0, inverse, values)
             unique_np = unique_rows.numpy()
-            records = torch.from_numpy(piece.cache.fetch(unique_np))
-            dim = piece.spec.embedding_dim
-            old = records[:, :dim].clone() if self._early else None
-            apply_update(
-                self.optimizer,
-                records[:, :dim],
-                records[:, dim:],
-                merged,
-                iteration=iteration,
-            )
-            piece.cache.store(unique_np, records.numpy())
+            with piece.flash.holding_reads():  # rows read here and written straight back
+                records = torch.from_numpy(piece.cache.fetch(unique_np))
+                dim = piece.spec.embedding_dim
+                old = records[:, :dim].clone() if self._early else None
+                apply_update(
+                    self.optimizer,
+                    records[:, :dim],
+                    records[:, dim:],
+                    merged,
+                    iteration=iteration,
+                )
+                piece.cache.store(unique_np, records.numpy())
             if old is not None:
                 self._correct_early_pools(table, unique_rows, records[:, :dim] - old)
         self.optimizer_step = iteration

@@ -170,3 +170,37 @@ def test_odirect_reads_and_writes_whole_aligned_pages(tmp_path):
     store.write_rows(np.array([1, 30]), records)
     np.testing.assert_array_equal(store.read_rows(np.array([30, 1])), records)
     store.close()
+
+
+def test_a_write_back_of_rows_just_read_while_holding_reads_skips_the_re_read(tmp_path):
+    store = open_store(tmp_path / "s")  # 8 rows per 512-byte block
+    rows = np.array([1, 9, 30])  # blocks 0, 1, 3
+    records = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    with store.holding_reads():
+        store.read_rows(rows)
+        pages = store.counters.pages_read
+        store.write_rows(rows, records)
+        assert store.counters.pages_read == pages, "the held blocks were not read again"
+    store.write_rows(rows, records)
+    assert store.counters.pages_read == pages + 3, "outside the block a write reads its pages"
+    store.close()
+    reopened = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(reopened.read_rows(rows), records)
+    reopened.close()
+
+
+def test_held_blocks_follow_every_write_so_a_later_write_keeps_the_earlier_one(tmp_path):
+    store = open_store(tmp_path / "s")
+    rng = np.random.default_rng(2)
+    first, second = (rng.standard_normal((1, 16)).astype(np.float32) for _ in range(2))
+    neighbour_before = store.read_rows(np.array([5]))
+    with store.holding_reads():
+        store.read_rows(np.array([4, 5]))  # block 0 held
+        store.write_rows(np.array([5]), first)  # e.g. an eviction's write-back into block 0
+        store.write_rows(np.array([4]), second)  # from the held copy: must include row 5's write
+    store.close()
+    reopened = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(reopened.read_rows(np.array([5])), first)
+    np.testing.assert_array_equal(reopened.read_rows(np.array([4])), second)
+    assert not np.array_equal(neighbour_before, first)
+    reopened.close()
