@@ -90,6 +90,12 @@ def _rows(actor: StorageNodeActor) -> dict[str, np.ndarray]:
     return out
 
 
+def _assert_rows_unchanged(actor: StorageNodeActor, before: dict[str, np.ndarray]) -> None:
+    """A refused restore left every record of the node as it was."""
+    for name, records in _rows(actor).items():
+        np.testing.assert_array_equal(records, before[name])
+
+
 @pytest.mark.parametrize("sparse_optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
 def test_a_node_of_another_plan_is_restored_from_rows_streamed_in_small_chunks(
     tmp_path, sparse_optimizer
@@ -126,8 +132,7 @@ def test_rows_altered_in_transit_are_refused_and_change_nothing(tmp_path, checkp
         table = next(iter(digests))
         with pytest.raises(StorageNodeError, match=f"{table!r} .*sha256 mismatch"):
             actor.restore_finish({**digests, table: "0" * 64})
-        for name, records in _rows(actor).items():
-            np.testing.assert_array_equal(records, before[name])
+        _assert_rows_unchanged(actor, before)
         assert actor.stats()["applied_step"] == -1
         assert not list((tmp_path / "flash0").glob("ndp-restore-*"))
     finally:
@@ -155,8 +160,7 @@ def test_a_stream_missing_its_last_rows_is_refused_and_changes_nothing(tmp_path,
         digests = _stream(actor, checkpoint, skip=len(chunks) - 1)
         with pytest.raises(StorageNodeError, match="incomplete: rows of"):
             actor.restore_finish(digests)
-        for name, records in _rows(actor).items():
-            np.testing.assert_array_equal(records, before[name])
+        _assert_rows_unchanged(actor, before)
         assert not list((tmp_path / "flash0").glob("ndp-restore-*"))
     finally:
         actor.shutdown()
@@ -176,8 +180,7 @@ def test_pieces_of_another_node_are_refused_and_change_nothing(tmp_path, checkpo
             actor.restore_rows(chunk.table_name, chunk.row_start, chunk.records)
         with pytest.raises(StorageNodeError, match="restore from a checkpoint of the same plan"):
             actor.restore_finish(digest.hexdigests())
-        for name, records in _rows(actor).items():
-            np.testing.assert_array_equal(records, before[name])
+        _assert_rows_unchanged(actor, before)
         assert not list((tmp_path / "flash0").glob("ndp-restore-*"))
     finally:
         actor.shutdown()
