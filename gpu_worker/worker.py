@@ -193,10 +193,6 @@ class DenseWorker:
         # matches them and answers it anyway)
         self._resolve_early_lookups(keep=False)
 
-    def wait_for_pushes(self) -> None:
-        """Alias of `flush` (the gradient pushes are what carries the update)."""
-        self.flush()
-
     def timings(self) -> dict[str, float]:
         """Seconds per phase and counters since the last call."""
         out = {**self._seconds, **self._counters}
