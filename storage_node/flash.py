@@ -27,7 +27,15 @@ followed by fixed-size *blocks*; a block is the unit of I/O and is page aligned:
 Reads and writes go in batches: the requested rows are mapped to blocks, the blocks are
 sorted, deduplicated and coalesced into runs of consecutive blocks, and the runs are issued
 in parallel (`io_threads`) with ``os.preadv``/``os.pwritev`` into one page-aligned
-(mmap-allocated) buffer, so ``O_DIRECT`` works when asked for. Writes are read-modify-write of
+(mmap-allocated) buffer, so ``O_DIRECT`` works when asked for. Gaps of at most
+`merge_gap_bytes` between wanted blocks are read (and written back unchanged) with them:
+
+    wanted blocks   3 4 . . 7 . . . . . . . . . 21        merge_gap_bytes = 3 blocks
+    I/O requests    [3 ........ 7]              [21]      2 requests, not 3
+
+Why: a request costs far more than the bytes it moves (measured here with O_DIRECT: a
+random 4 KiB read 320 us and 74 us of CPU, a 128 KiB read 123 us and 28 us of CPU), so a
+few unwanted pages are cheaper than another request. The pages counters include them. Writes are read-modify-write of
 whole blocks, as a flash device programs whole pages. The header's ``complete`` flag is
 written last when a new file is initialised, so an interrupted init is redone on reopen.
 """
@@ -46,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ndp.config import EmulationConfig
+from ndp.config import EmulationConfig, StorageConfig
 from ndp.model.init import init_rows
 from storage_node.errors import ShardFileError
 from storage_node.stats import FlashCounters, transfer_delay_s
@@ -118,6 +126,20 @@ def _runs(blocks: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     return blocks[run_first_idx], run_end_idx - run_first_idx
 
 
+def fill_gaps(blocks: np.ndarray, max_gap: int) -> np.ndarray:
+    """Sorted unique `blocks` plus every block of each gap of at most `max_gap` between them."""
+    if blocks.size < 2 or max_gap <= 0:
+        return blocks
+    gaps = np.diff(blocks) - 1
+    lengths = np.where((gaps > 0) & (gaps <= max_gap), gaps, 0)
+    total = int(lengths.sum())
+    if total == 0:
+        return blocks
+    firsts = np.repeat(blocks[:-1] + 1, lengths)
+    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.sort(np.concatenate([blocks, firsts + within]))
+
+
 class FlashStore:
     """A shard file with batched, parallel, page-granular row reads and writes.
 
@@ -139,6 +161,7 @@ class FlashStore:
         page_bytes: int = 4096,
         io_threads: int = 4,
         use_odirect: bool = False,
+        merge_gap_bytes: int = StorageConfig.io_merge_gap_bytes,
         emulation: EmulationConfig | None = None,
     ) -> None:
         self.path = Path(path)
@@ -152,6 +175,7 @@ class FlashStore:
         self._held: tuple[np.ndarray, np.ndarray] | None = None
         """Inside `holding_reads`: (sorted blocks, their bytes [n, block_bytes])."""
         self._max_run_blocks = max(1, MAX_RUN_BYTES // self.layout.block_bytes)
+        self._max_gap_blocks = merge_gap_bytes // self.layout.block_bytes
         flags = os.O_RDWR | os.O_CREAT
         if use_odirect:
             if not hasattr(os, "O_DIRECT"):
@@ -271,10 +295,13 @@ class FlashStore:
             self.counters.emulated_delay_s += delay
             time.sleep(delay)
 
-    def _issue(self, op, buf: mmap.mmap, blocks: np.ndarray) -> None:
+    def _issue(self, op, buf: mmap.mmap, blocks: np.ndarray) -> int:
         """Run `op` (os.preadv or os.pwritev) over the coalesced runs of `blocks`, in parallel.
 
         Block i of the sorted unique `blocks` sits at byte i * block_bytes of `buf`.
+
+        Returns:
+            The number of I/O requests issued.
         """
         lay = self.layout
         firsts, lengths = _runs(blocks, self._max_run_blocks)
@@ -300,12 +327,13 @@ class FlashStore:
                 list(self._pool.map(run_share, range(shares)))
             for chunk in chunks:
                 chunk.release()
+        return len(chunks)
 
     def _read_blocks(self, blocks: np.ndarray) -> mmap.mmap:
         """Read sorted unique blocks into one page-aligned buffer."""
         lay = self.layout
         buf = self._aligned(blocks.size * lay.block_bytes)
-        self._issue(os.preadv, buf, blocks)
+        self.counters.read_requests += self._issue(os.preadv, buf, blocks)
         nbytes = blocks.size * lay.block_bytes
         self.counters.bytes_read += nbytes
         self.counters.pages_read += nbytes // lay.page_bytes
@@ -362,30 +390,40 @@ class FlashStore:
         lay = self.layout
         if rows.size == 0:
             return np.zeros((0, lay.row_floats), dtype=np.float32)
-        row_blocks = rows // lay.rows_per_block
-        blocks, block_pos = np.unique(row_blocks, return_inverse=True)
-        buf = self._read_blocks(blocks)
-        self._hold(blocks, buf)
+        blocks, block_pos = np.unique(rows // lay.rows_per_block, return_inverse=True)
+        span = fill_gaps(blocks, self._max_gap_blocks)
+        buf = self._read_blocks(span)
+        self._hold(span, buf)
         view = np.frombuffer(buf, dtype=np.float32)
-        return view[self._float_index(block_pos, rows)].copy()
+        return view[self._float_index(self._positions(span, blocks)[block_pos], rows)].copy()
+
+    @staticmethod
+    def _positions(span: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """Where each of sorted `blocks` sits in the sorted superset `span`."""
+        return np.arange(blocks.size) if span is blocks else np.searchsorted(span, blocks)
 
     def write_rows(self, rows: np.ndarray, records: np.ndarray) -> None:
         """Write records of unique local `rows` (read-modify-write of their blocks; the read
-        is skipped for blocks held by `holding_reads`)."""
+        is skipped for blocks held by `holding_reads`).
+
+        Gap blocks merged into a request are written back with the bytes just read (or held),
+        i.e. unchanged: calls are serialised, so nothing writes them in between.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return
         lay = self.layout
         blocks, block_pos = np.unique(rows // lay.rows_per_block, return_inverse=True)
-        buf = self._held_copy(blocks)
+        span = fill_gaps(blocks, self._max_gap_blocks)
+        buf = self._held_copy(span)
         if buf is None:
-            buf = self._read_blocks(blocks)
+            buf = self._read_blocks(span)
         view = np.frombuffer(buf, dtype=np.float32)
-        view[self._float_index(block_pos, rows)] = records
+        view[self._float_index(self._positions(span, blocks)[block_pos], rows)] = records
         del view
-        self._hold(blocks, buf)
-        self._issue(os.pwritev, buf, blocks)
-        nbytes = blocks.size * lay.block_bytes
+        self._hold(span, buf)
+        self.counters.write_requests += self._issue(os.pwritev, buf, span)
+        nbytes = span.size * lay.block_bytes
         self.counters.bytes_written += nbytes
         self.counters.pages_written += nbytes // lay.page_bytes
         self.counters.write_batches += 1

@@ -171,6 +171,7 @@ def open_shard_file(
         page_bytes=storage.page_bytes,
         io_threads=storage.io_threads,
         use_odirect=storage.use_odirect and device_like,
+        merge_gap_bytes=storage.io_merge_gap_bytes,
         emulation=storage.emulation if device_like else None,
     )
 

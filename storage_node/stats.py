@@ -6,7 +6,7 @@ Every tier counts what it served so that a step can report where its bytes came 
   evictions are rows dropped to make room, write-backs are dirty rows written to flash.
 - `hot`: the pinned hot set inside the cache under `hot+lfu` (hits on rows that were hot).
 - `flash`: bytes and pages actually read/written by pread/pwrite (whole pages, so a read of
-  one row costs a page), and the number of I/O batches.
+  one row costs a page), the number of I/O batches and of requests (preads/pwrites).
 
 The energy estimate is `bytes * pJ/byte` per tier plus `pages * pJ/page` for flash, with the
 constants from `storage.energy` (order-of-magnitude literature figures, see the config).
@@ -47,6 +47,9 @@ class FlashCounters:
     pages_written: int = 0
     read_batches: int = 0
     write_batches: int = 0
+    read_requests: int = 0
+    """pread calls (a batch is coalesced into runs; each run is one request)."""
+    write_requests: int = 0
     emulated_delay_s: float = 0.0
 
 

@@ -9,7 +9,7 @@ from ndp.config import EmulationConfig, EnergyConfig
 from ndp.model.init import init_rows
 from storage_node import flash as flash_module
 from storage_node.errors import ShardFileError
-from storage_node.flash import FlashLayout, FlashStore
+from storage_node.flash import FlashLayout, FlashStore, fill_gaps
 from storage_node.stats import CacheCounters, energy_pj, link_delay_s, transfer_delay_s
 
 
@@ -17,7 +17,7 @@ def open_store(path, *, num_rows=50, dim=8, state=8, row_start=10, **kwargs) -> 
     return FlashStore(
         path,
         table_name="t",
-        table_num_rows=100,
+        table_num_rows=max(100, row_start + num_rows),
         row_start=row_start,
         num_rows=num_rows,
         embedding_dim=dim,
@@ -112,12 +112,53 @@ def test_an_interrupted_init_is_redone(tmp_path):
 
 
 def test_reads_are_whole_pages_and_coalesced(tmp_path):
-    store = open_store(tmp_path / "s")  # 64-byte rows, 8 rows per page
+    store = open_store(tmp_path / "s", merge_gap_bytes=0)  # 64-byte rows, 8 rows per page
     store.read_rows(np.array([0, 1, 8, 9, 40]))  # pages 0, 1, 5
     assert store.counters.pages_read == 3
     assert store.counters.bytes_read == 3 * 512
     assert store.counters.read_batches == 1
+    assert store.counters.read_requests == 2  # pages 0-1 in one request, page 5 in another
     store.close()
+
+
+def test_fill_gaps_adds_exactly_the_gaps_up_to_the_limit():
+    blocks = np.array([3, 4, 7, 21, 23])
+    np.testing.assert_array_equal(fill_gaps(blocks, 3), [3, 4, 5, 6, 7, 21, 22, 23])
+    np.testing.assert_array_equal(fill_gaps(blocks, 1), [3, 4, 7, 21, 22, 23])
+    np.testing.assert_array_equal(fill_gaps(blocks, 0), blocks)
+    np.testing.assert_array_equal(fill_gaps(blocks, 13), np.arange(3, 24))
+
+
+def test_small_gaps_are_read_in_the_same_request_and_counted_as_pages(tmp_path):
+    store = open_store(tmp_path / "s", merge_gap_bytes=2 * 512)  # gaps of <= 2 pages merge
+    store.read_rows(np.array([0, 24, 48]))  # pages 0, 3, 6: gaps of 2 pages each
+    assert store.counters.read_requests == 1
+    assert store.counters.pages_read == 7
+    store.read_rows(np.array([0, 32]))  # pages 0, 4: a gap of 3 pages stays a gap
+    assert store.counters.read_requests == 3
+    assert store.counters.pages_read == 7 + 2
+    store.close()
+
+
+def test_merged_writes_leave_the_gap_rows_as_they_were(tmp_path):
+    """A write merged across a gap rewrites the gap pages with what they hold, and a
+    random mix of merged reads and writes always returns what a plain array holds."""
+    rng = np.random.default_rng(4)
+    store = open_store(tmp_path / "s", num_rows=400, merge_gap_bytes=3 * 512)
+    oracle = store.read_rows(np.arange(400))
+    for _ in range(40):
+        rows = np.unique(rng.integers(0, 400, rng.integers(1, 30)))
+        if rng.random() < 0.5:
+            records = rng.standard_normal((rows.size, 16)).astype(np.float32)
+            store.write_rows(rows, records)
+            oracle[rows] = records
+        else:
+            np.testing.assert_array_equal(store.read_rows(rows), oracle[rows])
+    assert store.counters.pages_written > store.counters.write_batches  # merging happened
+    store.close()
+    reopened = open_store(tmp_path / "s", num_rows=400, merge_gap_bytes=0)
+    np.testing.assert_array_equal(reopened.read_rows(np.arange(400)), oracle)
+    reopened.close()
 
 
 def test_emulated_flash_delay_is_computed_from_bytes(tmp_path):
@@ -173,7 +214,7 @@ def test_odirect_reads_and_writes_whole_aligned_pages(tmp_path):
 
 
 def test_a_write_back_of_rows_just_read_while_holding_reads_skips_the_re_read(tmp_path):
-    store = open_store(tmp_path / "s")  # 8 rows per 512-byte block
+    store = open_store(tmp_path / "s", merge_gap_bytes=0)  # 8 rows per 512-byte block
     rows = np.array([1, 9, 30])  # blocks 0, 1, 3
     records = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
     with store.holding_reads():
