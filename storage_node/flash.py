@@ -172,8 +172,9 @@ class FlashStore:
         self._emulation = emulation or EmulationConfig()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ndp-flash")
         self._io_threads = io_threads
-        self._held: tuple[np.ndarray, np.ndarray] | None = None
-        """Inside `holding_reads`: (sorted blocks, their bytes [n, block_bytes])."""
+        self._held: list[tuple[np.ndarray, np.ndarray]] | None = None
+        """Inside `holding_reads`: (sorted blocks, their bytes [n, block_bytes]) per read or
+        write, oldest first."""
         self._max_run_blocks = max(1, MAX_RUN_BYTES // self.layout.block_bytes)
         self._max_gap_blocks = merge_gap_bytes // self.layout.block_bytes
         flags = os.O_RDWR | os.O_CREAT
@@ -352,37 +353,40 @@ class FlashStore:
         of this one operation (released at exit) and every write inside the block updates
         them, so they always equal the file.
         """
-        self._held = (np.zeros(0, dtype=np.int64), np.zeros((0, self.layout.block_bytes), np.uint8))
+        self._held = []
         try:
             yield
         finally:
             self._held = None
 
     def _hold(self, blocks: np.ndarray, buf: mmap.mmap) -> None:
-        """Remember (or refresh) the current bytes of sorted unique `blocks` held in `buf`."""
+        """Remember the current bytes of sorted unique `blocks`, held in `buf` (not copied:
+        `buf` is not changed after this). Later copies of a block replace earlier ones."""
         if self._held is None:
             return
         data = np.frombuffer(buf, dtype=np.uint8, count=blocks.size * self.layout.block_bytes)
-        data = data.reshape(blocks.size, self.layout.block_bytes)
-        held_blocks, held_data = self._held
-        keep = ~np.isin(held_blocks, blocks)  # the new bytes replace older copies
-        merged = np.concatenate([held_blocks[keep], blocks])
-        order = np.argsort(merged, kind="stable")
-        self._held = (merged[order], np.concatenate([held_data[keep], data])[order])
+        self._held.append((blocks, data.reshape(blocks.size, self.layout.block_bytes)))
 
     def _held_copy(self, blocks: np.ndarray) -> mmap.mmap | None:
-        """An aligned buffer of sorted unique `blocks` from the held reads, if all are held."""
-        if self._held is None or self._held[0].size == 0:
-            return None
-        held_blocks, held_data = self._held
-        where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
-        if not np.array_equal(held_blocks[where], blocks):
+        """An aligned buffer of sorted unique `blocks` from the held reads, if all are held.
+
+        The held buffers are searched newest first, so each block comes from its latest copy.
+        """
+        if not self._held:
             return None
         buf = self._aligned(blocks.size * self.layout.block_bytes)
         target = np.frombuffer(buf, dtype=np.uint8).reshape(blocks.size, -1)
-        target[:] = held_data[where]
+        missing = np.ones(blocks.size, dtype=bool)
+        for held_blocks, held_data in reversed(self._held):
+            where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
+            found = missing & (held_blocks[where] == blocks)
+            target[found] = held_data[where[found]]
+            missing &= ~found
+            if not missing.any():
+                del target
+                return buf
         del target
-        return buf
+        return None
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Records of local `rows` (any order, duplicates allowed): float32 [n, D + S]."""
