@@ -21,7 +21,9 @@ the nodes' cache budget), `cache_5pct` (cache = 5% of the tables) against `cache
 same run with the whole table in DRAM; ndp systems only), `multihot` (mean pooling factor
 20). Each run: `warmup_steps`, then `steps` timed; samples/s, per-step phase seconds, link
 bytes per sample (counted on the workers' gRPC clients: serialised message sizes), cache hit
-rates over the timed steps (node stats), peak RSS per process.
+rates over the timed steps (node stats), peak RSS per process, CPU seconds per step of each
+process and of the whole machine (`ndp.bench.cpu`). A missed target's line says what limits
+it: the CPU floor (busy CPU-seconds / usable cores) against the step, and the largest phases.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ndp.bench.baselines import HybridEngine, peak_rss_bytes
+from ndp.bench.cpu import CpuMeter
 from ndp.bench.report import machine_info, timestamp
 from ndp.config import Config, config_from_dict
 from ndp.data.loader import build_datasets
@@ -168,14 +171,18 @@ def measure_engine(
     cfg: Config | None = None,
     first_step: int = 0,
     at_timed_start: Callable[[], None] = lambda: None,
+    cpu_pids: Mapping[str, int | str] | None = None,
 ) -> dict[str, Any]:
-    """Train `warmup` untimed then `steps` timed steps; samples/s and per-step phase seconds.
+    """Train `warmup` untimed then `steps` timed steps; samples/s, per-step phase seconds and
+    per-step CPU seconds (`ndp.bench.cpu`).
 
     Args:
         batches: the scenario's batches; steps `first_step ...` train on them in order.
         cfg: with a lookahead depth > 0, batches go through `with_lookahead` (ndp only).
         at_timed_start: called between the warm-up and the timed steps (counters reset).
+        cpu_pids: {name: pid} of the processes doing the work; None: this process only.
     """
+    meter = CpuMeter(cpu_pids) if cpu_pids is not None else CpuMeter()
     total = warmup + steps
     stream = ((first_step + i, batches[first_step + i]) for i in range(total))
     if cfg is not None:
@@ -185,9 +192,11 @@ def measure_engine(
         if step == first_step + warmup:
             at_timed_start()
             engine.timings()
+            meter.start()
             start = time.perf_counter()
         engine.train_step(step, batch)
     elapsed = time.perf_counter() - start
+    cpu = meter.stop(steps)
     timings = engine.timings()
     per_step = {k: v / steps for k, v in timings.items() if k.endswith("_s")}
     beside = {"storage_update_s"}  # the nodes' clocks: beside the workers' phases
@@ -198,6 +207,7 @@ def measure_engine(
         "samples_per_s": steps * batch_size / elapsed,
         "step_s": elapsed / steps,
         "per_step": per_step,
+        "cpu_per_step": cpu,
         "link_bytes_per_sample_computed": {
             k: v / (steps * batch_size) for k, v in timings.items() if k.startswith("link_bytes")
         },
@@ -229,7 +239,12 @@ def _cache_counts(engine: Any) -> list[tuple[int, int]]:
 
 
 def _measure_ndp(
-    engine: Any, batches: list, options: BenchOptions, cfg: Config | None, first_step: int
+    engine: Any,
+    batches: list,
+    options: BenchOptions,
+    cfg: Config | None,
+    first_step: int,
+    pids: Mapping[str, int | str],
 ) -> dict[str, Any]:
     """One ndp measurement on a running engine: throughput, wire bytes, hit rates."""
     before: dict[str, Any] = {}
@@ -247,6 +262,7 @@ def _measure_ndp(
         cfg=cfg,
         first_step=first_step,
         at_timed_start=reset,
+        cpu_pids=pids,
     )
     engine.flush()  # the last push's reply is counted when collected
     samples = options.steps * options.batch_size
@@ -270,10 +286,12 @@ def _run_ndp_pair(
 
     out: dict[str, dict[str, Any]] = {}
     with NdpEngine(cfg) as engine:
+        pids: dict[str, int | str] = {"bench_process (coordinator)": "self"}
+        pids.update(engine.component_pids())
         first_step = 0
         for system in systems:
             lookahead = cfg if system == "ndp_lookahead" else None
-            out[system] = _measure_ndp(engine, batches, options, lookahead, first_step)
+            out[system] = _measure_ndp(engine, batches, options, lookahead, first_step, pids)
             first_step += options.warmup_steps + options.steps
         rss = {name: peak_rss_bytes(pid) for name, pid in engine.component_pids().items()}
     for result in out.values():
@@ -369,6 +387,7 @@ def run_train_bench(
     results["tables"] = [
         _throughput_table(systems),
         _breakdown_table(systems),
+        _cpu_table(systems),
         _wire_table(systems),
     ]
     results["plots"] = [_throughput_plot(systems)]
@@ -433,18 +452,52 @@ def _ratio_line(name: str, got: float, target: float) -> str:
     return f"{name}: {got:.2f}x (target >= {target}x) {verdict}"
 
 
+def limits_text(name: str, run: dict[str, Any], baseline: dict[str, Any]) -> str:
+    """What limits a run that missed its target, from its own measurements.
+
+    The per-step CPU seconds of the whole machine over the usable cores is a floor under the
+    step time (`ndp.bench.cpu`); when the step is close to it, the cores are the limit and no
+    overlap can help. The largest phases say where the step's time goes.
+    """
+    step_ms = run["step_s"] * 1e3
+    parts = [f"what limits it: {name} step {step_ms:.0f} ms vs {baseline['step_s'] * 1e3:.0f} ms"]
+    cpu = run.get("cpu_per_step") or {}
+    if cpu.get("floor_step_s") is not None:
+        floor_ms = cpu["floor_step_s"] * 1e3
+        per_process = ", ".join(
+            f"{proc} {seconds * 1e3:.0f}"
+            for proc, seconds in (cpu.get("per_process_s") or {}).items()
+            if seconds is not None
+        )
+        parts.append(
+            f"the machine was busy {cpu['machine_busy_s'] * 1e3:.0f} CPU-ms per step ({per_process})"
+            f", so on {cpu['cores']} cores no schedule beats {floor_ms:.0f} ms per step "
+            f"({floor_ms / step_ms:.0%} of the step: "
+            + ("CPU-bound" if floor_ms >= 0.8 * step_ms else "not CPU-bound")
+            + f"; the cores allow at most {baseline['step_s'] / cpu['floor_step_s']:.2f}x)"
+        )
+    phases = sorted(
+        ((k.removesuffix("_s"), v) for k, v in run.get("per_step", {}).items() if v > 0),
+        key=lambda kv: -kv[1],
+    )[:3]
+    if phases:
+        parts.append("largest phases " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases))
+    return "; ".join(parts)
+
+
 def target_lines(systems: dict[str, dict[str, Any]]) -> list[str]:
     """The four targets, each with its ratio and whether (by how much) it was missed."""
 
     def ratio_line(name: str, top: tuple[str, str], bottom: tuple[str, str], target: float) -> str:
         try:
-            got = (
-                systems[top[0]][top[1]]["samples_per_s"]
-                / systems[bottom[0]][bottom[1]]["samples_per_s"]
-            )
+            top_run, bottom_run = systems[top[0]][top[1]], systems[bottom[0]][bottom[1]]
         except KeyError as missing:
             return f"{name}: not measured (scenario {missing} not run)"
-        return _ratio_line(name, got, target)
+        got = top_run["samples_per_s"] / bottom_run["samples_per_s"]
+        line = _ratio_line(name, got, target)
+        if got < target:
+            line += "; " + limits_text(f"{top[0]}/{top[1]}", top_run, bottom_run)
+        return line
 
     lines = [
         ratio_line(
@@ -544,6 +597,41 @@ def _breakdown_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ]
     columns = ["system", "scenario", "step ms", *(p.removesuffix("_s") + " ms" for p in phases)]
     return {"title": "per-step breakdown (ms)", "columns": columns, "rows": rows}
+
+
+def _cpu_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """CPU-ms per step: the machine's busy time, the floor it puts under the step, by process."""
+    runs = [
+        (system, scenario, run)
+        for system, by_scenario in systems.items()
+        for scenario, run in by_scenario.items()
+        if (run.get("cpu_per_step") or {}).get("machine_busy_s") is not None
+    ]
+    rows = []
+    for system, scenario, run in runs:
+        cpu = run["cpu_per_step"]
+        processes = ", ".join(
+            f"{name} {seconds * 1e3:.1f}"
+            for name, seconds in cpu["per_process_s"].items()
+            if seconds is not None
+        )
+        rows.append(
+            [
+                system,
+                scenario,
+                round(run["step_s"] * 1e3, 1),
+                round(cpu["machine_busy_s"] * 1e3, 1),
+                round(cpu["floor_step_s"] * 1e3, 1),
+                processes,
+            ]
+        )
+    columns = ["system", "scenario", "step ms", "machine busy CPU-ms", "CPU floor ms"]
+    columns.append("CPU-ms by process")
+    return {
+        "title": "CPU per step (machine-wide; floor = busy / usable cores)",
+        "columns": columns,
+        "rows": rows,
+    }
 
 
 def _wire_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -40,6 +40,18 @@ def test_tiny_train_bench_measures_all_five_systems_and_wire_bytes(ray_session, 
         run = runs["fits_in_dram"]
         assert run["samples_per_s"] > 0, system
         assert run["per_step"] and run["peak_rss_bytes"], system
+        assert run["cpu_per_step"]["machine_busy_s"] > 0, system
+    # ndp's CPU time is attributed to each of its processes
+    ndp_cpu = systems["ndp"]["fits_in_dram"]["cpu_per_step"]["per_process_s"]
+    assert set(ndp_cpu) == {
+        "bench_process (coordinator)",
+        "storage-node-0",
+        "storage-node-1",
+        "gpu-worker-0",
+    }
+    assert all(seconds >= 0 for seconds in ndp_cpu.values())  # clock ticks: 0 is possible
+    assert ndp_cpu["gpu-worker-0"] > 0
+    assert "## CPU per step" in (tmp_path / "results.md").read_text()
     # what the link carried, counted on the workers' gRPC clients: the pooled size exactly
     # in tensor bytes, a little more as whole messages, half of it with fp16 on the wire
     wire = systems["ndp"]["fits_in_dram"]["wire_bytes_per_sample"]
@@ -98,20 +110,34 @@ def test_cache_5pct_budget_is_5_percent_of_the_tables_and_cache_full_holds_them(
 
 
 def test_target_lines_report_the_ratio_and_by_how_much_a_target_is_missed():
-    def run(samples_per_s: float) -> dict:
-        return {"samples_per_s": samples_per_s}
+    def run(samples_per_s: float, **measured) -> dict:
+        return {"samples_per_s": samples_per_s, "step_s": 1.0 / samples_per_s, **measured}
 
+    cpu = {
+        "per_process_s": {"gpu-worker-0": 0.003, "storage-node-0": 0.0006},
+        "machine_busy_s": 0.0036,
+        "cores": 2,
+        "floor_step_s": 0.0018,
+    }
     systems = {
         "all_gpu": {"fits_in_dram": run(1000.0)},
-        "ndp_lookahead": {"fits_in_dram": run(500.0)},
+        "ndp_lookahead": {
+            "fits_in_dram": run(500.0, cpu_per_step=cpu, per_step={"dense_compute_s": 0.0015})
+        },
         "ndp": {"large_zipf": run(900.0)},
         "os_paged": {"large_zipf": run(100.0)},
     }
     lines = target_lines(systems)
-    assert lines[0] == (
+    assert lines[0].startswith(
         "1. fits in DRAM: ndp_lookahead / all_gpu: 0.50x (target >= 0.7x) "
-        "MISSED by 0.20x (71% of target)"
+        "MISSED by 0.20x (71% of target); what limits it: "
     )
+    # a missed target says what limits it, from the run's own CPU and phase measurements
+    assert "ndp_lookahead/fits_in_dram step 2 ms vs 1 ms" in lines[0]
+    assert "busy 4 CPU-ms per step (gpu-worker-0 3, storage-node-0 1)" in lines[0]
+    assert "no schedule beats 2 ms per step (90% of the step: CPU-bound" in lines[0]
+    assert "the cores allow at most 0.56x" in lines[0]
+    assert "largest phases dense_compute 2 ms" in lines[0]
     assert lines[1] == "2. large_zipf: ndp / os_paged: 9.00x (target >= 3.0x) met"
     assert "not measured" in lines[2] and "not measured" in lines[3]
 
