@@ -31,9 +31,13 @@ def test_a_busy_process_is_charged_its_cpu_time_and_the_machine_at_least_as_much
 
 
 def test_a_sleeping_child_process_costs_almost_no_cpu():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        time.sleep(0.5)  # let the interpreter start
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"  # started
         meter = CpuMeter({"child": child.pid, "me": "self"})
         meter.start()
         _spin(0.2)
