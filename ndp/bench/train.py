@@ -84,7 +84,7 @@ class BenchOptions:
 
     @classmethod
     def quick(cls) -> BenchOptions:
-        return cls(batch_size=1024, warmup_steps=4, steps=12, fits_rows=20_000, large_rows=300_000)
+        return cls(batch_size=1024, warmup_steps=6, steps=36, fits_rows=20_000, large_rows=300_000)
 
     def scaled(self, scale: float) -> BenchOptions:
         """Smaller (scale < 1) for tests: fewer rows, smaller batches, fewer steps."""
