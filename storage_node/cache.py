@@ -274,8 +274,17 @@ class RowCache:
 
     # ------------------------------------------------------------------ pinning
 
-    def pin(self, rows: np.ndarray) -> np.ndarray:
+    def pin(
+        self,
+        rows: np.ndarray,
+        staged: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
         """Stage `rows` into the cache and pin them; returns the rows actually pinned.
+
+        Args:
+            staged: (sorted rows, their records) already read from flash (and still what
+                flash holds): missing rows among them are placed from these records, the
+                rest are read now.
 
         Rows that find no slot (the cache is full of pinned/hot rows) stay unpinned and are
         served from flash when used.
@@ -285,11 +294,31 @@ class RowCache:
         if (slots < 0).any():
             # staged rows are needed soon: placed without the admission filter
             miss_rows = rows[slots < 0]
-            self._place(miss_rows, self.flash.read_rows(miss_rows), dirty=False)
+            self._place(miss_rows, self._records_of(miss_rows, staged), dirty=False)
             slots = self.index.find(rows)
         cached = slots >= 0
         self.pins[slots[cached]] += 1
         return rows[cached]
+
+    def missing(self, rows: np.ndarray) -> np.ndarray:
+        """Those of `rows` that are not cached (in order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows[self.index.find(rows) < 0]
+
+    def _records_of(
+        self, rows: np.ndarray, staged: tuple[np.ndarray, np.ndarray] | None
+    ) -> np.ndarray:
+        """Flash records of `rows`: from `staged` where it has them, read for the rest."""
+        if staged is None or staged[0].size == 0:
+            return self.flash.read_rows(rows)
+        staged_rows, staged_records = staged
+        where = np.searchsorted(staged_rows, rows).clip(max=staged_rows.size - 1)
+        have = staged_rows[where] == rows
+        records = np.empty((rows.size, self.records.shape[1]), dtype=np.float32)
+        records[have] = staged_records[where[have]]
+        if not have.all():
+            records[~have] = self.flash.read_rows(rows[~have])
+        return records
 
     def unpin(self, rows: np.ndarray) -> None:
         """Release one pin of each of `rows` (rows pinned by `pin`, still cached)."""

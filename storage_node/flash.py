@@ -174,6 +174,33 @@ class IoBuffers:
                 self._cached_bytes += len(buf)
 
 
+class DetachedRead:
+    """One `FlashStore.detached_read`: `read(rows)` unlocked, then `finish(rows)` locked."""
+
+    def __init__(self, store: FlashStore, mark: int) -> None:
+        self._store = store
+        self._mark = mark
+        self._read_done = False
+        self._finished = False
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Records of unique local `rows`, float32 [n, D + S] (at most once per read)."""
+        assert not self._read_done, "a DetachedRead reads once"
+        self._read_done = True
+        return self._store._read_detached(np.asarray(rows, dtype=np.int64))
+
+    def finish(self, rows: np.ndarray) -> np.ndarray:
+        """bool [n]: which of `rows` were written since the read began (their records may be
+        stale). Call exactly once, under the lock, whether or not `read` ran or raised."""
+        assert not self._finished, "a DetachedRead finishes once"
+        self._finished = True
+        if not self._read_done:  # never read: release the descriptor hold taken at start
+            with self._store._detached_done:
+                self._store._detached_reads -= 1
+                self._store._detached_done.notify_all()
+        return self._store._finish_detached(self._mark, np.asarray(rows, dtype=np.int64))
+
+
 IO_BUFFERS = IoBuffers(max_cached_bytes=64 << 20)
 """The process's pool (a storage node serialises its I/O, so it needs about one step's worth)."""
 
@@ -210,6 +237,13 @@ class FlashStore:
         self._emulation = emulation or EmulationConfig()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ndp-flash")
         self._io_threads = io_threads
+        self._detached_reads = 0
+        self._detached_done = threading.Condition()
+        self._generation = 0
+        """Number of `write_rows` calls so far (detached reads compare against it)."""
+        self._write_log: list[tuple[int, np.ndarray]] = []
+        """(generation, blocks written) while a detached read is open."""
+        self._open_marks: dict[int, int] = {}
         self._held: list[tuple[np.ndarray, np.ndarray]] | None = None
         """Inside `holding_reads`: (sorted blocks, their bytes [n, block_bytes]) per read or
         write, oldest first."""
@@ -475,6 +509,9 @@ class FlashStore:
         view = np.frombuffer(buf, dtype=np.float32)
         view[self._float_index(self._positions(span, blocks)[block_pos], rows)] = records
         del view
+        self._generation += 1
+        if self._open_marks:
+            self._write_log.append((self._generation, span))
         self.counters.write_requests += self._issue(os.pwritev, buf, span)
         self._hold(span, buf)
         nbytes = span.size * lay.block_bytes
@@ -488,7 +525,53 @@ class FlashStore:
         """Make every write durable (before a checkpoint copies the file)."""
         os.fsync(self._fd)
 
+    # ------------------------------------------------------------------ detached reads
+
+    def detached_read(self) -> DetachedRead:
+        """A read that may run while the caller's lock is released (prefetch staging).
+
+        Call under the lock that serialises this store's other calls; then `read` without
+        it, and `finish` under it again: `finish` names the rows some `write_rows` changed
+        in between, whose bytes the read may have missed (or seen half written).
+        """
+        self._open_marks[self._generation] = self._open_marks.get(self._generation, 0) + 1
+        with self._detached_done:
+            self._detached_reads += 1
+        return DetachedRead(self, self._generation)
+
+    def _read_detached(self, rows: np.ndarray) -> np.ndarray:
+        try:
+            if self._fd < 0:
+                raise ShardFileError(f"shard file {self.path} is closed")
+            blocks, block_pos = np.unique(rows // self.layout.rows_per_block, return_inverse=True)
+            span = fill_gaps(blocks, self._max_gap_blocks)
+            buf = self._read_blocks(span)
+            view = np.frombuffer(buf, dtype=np.float32)
+            records = view[self._float_index(self._positions(span, blocks)[block_pos], rows)]
+            del view
+            IO_BUFFERS.give(buf)
+            return records
+        finally:
+            with self._detached_done:
+                self._detached_reads -= 1
+                self._detached_done.notify_all()
+
+    def _finish_detached(self, mark: int, rows: np.ndarray) -> np.ndarray:
+        written = [blocks for generation, blocks in self._write_log if generation > mark]
+        stale = np.zeros(rows.size, dtype=bool)
+        if written:
+            stale = np.isin(rows // self.layout.rows_per_block, np.concatenate(written))
+        self._open_marks[mark] -= 1
+        if not self._open_marks[mark]:
+            del self._open_marks[mark]
+        oldest = min(self._open_marks, default=None)
+        self._write_log = [] if oldest is None else [e for e in self._write_log if e[0] > oldest]
+        return stale
+
     def close(self) -> None:
+        with self._detached_done:  # a detached read in flight still uses the descriptor
+            while self._detached_reads:
+                self._detached_done.wait()
         if self._fd >= 0:
             os.fsync(self._fd)
             os.close(self._fd)

@@ -59,7 +59,7 @@ from storage_node.errors import (
     StepOrderError,
     UnknownFeatureError,
 )
-from storage_node.flash import FlashStore
+from storage_node.flash import DetachedRead, FlashStore
 from storage_node.optimizers import apply_update
 from storage_node.spec import Bags, ShardSpec
 from storage_node.stats import CacheCounters, add_counters, summarize
@@ -115,6 +115,18 @@ class _RecordedBags:
             return self.weights
         inv = self.inv_divisor[bag_of_value]
         return inv if self.weights is None else self.weights * inv
+
+
+@dataclass
+class _StagingPlan:
+    """One piece's share of a prefetch: rows to pin, and those read from flash unlocked."""
+
+    piece: _Piece
+    flash: FlashStore
+    rows: np.ndarray
+    missing: np.ndarray
+    reader: DetachedRead | None
+    records: np.ndarray | None = None
 
 
 @dataclass
@@ -722,11 +734,32 @@ class StorageNodeCore:
             per_piece: dict[str, list[torch.Tensor]] = {}
             for piece, values in checked:
                 per_piece.setdefault(piece.spec.table_name, []).append(values)
+            plans = []
             for table, parts in per_piece.items():
                 piece = self._pieces[table]
                 rows = torch.unique(torch.cat(parts)).numpy()
-                pinned = piece.cache.pin(rows)
-                self._pins.setdefault(step, []).append((piece, pinned))
+                missing = piece.cache.missing(rows)
+                reader = piece.flash.detached_read() if missing.size else None
+                plans.append(_StagingPlan(piece, piece.flash, rows, missing, reader))
+        # Flash reads without the node lock: lookups and updates of the current steps go on
+        # meanwhile (a prefetch is for a step at least one ahead).
+        for plan in plans:
+            if plan.reader is not None:
+                try:
+                    plan.records = plan.reader.read(plan.missing)
+                except (OSError, ShardFileError):
+                    plan.records = None  # the store was closed or replaced: nothing staged
+        with self._lock:
+            for plan in plans:
+                stale = plan.reader.finish(plan.missing) if plan.reader is not None else None
+                if self._closed or step <= self.applied_step or plan.piece.flash is not plan.flash:
+                    continue  # applied, closed or restored meanwhile: nothing to pin
+                staged = None
+                if plan.records is not None and stale is not None:
+                    keep = ~stale  # rows written meanwhile are read again by `pin`
+                    staged = (plan.missing[keep], plan.records[keep])
+                pinned = plan.piece.cache.pin(plan.rows, staged)
+                self._pins.setdefault(step, []).append((plan.piece, pinned))
 
     def _release_pins(self, *, up_to_step: int) -> None:
         for step in [s for s in self._pins if s <= up_to_step]:

@@ -291,3 +291,53 @@ def test_two_shards_sharing_reused_buffers_never_see_each_others_bytes(tmp_path)
 @contextlib.contextmanager
 def _no_hold():
     yield
+
+
+def test_a_detached_read_names_the_rows_written_since_it_began(tmp_path):
+    store = open_store(tmp_path / "s", merge_gap_bytes=0)  # 8 rows per block
+    before = store.read_rows(np.arange(50))
+    reader = store.detached_read()
+    records = reader.read(np.array([1, 9, 17]))  # blocks 0, 1, 2
+    store.write_rows(np.array([10]), np.ones((1, 16), dtype=np.float32))  # block 1
+    np.testing.assert_array_equal(records, before[[1, 9, 17]])
+    np.testing.assert_array_equal(reader.finish(np.array([1, 9, 17])), [False, True, False])
+    later = store.detached_read()  # no read open in between: the old write is forgotten
+    assert not later.finish(np.array([9])).any()
+    store.close()
+
+
+def test_close_waits_for_a_detached_read_in_flight(tmp_path, monkeypatch):
+    import threading
+
+    copy = open_store(tmp_path / "copy")
+    expected = copy.read_rows(np.arange(50))
+    copy.close()
+    store = open_store(tmp_path / "s")
+    go = threading.Event()
+    original = FlashStore._read_blocks
+
+    def read_when_told(self, blocks):
+        go.wait(30)
+        return original(self, blocks)
+
+    monkeypatch.setattr(FlashStore, "_read_blocks", read_when_told)
+    reader = store.detached_read()
+    got: list[np.ndarray] = []
+    read = threading.Thread(target=lambda: got.append(reader.read(np.arange(50))))
+    close = threading.Thread(target=store.close)
+    read.start()
+    close.start()
+    close.join(0.2)
+    assert close.is_alive(), "close returned while a read still needed the descriptor"
+    go.set()
+    read.join(30)
+    close.join(30)
+    reader.finish(np.arange(50))
+    np.testing.assert_array_equal(got[0], expected)
+
+
+def test_a_detached_read_that_never_ran_does_not_block_close(tmp_path):
+    store = open_store(tmp_path / "s")
+    reader = store.detached_read()
+    reader.finish(np.array([0]))
+    store.close()  # would wait forever if the unread reader still counted

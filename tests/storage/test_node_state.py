@@ -154,3 +154,60 @@ def test_two_tables_on_one_node_split_the_cache_and_update_independently(make_no
     torch.testing.assert_close(state, torch.tensor([[4.0]]))  # rowwise: mean((1+1)^2)
     for x, y in zip(node.read_rows("t0", ALL_ROWS), before_t0, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _run_with_reference(make_node, rows_of_step):
+    """Train the same steps on a node without prefetch: the exact answer for comparison."""
+    reference = make_node(cache_rows=2, cache_policy="lru", node_id="reference")
+    pooled = []
+    for step, rows in enumerate(rows_of_step):
+        pooled.append(reference.lookup(step, 0, {"f_t0": one_hot(rows)})["f_t0"])
+        reference.push_gradients(step, 0, {"f_t0": torch.full((len(rows), 8), 0.1 * (step + 1))})
+    return pooled
+
+
+def test_a_prefetch_reads_flash_without_the_node_lock_and_rereads_rows_written_meanwhile(
+    make_node, monkeypatch
+):
+    """The staging read of step 1's rows runs while step 0 trains (its update writes some of
+    those rows); the rows written meanwhile are not staged from the old bytes."""
+    import threading
+
+    from storage_node.flash import FlashStore
+
+    read_done, resume = threading.Event(), threading.Event()
+    flagged: list[np.ndarray] = []
+    original_read, original_finish = FlashStore._read_detached, FlashStore._finish_detached
+
+    def slow_read(self, rows):
+        records = original_read(self, rows)  # the bytes as they were before step 0's update
+        read_done.set()
+        resume.wait(30)
+        return records
+
+    def spy_finish(self, mark, rows):
+        flagged.append(original_finish(self, mark, rows))
+        return flagged[-1]
+
+    monkeypatch.setattr(FlashStore, "_read_detached", slow_read)
+    monkeypatch.setattr(FlashStore, "_finish_detached", spy_finish)
+    step0 = [30, 31, *range(10)]
+    step1 = [30, 31, 32]
+    node = make_node(cache_rows=2, cache_policy="lru")
+    prefetch = threading.Thread(target=node.prefetch, args=(1, {"f_t0": torch.tensor(step1)}))
+    prefetch.start()
+    assert read_done.wait(30)
+    assert node._lock.acquire(timeout=10), "the prefetch holds the node lock while reading"
+    node._lock.release()
+    pooled0 = node.lookup(0, 0, {"f_t0": one_hot(step0)})["f_t0"]
+    node.push_gradients(0, 0, {"f_t0": torch.full((len(step0), 8), 0.1)})
+    resume.set()
+    prefetch.join(30)
+    assert not prefetch.is_alive()
+    assert flagged and flagged[0].any(), "step 0's update wrote none of the staged rows"
+    pinned = node._pieces["t0"].cache.pinned_rows()
+    assert set(pinned.tolist()) <= set(step1) and pinned.size > 0
+    pooled1 = node.lookup(1, 0, {"f_t0": one_hot(step1)})["f_t0"]
+    expected0, expected1 = _run_with_reference(make_node, [step0, step1])
+    torch.testing.assert_close(pooled0, expected0, rtol=0, atol=0)
+    torch.testing.assert_close(pooled1, expected1, rtol=0, atol=0)
