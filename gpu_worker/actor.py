@@ -39,6 +39,7 @@ def launch_gpu_worker(
     resources = dict(cfg.cluster.gpu_worker_resources)
     num_cpus = resources.pop("CPU", 0.0)
     num_gpus = resources.pop("GPU", 0.0)
+    env = dict(cfg.cluster.gpu_worker_env)
     return (
         ray.remote(GpuWorkerActor)
         .options(
@@ -46,6 +47,7 @@ def launch_gpu_worker(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             resources=resources,
+            **({"runtime_env": {"env_vars": env}} if env else {}),
         )
         .remote(
             rank=rank,

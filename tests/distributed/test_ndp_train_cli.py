@@ -146,6 +146,21 @@ def test_close_after_a_run_leaves_no_actors_or_listening_ports(ray_session, tmp_
     assert not any(_listening(a) for a in addresses)
 
 
+def test_gpu_workers_run_with_the_configured_environment(ray_session):
+    import os
+
+    cfg = tiny_config("sgd")
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "NDP_TEST_PROBE": "worker-env"}
+    cfg = replace(cfg, cluster=replace(cfg.cluster, gpu_worker_env=env))
+    with NdpEngine(cfg) as engine:
+        for rank in range(engine.num_workers):
+            worker = ray_session.get_actor(f"ndp-gpu-worker-{rank}")
+            seen = ray_session.get(
+                worker.__ray_call__.remote(lambda _self: {k: os.environ.get(k) for k in env})
+            )
+            assert seen == env
+
+
 def test_close_leaves_no_actors_or_listening_ports_even_after_a_worker_error(ray_session):
     cfg = tiny_config("sgd")
     batch = next(iter(build_datasets(cfg)[0].batches(cfg.train.batch_size)))
