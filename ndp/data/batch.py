@@ -24,6 +24,28 @@ class Batch:
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
 
+    def __reduce__(self) -> tuple:
+        """Pickle (ship to an actor) only the tensors that define the batch.
+
+        Why: a `KeyedJaggedTensor` caches per-feature `JaggedTensor` views once anything calls
+        `to_dict()` (torchrec's embedding modules do), and pickling a view pickles its whole
+        storage: a 26-feature multi-hot batch of 0.9 MB went to Ray as 24 MB after one
+        reference step. Views of a larger buffer are compacted the same way.
+        """
+        kjt = self.sparse
+        weights = kjt.weights_or_none()
+        return (
+            _rebuild_batch,
+            (
+                _compact(self.dense),
+                list(kjt.keys()),
+                _compact(kjt.values()),
+                _compact(kjt.lengths()),
+                None if weights is None else _compact(weights),
+                _compact(self.labels),
+            ),
+        )
+
     @property
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
@@ -56,3 +78,24 @@ class Batch:
             return [self]
         part = self.batch_size // num_parts
         return [self.slice(i * part, (i + 1) * part) for i in range(num_parts)]
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself if it owns exactly its bytes, else a compact copy (see `Batch.__reduce__`)."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _rebuild_batch(
+    dense: torch.Tensor,
+    keys: list[str],
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None,
+    labels: torch.Tensor,
+) -> Batch:
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=values, lengths=lengths, weights=weights
+    )
+    return Batch(dense=dense, sparse=sparse, labels=labels)
