@@ -237,6 +237,9 @@ class StorageNodeCore:
         """Updates applied so far: FBGEMM's iteration counter (Adam bias correction)."""
         self.update_seconds = 0.0
         """Wall seconds spent applying updates (merge, optimizer, write-back, corrections)."""
+        self.lookup_seconds = 0.0
+        """Wall seconds spent answering lookups once their step was ready (checks, pooling)."""
+        self.lookup_calls = 0
         self._lock = threading.RLock()
         self._step_applied = threading.Condition(self._lock)
         self._pending: dict[int, _PendingStep] = {}
@@ -434,9 +437,12 @@ class StorageNodeCore:
         with self._lock:
             self._check_open()
             self._check_worker(worker)
+            started = time.perf_counter()
             checked = {f: self._validated_bags(f, b) for f, b in bags.items()}
+            busy = time.perf_counter() - started  # the wait for the step is not lookup work
             if train:
                 self.wait_for_step(step, self.storage.step_wait_timeout_s)
+            started = time.perf_counter()
             early = self._take_early(step, worker, checked) if train else None
             if early is not None:
                 pooled, recorded = early.pooled, early.recorded
@@ -447,6 +453,8 @@ class StorageNodeCore:
             if train:
                 pending = self._pending.setdefault(step, _PendingStep())
                 pending.lookups.setdefault(worker, {}).update(recorded)
+            self.lookup_seconds += busy + time.perf_counter() - started
+            self.lookup_calls += 1
             return pooled
 
     def lookup_early(self, step: int, worker: int) -> dict[str, torch.Tensor]:
@@ -879,6 +887,8 @@ class StorageNodeCore:
                 "applied_step": self.applied_step,
                 "optimizer_step": self.optimizer_step,
                 "update_seconds": self.update_seconds,
+                "lookup_seconds": self.lookup_seconds,
+                "lookup_calls": self.lookup_calls,
                 "early": dict(self.early_counters),
                 **total,
                 "tables": tables,

@@ -268,21 +268,32 @@ def measure_lookups(
                     max_error[key] = max(float((got[f] - expected[f]).abs().max()) for f in got)
                 local_seconds: list[float] = []
                 grpc_seconds: dict[tuple[str, str], list[float]] = {key: [] for key in clients}
+                node_work = {key: {"lookup_seconds": 0.0, "lookup_calls": 0} for key in clients}
                 for r in range(rounds):
                     first = r * calls_per_round
                     local_seconds += _call_seconds(
                         lambda b: pool_in_process(weights, b), batches, calls_per_round, first
                     )
                     for key, client in clients.items():
+                        before = client.stats()
                         grpc_seconds[key] += _call_seconds(
                             lambda b, c=client: c.lookup(0, 0, b, train=False),
                             batches,
                             calls_per_round,
                             first,
                         )
+                        after = client.stats()
+                        for field in ("lookup_seconds", "lookup_calls"):
+                            node_work[key][field] += after[field] - before[field]
                 local = _side(local_seconds, lookups_per_call)
                 for (transport, dtype), seconds in grpc_seconds.items():
                     remote = _side(seconds, lookups_per_call)
+                    work = node_work[(transport, dtype)]
+                    # the node's own time per call (checks + pooling), measured inside it:
+                    # the rest of a call is the wire, (de)serialisation and gRPC itself
+                    remote["node_lookup_s_per_call"] = work["lookup_seconds"] / max(
+                        1, work["lookup_calls"]
+                    )
                     points.append(
                         {
                             "pooling_factor": pooling,

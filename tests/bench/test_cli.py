@@ -34,6 +34,9 @@ def test_tiny_storage_run_writes_json_markdown_and_png_with_raw_figures(tmp_path
         )
         tolerance = 0.0 if point["wire_dtype"] == "fp32" else 1e-2
         assert point["max_abs_error"] <= tolerance  # the node pools the same rows
+        # the node's own share of a call, timed inside the node: part of the call, not all
+        node = point["grpc"]["node_lookup_s_per_call"]
+        assert 0 < node < point["grpc"]["elapsed_s"] / point["grpc"]["calls"]
     fractions = {p["cache_fraction"] for p in results["hit_rates"]}
     assert fractions == {0.01, 0.05, 0.2}
     for point in results["hit_rates"]:
@@ -47,3 +50,6 @@ def test_tiny_storage_run_writes_json_markdown_and_png_with_raw_figures(tmp_path
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "target >= 0.3x" in printed and "x Belady" in printed
+    for check in results["checks"]:
+        if check["what"].startswith("lookups") and not check["met"]:
+            assert "the node's lookup takes" in check["text"]  # what limits a missed target
