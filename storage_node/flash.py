@@ -238,6 +238,7 @@ class FlashStore:
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ndp-flash")
         self._io_threads = io_threads
         self._detached_reads = 0
+        self._counters_lock = threading.Lock()
         self._detached_done = threading.Condition()
         self._generation = 0
         """Number of `write_rows` calls so far (detached reads compare against it)."""
@@ -365,7 +366,8 @@ class FlashStore:
     def _throttle(self, num_bytes: int, bandwidth: float | None, latency: float | None) -> None:
         delay = transfer_delay_s(num_bytes, bandwidth, latency)
         if delay > 0:
-            self.counters.emulated_delay_s += delay
+            with self._counters_lock:
+                self.counters.emulated_delay_s += delay
             time.sleep(delay)
 
     def _issue(self, op, buf: mmap.mmap, blocks: np.ndarray) -> int:
@@ -406,11 +408,13 @@ class FlashStore:
         """Read sorted unique blocks into one page-aligned buffer."""
         lay = self.layout
         buf = IO_BUFFERS.take(blocks.size * lay.block_bytes)
-        self.counters.read_requests += self._issue(os.preadv, buf, blocks)
+        requests = self._issue(os.preadv, buf, blocks)
         nbytes = blocks.size * lay.block_bytes
-        self.counters.bytes_read += nbytes
-        self.counters.pages_read += nbytes // lay.page_bytes
-        self.counters.read_batches += 1
+        with self._counters_lock:  # a detached read may count at the same time
+            self.counters.read_requests += requests
+            self.counters.bytes_read += nbytes
+            self.counters.pages_read += nbytes // lay.page_bytes
+            self.counters.read_batches += 1
         emu = self._emulation
         self._throttle(nbytes, emu.flash_read_bandwidth_mbps, emu.flash_read_latency_us)
         return buf
