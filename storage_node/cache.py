@@ -292,13 +292,18 @@ class RowCache:
         rows = np.asarray(rows, dtype=np.int64)
         slots = self.index.find(rows)
         if (slots < 0).any():
-            # staged rows are needed soon: placed without the admission filter
-            miss_rows = rows[slots < 0]
+            # staged rows are needed soon: placed without the admission filter, but only as
+            # many as can find a slot (a row read now and dropped would be read again on use)
+            miss_rows = rows[slots < 0][: self.staging_room()]
             self._place(miss_rows, self._records_of(miss_rows, staged), dirty=False)
             slots = self.index.find(rows)
         cached = slots >= 0
         self.pins[slots[cached]] += 1
         return rows[cached]
+
+    def staging_room(self) -> int:
+        """Rows a `pin` can place now: free slots plus slots it may evict (unpinned, not hot)."""
+        return int(np.count_nonzero((self.slot_rows < 0) | ((self.pins == 0) & ~self.hot)))
 
     def missing(self, rows: np.ndarray) -> np.ndarray:
         """Those of `rows` that are not cached (in order)."""

@@ -142,6 +142,19 @@ def test_when_everything_is_pinned_new_rows_bypass_the_cache(tmp_path):
     cache.flash.close()
 
 
+def test_a_pin_reads_from_flash_only_the_rows_it_can_place(tmp_path):
+    """Staging more rows than the cache can take would read the rest now and again on use."""
+    cache = make_cache(tmp_path, rows=4, policy="lru")
+    cache.pin(np.array([0, 1]))  # two slots pinned, two free
+    assert cache.staging_room() == 2
+    requested: list[int] = []
+    read_rows = cache.flash.read_rows
+    cache.flash.read_rows = lambda rows: (requested.extend(rows.tolist()), read_rows(rows))[1]
+    pinned = cache.pin(np.array([10, 20, 30, 40]))
+    assert pinned.tolist() == [10, 20] and requested == [10, 20]
+    cache.flash.close()
+
+
 @pytest.mark.parametrize("bound", [7, 50, 100_000])
 def test_distinct_slots_equal_numpy_unique_for_dense_and_sparse_bounds(bound):
     from storage_node.cache import _distinct_below
