@@ -40,7 +40,9 @@ def test_tiny_train_bench_measures_all_five_systems_and_wire_bytes(ray_session, 
         run = runs["fits_in_dram"]
         assert run["samples_per_s"] > 0, system
         assert run["per_step"] and run["peak_rss_bytes"], system
-        assert run["cpu_per_step"]["machine_busy_s"] > 0, system
+        # clock ticks are 10 ms and these runs last milliseconds: 0 is a valid reading here
+        # (tests/bench/test_cpu_meter.py checks the figures themselves)
+        assert run["cpu_per_step"]["machine_busy_s"] >= 0, system
     # ndp's CPU time is attributed to each of its processes
     ndp_cpu = systems["ndp"]["fits_in_dram"]["cpu_per_step"]["per_process_s"]
     assert set(ndp_cpu) == {
@@ -49,8 +51,7 @@ def test_tiny_train_bench_measures_all_five_systems_and_wire_bytes(ray_session, 
         "storage-node-1",
         "gpu-worker-0",
     }
-    assert all(seconds >= 0 for seconds in ndp_cpu.values())  # clock ticks: 0 is possible
-    assert ndp_cpu["gpu-worker-0"] > 0
+    assert all(seconds is not None and seconds >= 0 for seconds in ndp_cpu.values())
     assert "## CPU per step" in (tmp_path / "results.md").read_text()
     # what the link carried, counted on the workers' gRPC clients: the pooled size exactly
     # in tensor bytes, a little more as whole messages, half of it with fp16 on the wire
