@@ -462,7 +462,7 @@ def limits_text(name: str, run: dict[str, Any], baseline: dict[str, Any]) -> str
     step_ms = run["step_s"] * 1e3
     parts = [f"what limits it: {name} step {step_ms:.0f} ms vs {baseline['step_s'] * 1e3:.0f} ms"]
     cpu = run.get("cpu_per_step") or {}
-    if cpu.get("floor_step_s") is not None:
+    if cpu.get("floor_step_s"):  # None off Linux; 0 when a run is shorter than a clock tick
         floor_ms = cpu["floor_step_s"] * 1e3
         per_process = ", ".join(
             f"{proc} {seconds * 1e3:.0f}"

@@ -140,6 +140,10 @@ def test_target_lines_report_the_ratio_and_by_how_much_a_target_is_missed():
     assert "the cores allow at most 0.56x" in lines[0]
     assert "largest phases dense_compute 2 ms" in lines[0]
     assert lines[1] == "2. large_zipf: ndp / os_paged: 9.00x (target >= 3.0x) met"
+    # a run too short for one clock tick reads 0 CPU seconds: no floor, and no division by it
+    idle = {**cpu, "machine_busy_s": 0.0, "floor_step_s": 0.0}
+    systems["ndp_lookahead"]["fits_in_dram"]["cpu_per_step"] = idle
+    assert "no schedule beats" not in target_lines(systems)[0]
     assert "not measured" in lines[2] and "not measured" in lines[3]
 
 
