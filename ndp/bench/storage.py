@@ -110,7 +110,7 @@ def lookup_limits_text(point: dict) -> str:
     call = point["grpc"]["median_call_s"] * 1e3
     local = point["in_process"]["median_call_s"] * 1e3
     node = point["grpc"].get("node_lookup_s_per_call")
-    if node is None:
+    if not node:  # not measured (or no lookup reached the node)
         return f"what limits it: a call takes {call:.2f} ms, in-process {local:.2f} ms"
     node *= 1e3
     return (
