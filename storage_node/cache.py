@@ -290,13 +290,11 @@ class RowCache:
         served from flash when used.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        slots = self.index.find(rows)
-        if (slots < 0).any():
-            # staged rows are needed soon: placed without the admission filter, but only as
-            # many as can find a slot (a row read now and dropped would be read again on use)
-            miss_rows = rows[slots < 0][: self.staging_room()]
+        miss_rows = self.rows_to_stage(rows)
+        if miss_rows.size:
+            # staged rows are needed soon: placed without the admission filter
             self._place(miss_rows, self._records_of(miss_rows, staged), dirty=False)
-            slots = self.index.find(rows)
+        slots = self.index.find(rows)
         cached = slots >= 0
         self.pins[slots[cached]] += 1
         return rows[cached]
@@ -305,10 +303,11 @@ class RowCache:
         """Rows a `pin` can place now: free slots plus slots it may evict (unpinned, not hot)."""
         return int(np.count_nonzero((self.slot_rows < 0) | ((self.pins == 0) & ~self.hot)))
 
-    def missing(self, rows: np.ndarray) -> np.ndarray:
-        """Those of `rows` that are not cached (in order)."""
+    def rows_to_stage(self, rows: np.ndarray) -> np.ndarray:
+        """The rows `pin(rows)` reads from flash: those not cached, in order, as many as can
+        find a slot (a row read now and dropped would be read again on use)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return rows[self.index.find(rows) < 0]
+        return rows[self.index.find(rows) < 0][: self.staging_room()]
 
     def _records_of(
         self, rows: np.ndarray, staged: tuple[np.ndarray, np.ndarray] | None

@@ -195,9 +195,7 @@ class DetachedRead:
         assert not self._finished, "a DetachedRead finishes once"
         self._finished = True
         if not self._read_done:  # never read: release the descriptor hold taken at start
-            with self._store._detached_done:
-                self._store._detached_reads -= 1
-                self._store._detached_done.notify_all()
+            self._store._release_descriptor()
         return self._store._finish_detached(self._mark, np.asarray(rows, dtype=np.int64))
 
 
@@ -245,9 +243,9 @@ class FlashStore:
         self._write_log: list[tuple[int, np.ndarray]] = []
         """(generation, blocks written) while a detached read is open."""
         self._open_marks: dict[int, int] = {}
-        self._held: list[tuple[np.ndarray, np.ndarray]] | None = None
-        """Inside `holding_reads`: (sorted blocks, their bytes [n, block_bytes]) per read or
-        write, oldest first."""
+        self._held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]] | None = None
+        """Inside `holding_reads`: (sorted blocks, their bytes [n, block_bytes], the buffer
+        holding them) per read or write, oldest first."""
         self._max_run_blocks = max(1, MAX_RUN_BYTES // self.layout.block_bytes)
         self._max_gap_blocks = merge_gap_bytes // self.layout.block_bytes
         flags = os.O_RDWR | os.O_CREAT
@@ -430,14 +428,12 @@ class FlashStore:
         them, so they always equal the file.
         """
         self._held = []
-        self._held_buffers: list[mmap.mmap] = []
         try:
             yield
         finally:
-            self._held = None
-            for buf in self._held_buffers:
+            held, self._held = self._held, None
+            for _, _, buf in held:
                 IO_BUFFERS.give(buf)
-            self._held_buffers = []
 
     def _hold(self, blocks: np.ndarray, buf: mmap.mmap) -> None:
         """Remember the current bytes of sorted unique `blocks`, held in `buf` (not copied:
@@ -449,8 +445,7 @@ class FlashStore:
             IO_BUFFERS.give(buf)
             return
         data = np.frombuffer(buf, dtype=np.uint8, count=blocks.size * self.layout.block_bytes)
-        self._held.append((blocks, data.reshape(blocks.size, self.layout.block_bytes)))
-        self._held_buffers.append(buf)
+        self._held.append((blocks, data.reshape(blocks.size, self.layout.block_bytes), buf))
 
     def _held_copy(self, blocks: np.ndarray) -> mmap.mmap | None:
         """An aligned buffer of sorted unique `blocks` from the held reads, if all are held.
@@ -463,7 +458,7 @@ class FlashStore:
         buf = IO_BUFFERS.take(nbytes)
         target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(blocks.size, -1)
         missing = np.ones(blocks.size, dtype=bool)
-        for held_blocks, held_data in reversed(self._held):
+        for held_blocks, held_data, _ in reversed(self._held):
             where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
             found = missing & (held_blocks[where] == blocks)
             target[found] = held_data[where[found]]
@@ -481,13 +476,17 @@ class FlashStore:
         lay = self.layout
         if rows.size == 0:
             return np.zeros((0, lay.row_floats), dtype=np.float32)
-        blocks, block_pos = np.unique(rows // lay.rows_per_block, return_inverse=True)
+        records, span, buf = self._gather(rows)
+        self._hold(span, buf)  # after the copy: outside holding_reads buf is reused
+        return records
+
+    def _gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, mmap.mmap]:
+        """Records of `rows` (a copy), the blocks read for them (gaps filled) and their buffer."""
+        blocks, block_pos = np.unique(rows // self.layout.rows_per_block, return_inverse=True)
         span = fill_gaps(blocks, self._max_gap_blocks)
         buf = self._read_blocks(span)
         view = np.frombuffer(buf, dtype=np.float32)
-        records = view[self._float_index(self._positions(span, blocks)[block_pos], rows)]
-        self._hold(span, buf)  # after the copy above: outside holding_reads buf is reused
-        return records
+        return view[self._float_index(self._positions(span, blocks)[block_pos], rows)], span, buf
 
     @staticmethod
     def _positions(span: np.ndarray, blocks: np.ndarray) -> np.ndarray:
@@ -547,18 +546,17 @@ class FlashStore:
         try:
             if self._fd < 0:
                 raise ShardFileError(f"shard file {self.path} is closed")
-            blocks, block_pos = np.unique(rows // self.layout.rows_per_block, return_inverse=True)
-            span = fill_gaps(blocks, self._max_gap_blocks)
-            buf = self._read_blocks(span)
-            view = np.frombuffer(buf, dtype=np.float32)
-            records = view[self._float_index(self._positions(span, blocks)[block_pos], rows)]
-            del view
+            records, _, buf = self._gather(rows)
             IO_BUFFERS.give(buf)
             return records
         finally:
-            with self._detached_done:
-                self._detached_reads -= 1
-                self._detached_done.notify_all()
+            self._release_descriptor()
+
+    def _release_descriptor(self) -> None:
+        """A detached read no longer needs the file descriptor (`close` may go on)."""
+        with self._detached_done:
+            self._detached_reads -= 1
+            self._detached_done.notify_all()
 
     def _finish_detached(self, mark: int, rows: np.ndarray) -> np.ndarray:
         written = [blocks for generation, blocks in self._write_log if generation > mark]

@@ -746,7 +746,7 @@ class StorageNodeCore:
             for table, parts in per_piece.items():
                 piece = self._pieces[table]
                 rows = torch.unique(torch.cat(parts)).numpy()
-                missing = piece.cache.missing(rows)[: piece.cache.staging_room()]
+                missing = piece.cache.rows_to_stage(rows)
                 reader = piece.flash.detached_read() if missing.size else None
                 plans.append(_StagingPlan(piece, piece.flash, rows, missing, reader))
         # Flash reads without the node lock: lookups and updates of the current steps go on

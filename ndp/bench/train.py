@@ -464,11 +464,7 @@ def limits_text(name: str, run: dict[str, Any], baseline: dict[str, Any]) -> str
     cpu = run.get("cpu_per_step") or {}
     if cpu.get("floor_step_s"):  # None off Linux; 0 when a run is shorter than a clock tick
         floor_ms = cpu["floor_step_s"] * 1e3
-        per_process = ", ".join(
-            f"{proc} {seconds * 1e3:.0f}"
-            for proc, seconds in (cpu.get("per_process_s") or {}).items()
-            if seconds is not None
-        )
+        per_process = _per_process_ms(cpu, digits=0)
         parts.append(
             f"the machine was busy {cpu['machine_busy_s'] * 1e3:.0f} CPU-ms per step ({per_process})"
             f", so on {cpu['cores']} cores no schedule beats {floor_ms:.0f} ms per step "
@@ -580,11 +576,7 @@ def _ran(systems: dict[str, dict[str, Any]], scenario: str) -> bool:
 
 def _breakdown_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per-step milliseconds by phase (worker clocks; `unaccounted` = wall - their sum)."""
-    runs = [
-        (system, scenario, run)
-        for system, by_scenario in systems.items()
-        for scenario, run in by_scenario.items()
-    ]
+    runs = _all_runs(systems)
     phases = sorted({p for _, _, run in runs for p in run["per_step"]})
     rows = [
         [
@@ -599,22 +591,32 @@ def _breakdown_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"title": "per-step breakdown (ms)", "columns": columns, "rows": rows}
 
 
-def _cpu_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """CPU-ms per step: the machine's busy time, the floor it puts under the step, by process."""
-    runs = [
+def _all_runs(systems: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(system, scenario, run) of every measured run, in report order."""
+    return [
         (system, scenario, run)
         for system, by_scenario in systems.items()
         for scenario, run in by_scenario.items()
-        if (run.get("cpu_per_step") or {}).get("machine_busy_s") is not None
     ]
+
+
+def _per_process_ms(cpu: dict[str, Any], *, digits: int) -> str:
+    """'name ms, name ms' of the per-step CPU time of each measured process."""
+    return ", ".join(
+        f"{name} {seconds * 1e3:.{digits}f}"
+        for name, seconds in (cpu.get("per_process_s") or {}).items()
+        if seconds is not None
+    )
+
+
+def _cpu_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """CPU-ms per step: the machine's busy time, the floor it puts under the step, by process."""
     rows = []
-    for system, scenario, run in runs:
-        cpu = run["cpu_per_step"]
-        processes = ", ".join(
-            f"{name} {seconds * 1e3:.1f}"
-            for name, seconds in cpu["per_process_s"].items()
-            if seconds is not None
-        )
+    for system, scenario, run in _all_runs(systems):
+        cpu = run.get("cpu_per_step") or {}
+        if cpu.get("machine_busy_s") is None:
+            continue
+        processes = _per_process_ms(cpu, digits=1)
         rows.append(
             [
                 system,
