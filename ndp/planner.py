@@ -152,6 +152,7 @@ class ShardingPlan:
                 row_end=p.row_end,
                 pooling=by_name[p.table_name].pooling,
                 features=tuple(by_name[p.table_name].features),
+                expected_lookups=p.expected_load,
             )
             for p in self.placements
             if p.node == node

@@ -2,7 +2,8 @@
 
 A node holds one piece (`ShardSpec`) of each of several tables. Each piece is a flash file
 (`flash.FlashStore`) behind a DRAM row cache (`cache.RowCache`); the node's cache budget is
-split between pieces in proportion to their bytes. The node answers pooled lookups and
+split between pieces by their expected lookups, none getting more than holds all its rows
+(`cache.split_budget`). The node answers pooled lookups and
 applies the sparse optimizer near the data, in step order:
 
 1. ``lookup(step, worker, bags)`` (training) waits until ``applied_step == step - 1``, pools
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from ndp.config import SparseOptimizerConfig, StorageConfig
 from ndp.errors import StorageNodeError
 from ndp.model.spec import optimizer_state_width
-from storage_node.cache import RowCache
+from storage_node.cache import SLOT_METADATA_BYTES, RowCache, split_budget
 from storage_node.errors import (
     BadTensorError,
     EarlyPoolMissingError,
@@ -148,6 +149,14 @@ class _EarlyPool:
     recorded: dict[str, _RecordedBags]
     correct: bool
     """False (stale mode): updates applied after pooling are not added."""
+
+
+def _expected_lookups(shards: list[ShardSpec]) -> list[float]:
+    """Each piece's expected lookups per step: the planner's figures when every piece has
+    one, else one lookup per feature and sample spread evenly over the table's rows."""
+    if all(s.expected_lookups > 0 for s in shards):
+        return [s.expected_lookups for s in shards]
+    return [len(s.features) * (s.row_end - s.row_start) / s.table_num_rows for s in shards]
 
 
 def _file_stem(node_id: str, spec: ShardSpec) -> str:
@@ -257,12 +266,16 @@ class StorageNodeCore:
         self._pieces: dict[str, _Piece] = {}
         self._piece_of_feature: dict[str, _Piece] = {}
         self._validate_shards(shards)
-        total_bytes = sum(
-            (s.row_end - s.row_start) * self._row_bytes(s.embedding_dim) for s in shards
+        budgets = split_budget(
+            storage.cache_bytes,
+            [
+                (s.row_end - s.row_start) * (self._row_bytes(s.embedding_dim) + SLOT_METADATA_BYTES)
+                for s in shards
+            ],
+            _expected_lookups(shards),
         )
-        for spec in shards:
-            share = (spec.row_end - spec.row_start) * self._row_bytes(spec.embedding_dim)
-            piece = self._open_piece(spec, cache_bytes=storage.cache_bytes * share // total_bytes)
+        for spec, cache_bytes in zip(shards, budgets, strict=True):
+            piece = self._open_piece(spec, cache_bytes=cache_bytes)
             self._pieces[spec.table_name] = piece
             for feature in spec.features:
                 self._piece_of_feature[feature] = piece

@@ -25,6 +25,9 @@ class ShardSpec:
     row_end: int
     pooling: Literal["sum", "mean"]
     features: tuple[str, ...]
+    expected_lookups: float = 0.0
+    """Row lookups per training step expected to land on this piece (the planner's
+    `expected_load`); 0 = unknown. The node splits its cache budget by it."""
 
 
 @dataclass

@@ -98,6 +98,9 @@ def test_shards_for_node_lists_every_piece_on_that_node_as_shard_specs(mixed_pla
     assert all(s.table_num_rows == 300 and s.features == ("u", "v") for s in big)
     small = next(s for s in specs if s.table_name == "small")
     assert (small.pooling, small.embedding_dim, small.features) == ("mean", 4, ("w",))
+    # each piece tells its node the traffic the planner expects (the node's cache split)
+    assert [s.expected_lookups for s in big] == [p.expected_load for p in plan.pieces_of("big")]
+    assert all(s.expected_lookups > 0 for s in specs)
 
 
 def test_shards_for_node_refuses_tables_of_another_size(mixed_plan):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage_node.cache import RowCache, SortedRowIndex
+from storage_node.cache import RowCache, SortedRowIndex, split_budget
 from storage_node.flash import FlashStore
 
 NUM_ROWS, DIM, STATE = 64, 4, 1
@@ -163,3 +163,17 @@ def test_distinct_slots_equal_numpy_unique_for_dense_and_sparse_bounds(bound):
     for size in (0, 1, 5, 300):
         values = rng.integers(0, bound, size=size)
         assert np.array_equal(_distinct_below(values, bound), np.unique(values))
+
+
+def test_a_budget_is_split_by_traffic_and_no_piece_gets_more_than_holds_all_its_rows():
+    # equal traffic: equal shares of what the small piece (need 50) leaves
+    assert split_budget(1000, [50, 10_000, 10_000], [1.0, 1.0, 1.0]) == [50, 475, 475]
+    # shares follow the weights
+    assert split_budget(900, [10_000, 10_000, 10_000], [2.0, 1.0, 1.0]) == [450, 225, 225]
+    # what a capped piece leaves can cap another one in the next round
+    assert split_budget(1000, [10_000, 10_000, 300, 100], [1.0] * 4) == [300, 300, 300, 100]
+    # everything fits: each piece gets exactly its need
+    assert split_budget(10_000, [100, 200], [1.0, 5.0]) == [100, 200]
+    # never more than the budget, with shares rounded down
+    shares = split_budget(1001, [10_000] * 3, [1.0, 1.0, 1.0])
+    assert shares == [333, 333, 333] and sum(shares) <= 1001

@@ -156,6 +156,20 @@ def test_two_tables_on_one_node_split_the_cache_and_update_independently(make_no
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def test_a_tiny_table_beside_a_large_one_is_cached_whole(make_node):
+    # split by bytes, the 3-row table got 1 slot of a 40-slot budget and missed on 2 of 3
+    # lookups; split by traffic (one feature each) it is held whole, the rest goes to t0
+    node = make_node(
+        [shard("t0", num_rows=400), shard("tiny", num_rows=3)], cache_rows=20
+    )  # budget: 40 slots
+    tiny, large = node._pieces["tiny"].cache, node._pieces["t0"].cache
+    assert (tiny.capacity_rows, large.capacity_rows) == (3, 37)
+    for step in range(3):
+        node.lookup(step, 0, {"f_tiny": one_hot([0, 1, 2]), "f_t0": one_hot([5, 6, 7])})
+        node.push_gradients(step, 0, {"f_tiny": torch.ones(3, 8), "f_t0": torch.ones(3, 8)})
+    assert tiny.counters.misses == 3  # the first touch of each row only
+
+
 def _run_with_reference(make_node, rows_of_step):
     """Train the same steps on a node without prefetch: the exact answer for comparison."""
     reference = make_node(cache_rows=2, cache_policy="lru", node_id="reference")
