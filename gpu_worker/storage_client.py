@@ -22,10 +22,10 @@ import torch
 
 from ndp.errors import StorageNodeError
 from protos import storage_node_pb2 as pb
-from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node import codec
 from storage_node import errors as node_errors
 from storage_node.auth import ERROR_METADATA_KEY, UnauthenticatedError, token_metadata
+from storage_node.rpc_methods import Received, client_methods
 from storage_node.server import channel_options
 from storage_node.spec import Bags
 from storage_node.tls import TlsFiles, channel_credentials
@@ -152,26 +152,38 @@ class StorageClient:
             self._channel = grpc.secure_channel(
                 self.address, channel_credentials(tls), options=options
             )
-        self._stub = pb_grpc.StorageNodeStub(self._channel)
+        self._methods = client_methods(self._channel)
         self._wire_bytes: dict[str, int] = defaultdict(int)
 
-    def _call(self, method: Any, request: Any, decode: Callable[[Any], T]) -> ReplyFuture[T]:
-        rpc = type(request).__name__.removesuffix("Request")
-        self._count(rpc, "sent", request)
-        call = method.future(request, timeout=self.timeout_s, metadata=self._metadata)
+    def _call(
+        self,
+        rpc: str,
+        request: Any,
+        decode: Callable[[Any], T],
+        *,
+        sent_float_data: int = 0,
+        received_float_data: Callable[[Any], int] = lambda reply: 0,
+    ) -> ReplyFuture[T]:
+        """Send `request` (a message or its serialized bytes) to method `rpc`.
 
-        def count_and_decode(reply: Any) -> T:
-            self._count(rpc, "received", reply)
-            return decode(reply)
+        Args:
+            sent_float_data / received_float_data: the pooled-vector or gradient bytes in the
+                request / in the reply (`take_wire_bytes`' `.float_data` keys).
+        """
+        size = len(request) if isinstance(request, bytes) else request.ByteSize()
+        self._count(rpc, "sent", size, sent_float_data)
+        call = self._methods[rpc].future(request, timeout=self.timeout_s, metadata=self._metadata)
+
+        def count_and_decode(reply: Received) -> T:
+            decoded = decode(reply.message)  # first: it checks every tensor's byte count
+            self._count(rpc, "received", reply.wire_bytes, received_float_data(reply.message))
+            return decoded
 
         return ReplyFuture(call, count_and_decode, self.address)
 
-    def _count(self, rpc: str, direction: str, message: Any) -> None:
-        self._wire_bytes[f"{rpc}.{direction}"] += message.ByteSize()
-        tensors = getattr(message, "pooled", None) or getattr(message, "grads", None) or ()
-        self._wire_bytes[f"{rpc}.{direction}.float_data"] += sum(
-            len(named.tensor.data) for named in tensors
-        )
+    def _count(self, rpc: str, direction: str, size: int, float_data: int) -> None:
+        self._wire_bytes[f"{rpc}.{direction}"] += size
+        self._wire_bytes[f"{rpc}.{direction}.float_data"] += float_data
 
     def take_wire_bytes(self) -> dict[str, int]:
         """Bytes on the wire since the last call, per `<Rpc>.<sent|received>`, and reset.
@@ -202,23 +214,26 @@ class StorageClient:
             use_early: `bags` are those of this worker's kept `early_lookup` of `step`: they
                 are not sent again, the node answers the kept vectors (training only).
         """
-        request = codec.lookup_request(
+        request = codec.lookup_request_bytes(
             step, worker, bags, train=train, dtype=self.wire_dtype, use_early=use_early
         )
         return self._call(
-            self._stub.Lookup,
+            "Lookup",
             request,
             lambda reply: codec.decode_float_tensors(reply.pooled, what="pooled"),
+            received_float_data=lambda reply: codec.float_data_bytes(reply.pooled),
         )
 
     def push_gradients_async(
         self, step: int, worker: int, grads: Mapping[str, torch.Tensor]
     ) -> ReplyFuture[bool]:
         """Send d(loss)/d(pooled) {feature: [B, D]}; True when this push applied the step."""
-        request = pb.PushGradientsRequest(
-            step=step, worker=worker, grads=codec.encode_float_tensors(grads, self.wire_dtype)
+        request, float_data = codec.push_gradients_request_bytes(
+            step, worker, grads, self.wire_dtype
         )
-        return self._call(self._stub.PushGradients, request, lambda reply: reply.applied)
+        return self._call(
+            "PushGradients", request, lambda reply: reply.applied, sent_float_data=float_data
+        )
 
     def early_lookup_async(
         self, step: int, worker: int, bags: Mapping[str, Bags], *, correct: bool = True
@@ -227,19 +242,19 @@ class StorageClient:
 
         Resolves to True when the node kept the pooled vectors (False: step already applied).
         """
-        request = codec.early_lookup_request(step, worker, bags, correct=correct)
-        return self._call(self._stub.EarlyLookup, request, lambda reply: reply.kept)
+        request = codec.early_lookup_request_bytes(step, worker, bags, correct=correct)
+        return self._call("EarlyLookup", request, lambda reply: reply.kept)
 
     def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> ReplyFuture[None]:
         """Stage {feature: local rows int64 [n]} of a future step into the node's cache."""
         return self._call(
-            self._stub.Prefetch, codec.prefetch_request(step, indices), lambda reply: None
+            "Prefetch", codec.prefetch_request_bytes(step, indices), lambda reply: None
         )
 
     def checkpoint_async(self, directory: str) -> ReplyFuture[dict]:
         """Write the node's shards to `directory` (on the node's machine); the core's manifest."""
         return self._call(
-            self._stub.Checkpoint,
+            "Checkpoint",
             pb.CheckpointRequest(directory=str(directory)),
             lambda reply: json.loads(reply.manifest_json),
         )
@@ -247,17 +262,15 @@ class StorageClient:
     def restore_async(self, directory: str) -> ReplyFuture[None]:
         """Load the node's shards from a checkpoint `directory`."""
         return self._call(
-            self._stub.Restore, pb.RestoreRequest(directory=str(directory)), lambda reply: None
+            "Restore", pb.RestoreRequest(directory=str(directory)), lambda reply: None
         )
 
     def stats_async(self) -> ReplyFuture[dict]:
-        return self._call(
-            self._stub.Stats, pb.StatsRequest(), lambda reply: json.loads(reply.stats_json)
-        )
+        return self._call("Stats", pb.StatsRequest(), lambda reply: json.loads(reply.stats_json))
 
     def health_async(self) -> ReplyFuture[dict]:
         return self._call(
-            self._stub.Health,
+            "Health",
             pb.HealthRequest(),
             lambda reply: {"node_id": reply.node_id, "applied_step": reply.applied_step},
         )

@@ -12,9 +12,12 @@ A tensor travels as a `TensorProto`:
     pooled [B, D] as fp16:  data = 2*B*D bytes
     bytes 0..1 = element (0, 0), 2..3 = (0, 1), ..., 2*D.. = (1, 0), ...
 
-Why raw bytes rather than `repeated float`: one copy at each end and an exact byte count,
-so fp16/bf16 really halve the link traffic. Pooled vectors and gradients may travel in
-fp32, fp16 or bf16 (the client's `wire_dtype`); both ends do their math in fp32.
+Why raw bytes rather than `repeated float`: an exact byte count, so fp16/bf16 really halve
+the link traffic, and the bytes can be written straight from the tensor's memory: requests
+and replies are serialized by `wire_writer` from `*_fields` mappings (one copy, the final
+join), and the message-returning builders here parse those same bytes. Pooled vectors and
+gradients may travel in fp32, fp16 or bf16 (the client's `wire_dtype`); both ends do their
+math in fp32.
 
 Every decode checks dtype, rank and byte count and raises `BadTensorError` naming the
 tensor, so a malformed request becomes INVALID_ARGUMENT instead of a crash or a silent
@@ -34,6 +37,7 @@ import torch
 from protos import storage_node_pb2 as pb
 from storage_node.errors import BadTensorError
 from storage_node.spec import Bags
+from storage_node.wire_writer import serialize
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -52,6 +56,9 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
 """Wire names of every dtype a `TensorProto` may carry."""
 
 _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+_ITEMSIZE = {
+    name: torch.empty((), dtype=dtype).element_size() for dtype, name in DTYPE_NAMES.items()
+}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SAME_SIZE_INT = {1: np.dtype("<u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
 _INT_TORCH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -70,22 +77,10 @@ def wire_dtype(name: str) -> torch.dtype:
     return WIRE_DTYPES[name]
 
 
-def encode_tensor(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> pb.TensorProto:
-    """A CPU tensor (cast to `dtype` when given) as little-endian bytes + dtype + shape."""
-    message = pb.TensorProto()
-    fill_tensor(message, tensor, dtype)
-    return message
-
-
-def fill_tensor(
-    message: pb.TensorProto, tensor: torch.Tensor, dtype: torch.dtype | None = None
-) -> None:
-    """Write `tensor` into an existing (empty) `message` in place.
-
-    Why: building a sub-message and then assigning it to its parent copies the payload
-    again; filling the parent's own field (`reply.pooled.add().tensor`) copies the bytes
-    once, from the tensor's memory straight into the message.
-    """
+def tensor_fields(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The `TensorProto` fields of a CPU tensor (cast to `dtype` when given), for
+    `wire_writer.serialize`: `data` refers to the tensor's memory (no copy when it already
+    has that dtype and is contiguous)."""
     target = dtype or tensor.dtype
     if target not in DTYPE_NAMES:
         raise BadTensorError(
@@ -98,9 +93,14 @@ def fill_tensor(
     raw = flat.view(_INT_TORCH[itemsize]).numpy()
     if _BIG_ENDIAN_HOST:
         raw = raw.astype(_SAME_SIZE_INT[itemsize])
-    message.data = raw.tobytes()
-    message.dtype = DTYPE_NAMES[target]
-    message.shape.extend(tensor.shape)
+    return {"data": raw, "dtype": DTYPE_NAMES[target], "shape": list(tensor.shape)}
+
+
+def encode_tensor(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> pb.TensorProto:
+    """A CPU tensor (cast to `dtype` when given) as little-endian bytes + dtype + shape."""
+    return pb.TensorProto.FromString(
+        serialize(pb.TensorProto.DESCRIPTOR, tensor_fields(tensor, dtype))
+    )
 
 
 def decode_tensor(
@@ -148,27 +148,35 @@ def decode_tensor(
     return torch.from_numpy(native).view(dtype).reshape(shape)
 
 
+def named_tensor_fields(
+    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> list[dict[str, Any]]:
+    """`NamedTensor` fields of per-feature float tensors (pooled vectors, gradients) in the
+    wire dtype."""
+    return [{"name": name, "tensor": tensor_fields(t, dtype)} for name, t in tensors.items()]
+
+
 def encode_float_tensors(
     tensors: Mapping[str, torch.Tensor], dtype: torch.dtype
 ) -> list[pb.NamedTensor]:
-    """Per-feature float tensors (pooled vectors, gradients) in the wire dtype."""
-    out = []
-    for name, tensor in tensors.items():
-        entry = pb.NamedTensor(name=name)
-        fill_tensor(entry.tensor, tensor, dtype)
-        out.append(entry)
-    return out
+    """Per-feature float tensors as `NamedTensor` messages (to build requests by hand)."""
+    return [
+        pb.NamedTensor.FromString(serialize(pb.NamedTensor.DESCRIPTOR, fields))
+        for fields in named_tensor_fields(tensors, dtype)
+    ]
 
 
-def fill_float_tensors(field: Any, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Append per-feature float tensors to a repeated `NamedTensor` field, in place.
+def payload_bytes(named: list[dict[str, Any]]) -> int:
+    """Tensor bytes in `named_tensor_fields` output: what `<Rpc>.<dir>.float_data` counts."""
+    return sum(entry["tensor"]["data"].nbytes for entry in named)
 
-    Why: `Reply(pooled=encode_float_tensors(...))` copies every payload into the reply once
-    more; a reply of B x D floats per feature is megabytes per call.
+
+def float_data_bytes(entries: Iterable[pb.NamedTensor]) -> int:
+    """Tensor bytes of decoded (so well-formed) `NamedTensor`s, from dtype and shape.
+
+    Why not `len(entry.tensor.data)`: upb hands out a fresh copy of the bytes on each read.
     """
-    for name, tensor in tensors.items():
-        entry = field.add(name=name)
-        fill_tensor(entry.tensor, tensor, dtype)
+    return sum(math.prod(entry.tensor.shape) * _ITEMSIZE[entry.tensor.dtype] for entry in entries)
 
 
 def decode_float_tensors(
@@ -203,20 +211,25 @@ def _check_new_feature(feature: str, seen: Mapping[str, object]) -> None:
 # --------------------------------------------------------------------------- bags
 
 
-def encode_bags(feature: str, bags: Bags) -> pb.FeatureBags:
-    """One feature's bags as a wire message (absent optional tensors stay unset)."""
-    message = pb.FeatureBags(feature=feature)
-    _fill_bags(message, bags)
-    return message
-
-
-def _fill_bags(message: pb.FeatureBags, bags: Bags) -> None:
-    fill_tensor(message.indices, bags.indices, torch.int64)
-    fill_tensor(message.offsets, bags.offsets, torch.int64)
+def bags_fields(feature: str, bags: Bags) -> dict[str, Any]:
+    """`FeatureBags` fields of one feature's bags (absent optional tensors stay unset)."""
+    fields: dict[str, Any] = {
+        "feature": feature,
+        "indices": tensor_fields(bags.indices, torch.int64),
+        "offsets": tensor_fields(bags.offsets, torch.int64),
+    }
     if bags.per_sample_weights is not None:
-        fill_tensor(message.per_sample_weights, bags.per_sample_weights, torch.float32)
+        fields["per_sample_weights"] = tensor_fields(bags.per_sample_weights, torch.float32)
     if bags.mean_divisor is not None:
-        fill_tensor(message.mean_divisor, bags.mean_divisor, torch.float32)
+        fields["mean_divisor"] = tensor_fields(bags.mean_divisor, torch.float32)
+    return fields
+
+
+def encode_bags(feature: str, bags: Bags) -> pb.FeatureBags:
+    """One feature's bags as a wire message."""
+    return pb.FeatureBags.FromString(
+        serialize(pb.FeatureBags.DESCRIPTOR, bags_fields(feature, bags))
+    )
 
 
 def decode_bags(message: pb.FeatureBags) -> Bags:
@@ -245,6 +258,30 @@ def decode_bags(message: pb.FeatureBags) -> Bags:
 # --------------------------------------------------------------------------- requests
 
 
+def lookup_request_bytes(
+    step: int,
+    worker: int,
+    bags: Mapping[str, Bags],
+    *,
+    train: bool,
+    dtype: torch.dtype,
+    use_early: bool = False,
+) -> bytes:
+    """A serialized `LookupRequest`: all features one node serves for one batch.
+
+    With `use_early` the bags stay home: the node answers the early pool it kept for them.
+    """
+    fields = {
+        "step": step,
+        "worker": worker,
+        "train": train,
+        "features": [] if use_early else [bags_fields(f, b) for f, b in bags.items()],
+        "wire_dtype": DTYPE_NAMES[dtype],
+        "use_early": use_early,
+    }
+    return serialize(pb.LookupRequest.DESCRIPTOR, fields)
+
+
 def lookup_request(
     step: int,
     worker: int,
@@ -254,17 +291,10 @@ def lookup_request(
     dtype: torch.dtype,
     use_early: bool = False,
 ) -> pb.LookupRequest:
-    """All features one node serves for one batch, in one message.
-
-    With `use_early` the bags stay home: the node answers the early pool it kept for them.
-    """
-    request = pb.LookupRequest(
-        step=step, worker=worker, train=train, wire_dtype=DTYPE_NAMES[dtype], use_early=use_early
+    """`lookup_request_bytes` as a message (to inspect or alter in tests)."""
+    return pb.LookupRequest.FromString(
+        lookup_request_bytes(step, worker, bags, train=train, dtype=dtype, use_early=use_early)
     )
-    if not use_early:
-        for feature, b in bags.items():
-            _fill_bags(request.features.add(feature=feature), b)
-    return request
 
 
 def parse_lookup_request(
@@ -289,14 +319,18 @@ def parse_lookup_request(
     return bags, answer_dtype
 
 
-def early_lookup_request(
+def early_lookup_request_bytes(
     step: int, worker: int, bags: Mapping[str, Bags], *, correct: bool
-) -> pb.EarlyLookupRequest:
-    """A future training step's bags for one node, to pool early (`correct`: exact mode)."""
-    request = pb.EarlyLookupRequest(step=step, worker=worker, correct=correct)
-    for feature, b in bags.items():
-        _fill_bags(request.features.add(feature=feature), b)
-    return request
+) -> bytes:
+    """A serialized `EarlyLookupRequest`: a future training step's bags for one node, to
+    pool early (`correct`: exact mode)."""
+    fields = {
+        "step": step,
+        "worker": worker,
+        "features": [bags_fields(f, b) for f, b in bags.items()],
+        "correct": correct,
+    }
+    return serialize(pb.EarlyLookupRequest.DESCRIPTOR, fields)
 
 
 def parse_early_lookup_request(request: pb.EarlyLookupRequest) -> dict[str, Bags]:
@@ -313,12 +347,22 @@ def parse_prefetch_request(request: pb.PrefetchRequest) -> dict[str, torch.Tenso
     return _decode_named(request.indices, what="prefetch indices", allowed=(torch.int64,), ndim=1)
 
 
-def prefetch_request(step: int, indices: Mapping[str, torch.Tensor]) -> pb.PrefetchRequest:
-    """Per-feature local row indices of a future step."""
-    return pb.PrefetchRequest(
-        step=step,
-        indices=[
-            pb.NamedTensor(name=name, tensor=encode_tensor(rows, torch.int64))
-            for name, rows in indices.items()
-        ],
-    )
+def prefetch_request_bytes(step: int, indices: Mapping[str, torch.Tensor]) -> bytes:
+    """A serialized `PrefetchRequest`: per-feature local row indices of a future step."""
+    named = [{"name": f, "tensor": tensor_fields(rows, torch.int64)} for f, rows in indices.items()]
+    return serialize(pb.PrefetchRequest.DESCRIPTOR, {"step": step, "indices": named})
+
+
+def push_gradients_request_bytes(
+    step: int, worker: int, grads: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> tuple[bytes, int]:
+    """A serialized `PushGradientsRequest` and the gradient bytes inside it."""
+    named = named_tensor_fields(grads, dtype)
+    fields = {"step": step, "worker": worker, "grads": named}
+    return serialize(pb.PushGradientsRequest.DESCRIPTOR, fields), payload_bytes(named)
+
+
+def lookup_response_bytes(pooled: Mapping[str, torch.Tensor], dtype: torch.dtype) -> bytes:
+    """A serialized `LookupResponse`: per-feature pooled vectors in the wire dtype."""
+    fields = {"pooled": named_tensor_fields(pooled, dtype)}
+    return serialize(pb.LookupResponse.DESCRIPTOR, fields)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import grpc
 
 from ndp.errors import ConfigError
-from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node.auth import TokenInterceptor
+from storage_node.rpc_methods import add_servicer
 from storage_node.service import StorageNodeServicer
 from storage_node.tls import TlsFiles, server_credentials
 
@@ -101,7 +101,7 @@ def serve(
         options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)],
     )
     servicer = StorageNodeServicer(core, step_wait_timeout_s=step_wait_timeout_s)
-    pb_grpc.add_StorageNodeServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     try:
         credentials = server_credentials(tls) if tls is not None else None
 

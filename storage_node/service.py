@@ -98,12 +98,15 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         return max(0.0, min(self.step_wait_timeout_s, remaining - _STEP_WAIT_MARGIN_S))
 
     def _carry(self, message: Any) -> None:
-        """Pass `message` through the emulated link (free when link emulation is off)."""
+        """Pass `message` (or its serialized bytes) through the emulated link (free when link
+        emulation is off)."""
         if self.link.bandwidth_mbps is not None:
-            self.link.transfer(message.ByteSize())
+            self.link.transfer(len(message) if isinstance(message, bytes) else message.ByteSize())
 
     @_translate_errors
-    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> bytes:
+        """The serialized `LookupResponse` (see `storage_node.wire_writer`: megabytes of pooled
+        vectors go out with one copy; `server.add_servicer` passes bytes through)."""
         self._carry(request)
         bags, answer_dtype = codec.parse_lookup_request(request)
         # A training lookup reads weights that step s-1's update must already have changed;
@@ -116,8 +119,7 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
             pooled = self.core.lookup_early(request.step, request.worker)
         else:
             pooled = self.core.lookup(request.step, request.worker, bags, train=request.train)
-        reply = pb.LookupResponse()
-        codec.fill_float_tensors(reply.pooled, pooled, answer_dtype)
+        reply = codec.lookup_response_bytes(pooled, answer_dtype)
         self._carry(reply)
         return reply
 

@@ -1,0 +1,104 @@
+"""Protobuf wire format written straight from tensor memory, for the messages that carry
+megabytes: pooled vectors, gradients, bags, prefetch rows.
+
+Why not `Message(...).SerializeToString()`: filling a upb message copies every payload into
+the message and serialising copies it again, each time into fresh memory that page-faults.
+On the 2-core bench machine a 4.2 MB `LookupResponse` (8 features x 2048 x 64 fp32) took
+6.1 ms that way and 0.13 ms written here (one copy: the final join). The bytes are exactly
+the ones protobuf writes (tests compare them with `SerializeToString`), so every protobuf
+reader parses them; the schema comes from the generated descriptors, not from a second copy
+of it here.
+
+A message is given as a mapping {field name: value}:
+
+    scalar (int64, int32, bool, string)    int / bool / str   omitted when 0, False, ""
+    bytes                                   any C-contiguous buffer (bytes, numpy, memoryview)
+    message                                 a mapping like this one (present even if empty)
+    repeated message                        a list of mappings
+    repeated int64 / int32 (packed)         a list of ints
+
+Fields are written in field-number order, as protobuf does; a name the message does not
+have raises KeyError, a value type this writer does not support raises TypeError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+_VARINT, _LENGTH_DELIMITED = 0, 2
+_UINT64 = (1 << 64) - 1
+_INTEGER_TYPES = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32)
+
+
+def serialize(descriptor: Descriptor, fields: Mapping[str, Any]) -> bytes:
+    """The wire bytes of message `descriptor` holding `fields`."""
+    parts, _ = _encode(descriptor, fields)
+    return b"".join(parts)
+
+
+def varint(value: int) -> bytes:
+    """Base-128 varint; negative integers as their 64-bit two's complement (10 bytes)."""
+    value &= _UINT64
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _encode(descriptor: Descriptor, fields: Mapping[str, Any]) -> tuple[list[Any], int]:
+    """(parts, total length) of one message; parts are bytes or byte memoryviews."""
+    unknown = set(fields) - set(descriptor.fields_by_name)
+    if unknown:
+        raise KeyError(f"{descriptor.full_name} has no field(s) {sorted(unknown)}")
+    parts: list[Any] = []
+    size = 0
+    for field in sorted(descriptor.fields, key=lambda f: f.number):
+        value = fields.get(field.name)
+        if value is None:
+            continue
+        for part in _field_parts(field, value):
+            parts.append(part)
+            size += part.nbytes if isinstance(part, memoryview) else len(part)
+    return parts, size
+
+
+def _field_parts(field: FieldDescriptor, value: Any) -> list[Any]:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        items = value if field.is_repeated else [value]
+        out: list[Any] = []
+        for item in items:
+            parts, size = _encode(field.message_type, item)
+            out += [_tag(field, _LENGTH_DELIMITED), varint(size), *parts]
+        return out
+    if field.is_repeated:
+        if field.type not in _INTEGER_TYPES:
+            raise TypeError(f"{field.full_name}: only repeated integers and messages are written")
+        if not value:
+            return []
+        packed = b"".join(varint(int(v)) for v in value)
+        return [_tag(field, _LENGTH_DELIMITED), varint(len(packed)), packed]
+    return _scalar_parts(field, value)
+
+
+def _scalar_parts(field: FieldDescriptor, value: Any) -> list[Any]:
+    if field.type in _INTEGER_TYPES or field.type == FieldDescriptor.TYPE_BOOL:
+        number = int(value)
+        return [_tag(field, _VARINT), varint(number)] if number else []
+    if field.type == FieldDescriptor.TYPE_STRING:
+        text = value.encode("utf-8")
+        return [_tag(field, _LENGTH_DELIMITED), varint(len(text)), text] if text else []
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        payload = memoryview(value).cast("B")
+        if not payload.nbytes:
+            return []
+        return [_tag(field, _LENGTH_DELIMITED), varint(payload.nbytes), payload]
+    raise TypeError(f"{field.full_name}: field type {field.type} is not written here")
+
+
+def _tag(field: FieldDescriptor, wire_type: int) -> bytes:
+    return varint(field.number << 3 | wire_type)
