@@ -16,6 +16,18 @@ feature): lookups/s = batch_size * num_features * calls / elapsed seconds.
     | StorageClient        | --------> | serve() -> StorageNodeCore   |
     | (unix: or host:port) | <-------- | cache (all rows) -> pooling  |
     +----------------------+  pooled   +------------------------------+
+
+The transport floor: in the same rounds, a bare gRPC unary call over the same transport
+carries a request and a reply of exactly the byte sizes the client measured for that point's
+`Lookup`, to a server in its own spawned process that does no work (raw bytes in, a reply
+built before timing out; no protobuf, no token check). What a node with zero work and
+zero (de)serialisation could reach is in-process time / floor time.
+
+    bench process                         echo process (spawn)
+    +----------------------+  N bytes  +------------------------------+
+    | channel.unary_unary  | --------> | generic handler, no          |
+    | (raw bytes, no pb)   | <-------- | deserialiser: prebuilt reply |
+    +----------------------+  M bytes  +------------------------------+
 """
 
 from __future__ import annotations
@@ -27,11 +39,14 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Self
 
+import grpc
 import torch
 import torch.nn.functional as F
 
@@ -39,11 +54,16 @@ from gpu_worker.storage_client import StorageClient
 from ndp.config import SparseOptimizerConfig, StorageConfig
 from ndp.model.init import init_rows
 from storage_node.cache import SLOT_METADATA_BYTES
+from storage_node.server import channel_options
 from storage_node.spec import Bags, ShardSpec
 
 SEED = 0
 MAX_MESSAGE_BYTES = 1 << 30
 _READY_TIMEOUT_S = 300.0
+ECHO_SERVICE = "ndp.bench.Echo"
+"""gRPC service of the echo server; one method per reply size (`Reply<bytes>`)."""
+_STOP = "stop"
+_CALL_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -77,9 +97,20 @@ class LookupShape:
         return self.num_features * self.num_rows * per_row + (1 << 20)
 
 
-def _node_process(
-    conn: Connection, shape: LookupShape, token: str, flash_dir: str, unix_path: str
-) -> None:
+def _socket_path(work_dir: str) -> str:
+    """Where a child server listens on a unix-domain socket: inside its temporary directory."""
+    return str(Path(work_dir) / "sock")
+
+
+def _next_command(conn: Connection) -> object:
+    """The parent's next message to a child server; EOF (the parent died) means stop."""
+    try:
+        return conn.recv()
+    except EOFError:
+        return _STOP
+
+
+def _node_process(conn: Connection, work_dir: str, shape: LookupShape, token: str) -> None:
     """Child process: build the core, serve it, report addresses, wait for 'stop'."""
     from storage_node.node import StorageNodeCore
     from storage_node.server import serve
@@ -91,23 +122,69 @@ def _node_process(
         storage=storage,
         optimizer=SparseOptimizerConfig(name="sgd"),
         seed=SEED,
-        flash_dir=flash_dir,
+        flash_dir=work_dir,
     )
     server = serve(
         core,
         host="127.0.0.1",
         token=token,
         max_message_bytes=MAX_MESSAGE_BYTES,
-        unix_socket_path=unix_path,
+        unix_socket_path=_socket_path(work_dir),
     )
     conn.send({"tcp": server.address, "unix": server.unix_address})
     try:
-        conn.recv()  # anything (or EOF when the parent dies) means stop
-    except EOFError:
-        pass
+        _next_command(conn)  # anything means stop
     finally:
         server.stop(0.5)
         core.close()
+
+
+def _add_echo_method(server: grpc.Server, reply_bytes: int) -> str:
+    """Serve `/ndp.bench.Echo/Reply<reply_bytes>`: any request in, one prebuilt reply out.
+
+    Why no (de)serialisers: gRPC then hands the handler the request's bytes and sends the
+    returned bytes as they are, so a call costs the transport and gRPC itself and nothing
+    else. The reply is built here, once, so that building it is never timed.
+
+    Returns:
+        The method's full name, for `channel.unary_unary`.
+    """
+    reply = bytes(reply_bytes)
+    method = f"Reply{reply_bytes}"
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: reply, request_deserializer=None, response_serializer=None
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {method: handler}),)
+    )
+    return f"/{ECHO_SERVICE}/{method}"
+
+
+def _echo_process(conn: Connection, work_dir: str) -> None:
+    """Child process: a gRPC server that does no work, listening where the node would.
+
+    Same server options and RPC threads as the node's `serve()`; TCP on 127.0.0.1 only (port
+    0: the server picks) and a unix socket. Each int the parent sends is a reply size to
+    serve (answered with the method's name) until 'stop'.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ndp-echo"),
+        options=[*channel_options(MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)],
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    unix_address = f"unix:{_socket_path(work_dir)}"
+    if port == 0 or server.add_insecure_port(unix_address) == 0:
+        raise RuntimeError("benchmark echo server could not bind 127.0.0.1:0 or its socket")
+    server.start()
+    conn.send({"tcp": f"127.0.0.1:{port}", "unix": unix_address})
+    methods: dict[int, str] = {}
+    try:
+        while (reply_bytes := _next_command(conn)) != _STOP:
+            if reply_bytes not in methods:
+                methods[reply_bytes] = _add_echo_method(server, reply_bytes)
+            conn.send(methods[reply_bytes])
+    finally:
+        server.stop(0.5).wait()
 
 
 @contextlib.contextmanager
@@ -125,52 +202,41 @@ def _environment(**variables: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-class NodeProcess:
-    """A storage node serving `shape`'s tables in a spawned process (context manager).
+class _ServerProcess:
+    """A benchmark gRPC server in a spawned child process (context manager).
 
-    The node runs one intra-op thread, as a storage-node actor does (Ray gives an actor
-    without a CPU request OMP_NUM_THREADS=1): with more, every gRPC handler thread that pools
-    gets its own OpenMP team, and on 2 cores the idle teams' spinning slowed the node's own
-    lookup from ~1.5 to ~1.9 ms per call (pooling 1).
+    The child gets a temporary directory (its unix socket, a node's flash files) and a pipe:
+    it sends its addresses {"tcp": "127.0.0.1:PORT", "unix": "unix:PATH"} once listening and
+    reads commands from it ('stop', or EOF when this process dies). It runs one intra-op
+    thread, as a storage-node actor does (Ray gives an actor without a CPU request
+    OMP_NUM_THREADS=1).
+
+    Args:
+        target: the child's function, called as `target(conn, work_dir, *args)`.
+        kind: what the child is, for its directory name and errors ("node", "echo").
     """
 
-    def __init__(self, shape: LookupShape) -> None:
-        self.shape = shape
-        self.token = secrets.token_hex(16)
-        self._tmp = tempfile.TemporaryDirectory(prefix="ndp-bench-node-")
+    def __init__(self, target: Callable[..., None], *args: object, kind: str) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"ndp-bench-{kind}-")
         context = mp.get_context("spawn")
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
-            target=_node_process,
-            args=(
-                child_conn,
-                shape,
-                self.token,
-                self._tmp.name,
-                str(Path(self._tmp.name) / "sock"),
-            ),
-            daemon=True,
+            target=target, args=(child_conn, self._tmp.name, *args), daemon=True
         )
         with _environment(OMP_NUM_THREADS="1"):
             self._process.start()
         child_conn.close()
-        if not self._conn.poll(_READY_TIMEOUT_S):
+        try:
+            if not self._conn.poll(_READY_TIMEOUT_S):
+                raise EOFError
+            self.addresses: dict[str, str] = self._conn.recv()
+        except EOFError:  # silent past the timeout, or the child died before listening
             self.close()
-            raise RuntimeError("benchmark storage node did not start")
-        self.addresses: dict[str, str] = self._conn.recv()
-
-    def client(self, transport: str, wire_dtype: str) -> StorageClient:
-        return StorageClient(
-            self.addresses[transport],
-            token=self.token,
-            wire_dtype=wire_dtype,
-            max_message_bytes=MAX_MESSAGE_BYTES,
-            timeout_s=600.0,
-        )
+            raise RuntimeError(f"benchmark {kind} server did not start") from None
 
     def close(self) -> None:
         try:
-            self._conn.send("stop")
+            self._conn.send(_STOP)
         except (BrokenPipeError, OSError):
             pass
         self._process.join(30)
@@ -179,11 +245,68 @@ class NodeProcess:
             self._process.join(5)
         self._tmp.cleanup()
 
-    def __enter__(self) -> NodeProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class NodeProcess(_ServerProcess):
+    """A storage node serving `shape`'s tables in a spawned process (context manager).
+
+    One intra-op thread (see `_ServerProcess`): with more, every gRPC handler thread that
+    pools gets its own OpenMP team, and on 2 cores the idle teams' spinning slowed the node's
+    own lookup from ~1.5 to ~1.9 ms per call (pooling 1).
+    """
+
+    def __init__(self, shape: LookupShape) -> None:
+        self.shape = shape
+        self.token = secrets.token_hex(16)
+        super().__init__(_node_process, shape, self.token, kind="node")
+
+    def client(self, transport: str, wire_dtype: str) -> StorageClient:
+        return StorageClient(
+            self.addresses[transport],
+            token=self.token,
+            wire_dtype=wire_dtype,
+            max_message_bytes=MAX_MESSAGE_BYTES,
+            timeout_s=_CALL_TIMEOUT_S,
+        )
+
+
+class EchoProcess(_ServerProcess):
+    """A gRPC server that does no work, in a spawned process: the transport's floor.
+
+    Why a process and not a thread of the bench: like the node, its gRPC threads then have
+    their own interpreter (no shared GIL with the client) and compete for the same cores.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_echo_process, kind="echo")
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def caller(
+        self, transport: str, *, request_bytes: int, reply_bytes: int
+    ) -> Callable[[], bytes]:
+        """A blocking unary call over `transport` ("unix", "tcp") that sends `request_bytes`
+        bytes and gets `reply_bytes` back; the request is built here, once."""
+        self._conn.send(reply_bytes)
+        method = self._conn.recv()
+        if transport not in self._channels:
+            self._channels[transport] = grpc.insecure_channel(
+                self.addresses[transport], options=channel_options(MAX_MESSAGE_BYTES)
+            )
+        call = self._channels[transport].unary_unary(
+            method, request_serializer=None, response_deserializer=None
+        )
+        request = bytes(request_bytes)
+        return lambda: call(request, timeout=_CALL_TIMEOUT_S)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        super().close()
 
 
 def make_batches(
@@ -257,6 +380,165 @@ def _side(seconds: list[float], lookups_per_call: int) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class LookupCheck:
+    """What one untimed `Lookup` of a point showed: its error and its size on the wire."""
+
+    max_abs_error: float
+    """Largest |node - in-process| over the pooled vectors of the batch."""
+    request_bytes: int
+    """Serialised LookupRequest, as the client counted it (`take_wire_bytes`)."""
+    reply_bytes: int
+    """Serialised LookupResponse, as the client counted it."""
+
+
+def warm_and_check(
+    client: StorageClient, batches: list[dict[str, Bags]], expected: dict[str, torch.Tensor]
+) -> LookupCheck:
+    """Warm the node's cache and the channel with every batch, then look `batches[0]` up
+    once more, compare it with `expected` and keep the bytes that call put on the wire."""
+    for batch in batches:
+        client.lookup(0, 0, batch, train=False)
+    client.take_wire_bytes()  # forget what earlier calls sent
+    got = client.lookup(0, 0, batches[0], train=False)
+    wire = client.take_wire_bytes()
+    return LookupCheck(
+        max_abs_error=max(float((got[f] - expected[f]).abs().max()) for f in got),
+        request_bytes=wire["Lookup.sent"],
+        reply_bytes=wire["Lookup.received"],
+    )
+
+
+def _floor_side(seconds: list[float], check: LookupCheck) -> dict:
+    """Raw figures of the bare round trips of one point (median call, as the other sides)."""
+    return {
+        "median_call_s": statistics.median(seconds),
+        "min_call_s": min(seconds),
+        "calls": len(seconds),
+        "request_bytes": check.request_bytes,
+        "reply_bytes": check.reply_bytes,
+    }
+
+
+def ratio_bounds(in_process_s: float, floor_s: float, node_s: float) -> dict[str, float]:
+    """The best gRPC / in-process ratios the measured costs allow (from median calls).
+
+    `transport_only`: a node with no work and no (de)serialisation, only the bare round trip
+    of the same bytes; `transport_and_node`: that round trip plus the node's own lookup time.
+    """
+    return {
+        "ratio_bound_transport_only": in_process_s / floor_s,
+        "ratio_bound_transport_and_node": in_process_s / (floor_s + node_s),
+    }
+
+
+@dataclass
+class _PointTimes:
+    """Seconds of every timed call of one (transport, wire dtype) at one pooling factor."""
+
+    grpc: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)
+    node_lookup_seconds: float = 0.0
+    """The node's own lookup time over the timed calls (from its stats)."""
+    node_lookup_calls: int = 0
+
+
+def _time_round(
+    client: StorageClient,
+    floor: Callable[[], bytes],
+    times: _PointTimes,
+    batches: list[dict[str, Bags]],
+    calls: int,
+    first: int,
+) -> None:
+    """One round of one point: `calls` Lookups, then as many bare round trips."""
+    before = client.stats()
+    times.grpc += _call_seconds(
+        lambda b: client.lookup(0, 0, b, train=False), batches, calls, first
+    )
+    after = client.stats()
+    times.node_lookup_seconds += after["lookup_seconds"] - before["lookup_seconds"]
+    times.node_lookup_calls += after["lookup_calls"] - before["lookup_calls"]
+    times.floor += _call_seconds(lambda _batch: floor(), batches, calls, first)
+
+
+def _point(
+    shape: LookupShape,
+    pooling: int,
+    key: tuple[str, str],
+    address: str,
+    check: LookupCheck,
+    times: _PointTimes,
+    local: dict,
+) -> dict:
+    """The results entry of one (pooling, transport, wire dtype) from its raw figures."""
+    transport, dtype = key
+    remote = _side(times.grpc, shape.batch_size * shape.num_features)
+    # the node's own time per call (checks + pooling), measured inside it:
+    # the rest of a call is the wire, (de)serialisation and gRPC itself
+    remote["node_lookup_s_per_call"] = times.node_lookup_seconds / max(1, times.node_lookup_calls)
+    floor = _floor_side(times.floor, check)
+    return {
+        "pooling_factor": pooling,
+        "transport": transport,
+        "address": address,
+        "wire_dtype": dtype,
+        "batch_size": shape.batch_size,
+        "num_features": shape.num_features,
+        "embedding_dim": shape.embedding_dim,
+        "num_rows": shape.num_rows,
+        "max_abs_error": check.max_abs_error,
+        "grpc": remote,
+        "in_process": local,
+        "transport_floor": floor,
+        "ratio": remote["lookups_per_s"] / local["lookups_per_s"],
+        **ratio_bounds(
+            local["median_call_s"], floor["median_call_s"], remote["node_lookup_s_per_call"]
+        ),
+    }
+
+
+def _measure_pooling(
+    shape: LookupShape,
+    weights: dict[str, torch.Tensor],
+    pooling: int,
+    node: NodeProcess,
+    echo: EchoProcess,
+    clients: dict[tuple[str, str], StorageClient],
+    *,
+    rounds: int,
+    calls_per_round: int,
+    distinct_batches: int,
+) -> list[dict]:
+    """The points of one pooling factor: checks and warm-up, interleaved rounds, figures."""
+    batches = make_batches(shape, pooling, distinct_batches, seed=SEED)
+    expected = pool_in_process(weights, batches[0])
+    checks = {key: warm_and_check(client, batches, expected) for key, client in clients.items()}
+    floors = {
+        (transport, dtype): echo.caller(
+            transport, request_bytes=check.request_bytes, reply_bytes=check.reply_bytes
+        )
+        for (transport, dtype), check in checks.items()
+    }
+    for key, floor in floors.items():  # warm the echo channels, check the reply's size
+        for _ in batches:
+            assert len(floor()) == checks[key].reply_bytes
+    local_seconds: list[float] = []
+    times = {key: _PointTimes() for key in clients}
+    for r in range(rounds):
+        first = r * calls_per_round
+        local_seconds += _call_seconds(
+            lambda b: pool_in_process(weights, b), batches, calls_per_round, first
+        )
+        for key, client in clients.items():
+            _time_round(client, floors[key], times[key], batches, calls_per_round, first)
+    local = _side(local_seconds, shape.batch_size * shape.num_features)
+    return [
+        _point(shape, pooling, key, node.addresses[key[0]], checks[key], times[key], local)
+        for key in clients
+    ]
+
+
 def measure_lookups(
     shape: LookupShape,
     *,
@@ -267,74 +549,33 @@ def measure_lookups(
     calls_per_round: int,
     distinct_batches: int = 4,
 ) -> list[dict]:
-    """Lookups/s of every (pooling, transport, wire dtype) against in-process pooling.
+    """Lookups/s of every (pooling, transport, wire dtype) against in-process pooling, and the
+    bare transport's floor for the same bytes.
 
-    The sides are measured in interleaved rounds (in-process, then each client, repeated
-    `rounds` times) so that load from other processes hits all of them alike; each side's
-    rate comes from its median call.
+    The sides are measured in interleaved rounds (in-process, then each client followed by
+    its bare round trips, repeated `rounds` times) so that load from other processes hits all
+    of them alike; each side's figure comes from its median call.
 
     Returns:
-        One point per (pooling, transport, wire dtype) with the raw figures of both sides.
+        One point per (pooling, transport, wire dtype) with the raw figures of every side.
     """
     weights = table_weights(shape)
-    lookups_per_call = shape.batch_size * shape.num_features
     points = []
-    with NodeProcess(shape) as node:
+    with NodeProcess(shape) as node, EchoProcess() as echo:
         clients = {(t, d): node.client(t, d) for t in transports for d in wire_dtypes}
         try:
             for pooling in pooling_factors:
-                batches = make_batches(shape, pooling, distinct_batches, seed=SEED)
-                expected = pool_in_process(weights, batches[0])
-                max_error = {}
-                for key, client in clients.items():
-                    for batch in batches:  # warm the node's cache and the channel
-                        client.lookup(0, 0, batch, train=False)
-                    got = client.lookup(0, 0, batches[0], train=False)
-                    max_error[key] = max(float((got[f] - expected[f]).abs().max()) for f in got)
-                local_seconds: list[float] = []
-                grpc_seconds: dict[tuple[str, str], list[float]] = {key: [] for key in clients}
-                node_work = {key: {"lookup_seconds": 0.0, "lookup_calls": 0} for key in clients}
-                for r in range(rounds):
-                    first = r * calls_per_round
-                    local_seconds += _call_seconds(
-                        lambda b: pool_in_process(weights, b), batches, calls_per_round, first
-                    )
-                    for key, client in clients.items():
-                        before = client.stats()
-                        grpc_seconds[key] += _call_seconds(
-                            lambda b, c=client: c.lookup(0, 0, b, train=False),
-                            batches,
-                            calls_per_round,
-                            first,
-                        )
-                        after = client.stats()
-                        for field in ("lookup_seconds", "lookup_calls"):
-                            node_work[key][field] += after[field] - before[field]
-                local = _side(local_seconds, lookups_per_call)
-                for (transport, dtype), seconds in grpc_seconds.items():
-                    remote = _side(seconds, lookups_per_call)
-                    work = node_work[(transport, dtype)]
-                    # the node's own time per call (checks + pooling), measured inside it:
-                    # the rest of a call is the wire, (de)serialisation and gRPC itself
-                    remote["node_lookup_s_per_call"] = work["lookup_seconds"] / max(
-                        1, work["lookup_calls"]
-                    )
-                    points.append(
-                        {
-                            "pooling_factor": pooling,
-                            "transport": transport,
-                            "address": node.addresses[transport],
-                            "wire_dtype": dtype,
-                            "batch_size": shape.batch_size,
-                            "num_features": shape.num_features,
-                            "embedding_dim": shape.embedding_dim,
-                            "num_rows": shape.num_rows,
-                            "max_abs_error": max_error[(transport, dtype)],
-                            "grpc": remote,
-                            "in_process": local,
-                            "ratio": remote["lookups_per_s"] / local["lookups_per_s"],
-                        }
-                    )
+                points += _measure_pooling(
+                    shape,
+                    weights,
+                    pooling,
+                    node,
+                    echo,
+                    clients,
+                    rounds=rounds,
+                    calls_per_round=calls_per_round,
+                    distinct_batches=distinct_batches,
+                )
         finally:
             for client in clients.values():
                 client.close()

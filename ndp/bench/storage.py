@@ -5,6 +5,8 @@ Two measurements (see `lookups.py` and `hitrate.py` for how each is taken):
 1. lookups/s of a storage node over gRPC (separate process, unix socket and TCP, fp32 and
    fp16 on the wire) vs `embedding_bag` in process, at pooling factors 1, 8, 32.
    Targets (fp32): >= 0.3x in-process at pooling 1, >= 0.5x at 8, >= 0.7x at 32.
+   Each point also carries the transport's floor: a bare gRPC round trip of the same request
+   and reply bytes to a server that does no work, and the ratios that floor bounds.
 2. hit rate of each `RowCache` policy vs Belady's optimum at 1%, 5%, 20% of the distinct rows
    of each trace (the largest tables of the shipped Criteo sample; Zipf traces).
    Target: the default policy (hot+lfu) >= 0.9x Belady at every point and never below LRU.
@@ -104,19 +106,48 @@ class StorageBenchOptions:
         )
 
 
+def _bytes_text(num_bytes: int) -> str:
+    """A message size for people: kB below a megabyte, MB above (decimal units)."""
+    if num_bytes >= 1e6:
+        return f"{num_bytes / 1e6:.1f} MB"
+    return f"{num_bytes / 1e3:.1f} kB"
+
+
+def transport_floor_text(point: dict) -> str:
+    """The bare round trip of a point's bytes and the ratios it bounds ("" if not measured).
+
+    Why: it says whether the transport alone already misses the target, before any work in
+    the node or any (de)serialisation is counted.
+    """
+    floor = point.get("transport_floor")
+    if not floor:
+        return ""
+    size = _bytes_text(floor["request_bytes"] + floor["reply_bytes"])
+    return (
+        f"bare gRPC round trip of the same {size} ({_bytes_text(floor['request_bytes'])} "
+        f"request, {_bytes_text(floor['reply_bytes'])} reply): "
+        f"{floor['median_call_s'] * 1e3:.2f} ms, so even a node with no work reaches at most "
+        f"{point['ratio_bound_transport_only']:.3f}x, and one with this node's lookup time at "
+        f"most {point['ratio_bound_transport_and_node']:.3f}x"
+    )
+
+
 def lookup_limits_text(point: dict) -> str:
     """Where a gRPC lookup's time goes: the node's own work (measured inside it) and the rest
-    (wire, protobuf, gRPC), against the in-process call."""
+    (wire, protobuf, gRPC), against the in-process call and the bare transport's floor."""
     call = point["grpc"]["median_call_s"] * 1e3
     local = point["in_process"]["median_call_s"] * 1e3
     node = point["grpc"].get("node_lookup_s_per_call")
+    floor = transport_floor_text(point)
     if not node:  # not measured (or no lookup reached the node)
-        return f"what limits it: a call takes {call:.2f} ms, in-process {local:.2f} ms"
+        text = f"what limits it: a call takes {call:.2f} ms, in-process {local:.2f} ms"
+        return text + (f"; {floor}" if floor else "")
     node *= 1e3
     return (
         f"what limits it: of a {call:.2f} ms call the node's lookup takes {node:.2f} ms and "
         f"the transport (wire, (de)serialisation, gRPC) {call - node:.2f} ms; in-process "
         f"{local:.2f} ms, so even a free transport would give at most {local / node:.2f}x"
+        + (f"; {floor}" if floor else "")
     )
 
 
@@ -185,7 +216,8 @@ def _lookup_table(points: list[dict]) -> dict:
         "columns": [
             "pooling", "transport", "wire", "gRPC lookups/s", "in-process lookups/s",
             "ratio", "target", "gRPC ms/call (median)", "node lookup ms/call",
-            "in-process ms/call", "gRPC calls",
+            "in-process ms/call", "gRPC calls", "floor ms/call (bare gRPC, same bytes)",
+            "bound: transport only", "bound: transport + node",
         ],
         "rows": [
             [
@@ -194,6 +226,8 @@ def _lookup_table(points: list[dict]) -> dict:
                 LOOKUP_TARGETS.get(p["pooling_factor"], "") if p["wire_dtype"] == "fp32" else "",
                 1000 * p["grpc"]["median_call_s"], 1000 * p["grpc"]["node_lookup_s_per_call"],
                 1000 * p["in_process"]["median_call_s"], p["grpc"]["calls"],
+                1000 * p["transport_floor"]["median_call_s"], p["ratio_bound_transport_only"],
+                p["ratio_bound_transport_and_node"],
             ]
             for p in points
         ],
@@ -347,6 +381,10 @@ def run_storage_bench(
         "plots": _plots(lookups, hit_points),
         "notes": [
             "lookups/s counts pooled bags (samples x features); rates use the median call",
+            "floor = bare gRPC unary round trip of the Lookup's request and reply bytes to a "
+            "server that does no work (same transport, same rounds); bound: transport only = "
+            "in-process ms / floor ms, bound: transport + node = in-process ms / (floor ms + "
+            "node lookup ms)",
             "hit rate = hits / unique rows per step; cache sizes are % of the trace's distinct rows",
             "belady = offline optimum with bypass at the same step granularity as the cache; "
             "belady_per_access = the classical per-access bound",
