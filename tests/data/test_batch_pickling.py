@@ -58,3 +58,27 @@ def test_per_sample_weights_survive_the_trip():
     got = pickle.loads(pickle.dumps(batch))
     torch.testing.assert_close(got.sparse.weights(), batch.sparse.weights(), rtol=0, atol=0)
     assert_same_batch(got, batch)
+
+
+def test_tensor_bytes_travel_out_of_band_and_come_back_writable():
+    # Ray pickles with protocol 5: out-of-band buffers go to its shared-memory store
+    # without a copy, and come back as read-only views of it
+    batch = multi_hot_batch(weighted=True)
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(batch, protocol=5, buffer_callback=buffers.append)
+    payload = sum(memoryview(b).nbytes for b in buffers)
+    assert (
+        payload
+        == sum(
+            t.nbytes
+            for t in (batch.dense, batch.labels, batch.sparse.values(), batch.sparse.lengths())
+        )
+        + batch.sparse.weights().nbytes
+    )
+    assert len(data) < 2_000  # keys and framing only
+
+    read_only = [memoryview(b).toreadonly() for b in buffers]
+    got = pickle.loads(data, buffers=read_only)
+    assert_same_batch(got, batch)
+    got.dense.add_(1.0)  # a tensor of its own: writable, the sender's batch untouched
+    assert not torch.equal(got.dense, batch.dense)
