@@ -41,6 +41,7 @@ import os
 import re
 import threading
 import time
+from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,10 @@ class _EarlyPool:
     recorded: dict[str, _RecordedBags]
     correct: bool
     """False (stale mode): updates applied after pooling are not added."""
+
+
+UPDATE_THREADS = 2
+"""Tables a node updates at once (see `StorageNodeCore._apply_step`)."""
 
 
 def _expected_lookups(shards: list[ShardSpec]) -> list[float]:
@@ -273,6 +278,13 @@ class StorageNodeCore:
                 for s in shards
             ],
             _expected_lookups(shards),
+        )
+        self._update_threads = (
+            futures.ThreadPoolExecutor(
+                max_workers=min(UPDATE_THREADS, len(shards)), thread_name_prefix="ndp-update"
+            )
+            if len(shards) > 1
+            else None
         )
         for spec, cache_bytes in zip(shards, budgets, strict=True):
             piece = self._open_piece(spec, cache_bytes=cache_bytes)
@@ -692,38 +704,35 @@ class StorageNodeCore:
         }
 
     def _apply_step(self, step: int, pending: _PendingStep) -> None:
-        """Sum all workers' gradients, merge duplicates, update each unique row once."""
+        """Sum all workers' gradients, merge duplicates, update each unique row once.
+
+        The tables update concurrently (`_update_threads`): each is its own flash file, and
+        one table's update is a few dependent I/O batches (read the missed rows, write back
+        what the cache evicts or does not admit), so one after another the node mostly waits
+        on I/O round trips.
+        """
         iteration = self.optimizer_step + 1
-        for table, piece in self._pieces.items():
-            parts = [
-                pending.pushed[w][table]
-                for w in sorted(pending.pushed)
-                if table in pending.pushed[w]
+        tasks = [
+            (table, piece, parts)
+            for table, piece in self._pieces.items()
+            if (
+                parts := [
+                    pending.pushed[w][table]
+                    for w in sorted(pending.pushed)
+                    if table in pending.pushed[w]
+                ]
+            )
+        ]
+        if len(tasks) > 1 and self._update_threads is not None:
+            running = [
+                self._update_threads.submit(self._update_table, *task, iteration) for task in tasks
             ]
-            if not parts:
-                continue
-            rows = torch.cat([r for r, _ in parts])
-            values = torch.cat([g for _, g in parts])
-            if rows.numel() == 0:
-                continue
-            unique_rows, inverse = torch.unique(rows, return_inverse=True)
-            merged = torch.zeros(unique_rows.numel(), values.shape[1], dtype=torch.float32)
-            merged.index_add_(0, inverse, values)
-            unique_np = unique_rows.numpy()
-            with piece.flash.holding_reads():  # rows read here and written straight back
-                records = torch.from_numpy(piece.cache.fetch(unique_np))
-                dim = piece.spec.embedding_dim
-                old = records[:, :dim].clone() if self._early else None
-                apply_update(
-                    self.optimizer,
-                    records[:, :dim],
-                    records[:, dim:],
-                    merged,
-                    iteration=iteration,
-                )
-                piece.cache.store(unique_np, records.numpy())
-            if old is not None:
-                self._correct_early_pools(table, unique_rows, records[:, :dim] - old)
+            futures.wait(running)
+            for future in running:
+                future.result()  # the first failure, once every table is done
+        else:
+            for task in tasks:
+                self._update_table(*task, iteration)
         self.optimizer_step = iteration
         self.applied_step = step
         del self._pending[step]
@@ -733,6 +742,38 @@ class StorageNodeCore:
         for piece in self._pieces.values():
             piece.cache.on_step()
         self._step_applied.notify_all()
+
+    def _update_table(
+        self,
+        table: str,
+        piece: _Piece,
+        parts: list[tuple[torch.Tensor, torch.Tensor]],
+        iteration: int,
+    ) -> None:
+        """One table's share of `_apply_step`: touches only this piece and the kept early
+        pools of its features (safe beside the other tables' updates)."""
+        rows = torch.cat([r for r, _ in parts])
+        values = torch.cat([g for _, g in parts])
+        if rows.numel() == 0:
+            return
+        unique_rows, inverse = torch.unique(rows, return_inverse=True)
+        merged = torch.zeros(unique_rows.numel(), values.shape[1], dtype=torch.float32)
+        merged.index_add_(0, inverse, values)
+        unique_np = unique_rows.numpy()
+        with piece.flash.holding_reads():  # rows read here and written straight back
+            records = torch.from_numpy(piece.cache.fetch(unique_np))
+            dim = piece.spec.embedding_dim
+            old = records[:, :dim].clone() if self._early else None
+            apply_update(
+                self.optimizer,
+                records[:, :dim],
+                records[:, dim:],
+                merged,
+                iteration=iteration,
+            )
+            piece.cache.store(unique_np, records.numpy())
+        if old is not None:
+            self._correct_early_pools(table, unique_rows, records[:, :dim] - old)
 
     # ------------------------------------------------------------------ prefetch / pins
 
@@ -1049,6 +1090,8 @@ class StorageNodeCore:
         with self._lock:
             if self._closed:
                 return
+            if self._update_threads is not None:
+                self._update_threads.shutdown(wait=True)
             for piece in self._pieces.values():
                 piece.cache.flush()
                 piece.flash.close()

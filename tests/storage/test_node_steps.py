@@ -163,3 +163,44 @@ def test_mean_pooling_uses_the_given_whole_bag_divisor(make_node):
     local = Bags(torch.tensor([1, 2]), torch.tensor([0, 2]), mean_divisor=torch.tensor([4.0]))
     pooled = node.lookup(0, 0, {"f_t0": local}, train=False)["f_t0"]
     torch.testing.assert_close(pooled, weights.sum(0, keepdim=True) / 4)
+
+
+def test_tables_updated_concurrently_end_exactly_as_updated_one_after_another(make_node):
+    # four tables, 3-slot caches (constant eviction and write-back), early pools corrected
+    tables = [shard(f"t{i}", num_rows=40) for i in range(4)]
+    concurrent = make_node(tables, cache_rows=3, node_id="concurrent")
+    sequential = make_node(tables, cache_rows=3, node_id="sequential")
+    assert concurrent._update_threads is not None
+    sequential._update_threads.shutdown()
+    sequential._update_threads = None
+    generator = torch.Generator().manual_seed(3)
+
+    def step_bags() -> dict[str, Bags]:
+        return {
+            f"f_t{i}": bags(
+                torch.randint(0, 40, (12,), generator=generator).tolist(), list(range(0, 13, 2))
+            )
+            for i in range(4)
+        }
+
+    steps = [step_bags() for _ in range(6)]
+    grads = [{f: torch.randn(6, 8, generator=generator) for f in steps[0]} for _ in steps]
+    pooled = {}
+    for node in (concurrent, sequential):
+        pooled[node] = [node.lookup(0, 0, steps[0])]
+        for step in range(len(steps)):
+            if step + 1 < len(steps):
+                node.early_lookup(step + 1, 0, steps[step + 1])
+            node.push_gradients(step, 0, grads[step])
+            if step + 1 < len(steps):
+                pooled[node].append(node.lookup_early(step + 1, 0))  # corrected by the update
+    for got, expected in zip(pooled[concurrent], pooled[sequential], strict=True):
+        for feature in expected:
+            torch.testing.assert_close(got[feature], expected[feature], rtol=0, atol=0)
+    for i in range(4):
+        for got, expected in zip(
+            concurrent.read_rows(f"t{i}", ALL_ROWS),
+            sequential.read_rows(f"t{i}", ALL_ROWS),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
