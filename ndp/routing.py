@@ -28,6 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ndp.config import TableConfig
 from ndp.errors import DataError, PlanError
 from ndp.planner import Placement, ShardingPlan
+from storage_node.cache import distinct_below
 from storage_node.spec import Bags
 
 
@@ -161,10 +162,14 @@ def route_indices(
     for feature, values, _, _ in _features(sparse):
         pieces = plan.pieces_of(plan.table_of(feature))
         num_rows = pieces[-1].row_end
-        unique = torch.unique(values)  # sorted
-        if unique.numel() and (unique[0] < 0 or unique[-1] >= num_rows):
-            bad = unique[0] if unique[0] < 0 else unique[-1]
-            raise _out_of_range(feature, plan.table_of(feature), int(bad), num_rows)
+        if values.numel():
+            low, high = torch.aminmax(values)
+            if low < 0 or high >= num_rows:
+                bad = low if low < 0 else high
+                raise _out_of_range(feature, plan.table_of(feature), int(bad), num_rows)
+        # sorted; a mask over the rows, not torch.unique's sort: a multi-hot batch of 26 x
+        # 20k values took 15.6 ms to route, serially before every step
+        unique = torch.from_numpy(distinct_below(values.numpy(), num_rows))
         bounds = torch.tensor([p.row_start for p in pieces] + [num_rows], dtype=torch.int64)
         cut = torch.searchsorted(unique, bounds)  # unique is sorted: pieces are slices
         for i, piece in enumerate(pieces):

@@ -273,7 +273,7 @@ class RowCache:
         slots = self.index.find(rows)
         if slots.size and int(slots.min()) < 0:
             return None
-        unique_slots = _distinct_below(slots, self.records.shape[0])
+        unique_slots = distinct_below(slots, self.records.shape[0])
         self._count(self.slot_rows[unique_slots], unique_slots)
         return slots
 
@@ -496,7 +496,7 @@ class RowCache:
         return self.slot_rows[self.slot_rows >= 0]
 
 
-def _distinct_below(values: np.ndarray, bound: int) -> np.ndarray:
+def distinct_below(values: np.ndarray, bound: int) -> np.ndarray:
     """Sorted distinct values of an int array whose values lie in [0, bound).
 
     Why not `np.unique`: numpy 2's hash-based unique costs ~2.5 ms per 65k values here (it

@@ -234,6 +234,11 @@ def test_index_outside_the_table_raises_data_error_naming_feature_and_value(setu
         route_lookup(sparse, plan, tables)
     with pytest.raises(DataError, match="index 7"):
         route_indices(sparse, plan)
+    negative = KeyedJaggedTensor.from_lengths_sync(
+        keys=["c"], values=torch.tensor([3, -1]), lengths=torch.tensor([1, 1, 0, 0, 0, 0])
+    )
+    with pytest.raises(DataError, match="index -1"):
+        route_indices(negative, plan)
 
 
 def test_route_gradients_sends_each_piece_the_full_pooled_gradient(setup):

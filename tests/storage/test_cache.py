@@ -157,12 +157,12 @@ def test_a_pin_reads_from_flash_only_the_rows_it_can_place(tmp_path):
 
 @pytest.mark.parametrize("bound", [7, 50, 100_000])
 def test_distinct_slots_equal_numpy_unique_for_dense_and_sparse_bounds(bound):
-    from storage_node.cache import _distinct_below
+    from storage_node.cache import distinct_below
 
     rng = np.random.default_rng(bound)
     for size in (0, 1, 5, 300):
         values = rng.integers(0, bound, size=size)
-        assert np.array_equal(_distinct_below(values, bound), np.unique(values))
+        assert np.array_equal(distinct_below(values, bound), np.unique(values))
 
 
 def test_a_budget_is_split_by_traffic_and_no_piece_gets_more_than_holds_all_its_rows():
