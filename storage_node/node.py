@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from ndp.config import SparseOptimizerConfig, StorageConfig
 from ndp.errors import StorageNodeError
 from ndp.model.spec import optimizer_state_width
-from storage_node.cache import SLOT_METADATA_BYTES, RowCache, split_budget
+from storage_node.cache import SLOT_METADATA_BYTES, RowCache, distinct_below, split_budget
 from storage_node.errors import (
     BadTensorError,
     EarlyPoolMissingError,
@@ -117,6 +117,49 @@ class _RecordedBags:
             return self.weights
         inv = self.inv_divisor[bag_of_value]
         return inv if self.weights is None else self.weights * inv
+
+
+@dataclass
+class _UpdatedRows:
+    """The distinct rows one table's update changes, and where any row sits among them.
+
+    Why a dense map when the piece is small next to the update (a multi-hot update is ~20k
+    values per table): `torch.unique` with inverse and a binary search per correction took
+    ~1.2 ms per table per step there; an array over the piece's rows answers both with one
+    gather. Large pieces keep the sort (an array per row would cost more than it saves).
+    """
+
+    rows: torch.Tensor
+    """int64 [u] sorted distinct local rows."""
+    inverse: torch.Tensor
+    """int64 [n]: the position in `rows` of each input row."""
+    _position_of_row: np.ndarray | None
+    """int64 [piece rows]: position in `rows`, -1 if not updated (dense case only)."""
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, num_rows: int) -> _UpdatedRows:
+        """`rows`: int64 [n] local rows in [0, num_rows), repeats allowed."""
+        if num_rows > 8 * rows.numel():
+            unique, inverse = torch.unique(rows, return_inverse=True)
+            return cls(unique, inverse, None)
+        values = rows.numpy()
+        unique = distinct_below(values, num_rows)
+        position_of_row = np.full(num_rows, -1, dtype=np.int64)
+        position_of_row[unique] = np.arange(unique.size)
+        return cls(
+            torch.from_numpy(unique), torch.from_numpy(position_of_row[values]), position_of_row
+        )
+
+    def find(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bool [n]: which of `values` were updated, int64 [hits]: their positions in `rows`)."""
+        if self._position_of_row is not None:
+            position = torch.from_numpy(self._position_of_row[values.numpy()])
+            hit = position >= 0
+            return hit, position[hit]
+        # one binary search finds both whether each value was updated and where
+        position = torch.searchsorted(self.rows, values).clamp_(max=self.rows.numel() - 1)
+        hit = self.rows[position] == values
+        return hit, position[hit]
 
 
 @dataclass
@@ -548,14 +591,12 @@ class StorageNodeCore:
         self.early_counters["early_hits" if same else "early_mismatches"] += 1
         return early if same else None
 
-    def _correct_early_pools(
-        self, table: str, unique_rows: torch.Tensor, delta: torch.Tensor
-    ) -> None:
+    def _correct_early_pools(self, table: str, updated: _UpdatedRows, delta: torch.Tensor) -> None:
         """Add one table's update to every kept early pool (exact mode) that reads its rows.
 
         Args:
-            unique_rows: int64 [u] sorted local rows the update changed.
-            delta: float32 [u, D] new minus old weights of those rows.
+            updated: the local rows the update changed.
+            delta: float32 [u, D] new minus old weights of those rows (in `updated.rows` order).
         """
         for early in self._early.values():
             if not early.correct:
@@ -563,15 +604,12 @@ class StorageNodeCore:
             for feature, (piece, bags) in early.bags.items():
                 if piece.spec.table_name != table or bags.indices.numel() == 0:
                     continue
-                # one binary search finds both whether each value was updated and where
-                position = torch.searchsorted(unique_rows, bags.indices)
-                position.clamp_(max=unique_rows.numel() - 1)
-                hit = unique_rows[position] == bags.indices
-                if not bool(hit.any()):
+                hit, position = updated.find(bags.indices)
+                if position.numel() == 0:
                     continue
                 rec = early.recorded[feature]
                 bag_of_value = rec.bag_of_value()
-                change = delta[position[hit]]
+                change = delta[position]
                 scale = rec.scale(bag_of_value)  # weights x 1/divisor, as the pooling used
                 if scale is not None:
                     change = change * scale[hit][:, None]
@@ -756,10 +794,10 @@ class StorageNodeCore:
         values = torch.cat([g for _, g in parts])
         if rows.numel() == 0:
             return
-        unique_rows, inverse = torch.unique(rows, return_inverse=True)
-        merged = torch.zeros(unique_rows.numel(), values.shape[1], dtype=torch.float32)
-        merged.index_add_(0, inverse, values)
-        unique_np = unique_rows.numpy()
+        updated = _UpdatedRows.of(rows, piece.num_rows)
+        merged = torch.zeros(updated.rows.numel(), values.shape[1], dtype=torch.float32)
+        merged.index_add_(0, updated.inverse, values)
+        unique_np = updated.rows.numpy()
         with piece.flash.holding_reads():  # rows read here and written straight back
             records = torch.from_numpy(piece.cache.fetch(unique_np))
             dim = piece.spec.embedding_dim
@@ -773,7 +811,7 @@ class StorageNodeCore:
             )
             piece.cache.store(unique_np, records.numpy())
         if old is not None:
-            self._correct_early_pools(table, unique_rows, records[:, :dim] - old)
+            self._correct_early_pools(table, updated, records[:, :dim] - old)
 
     # ------------------------------------------------------------------ prefetch / pins
 

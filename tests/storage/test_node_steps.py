@@ -204,3 +204,21 @@ def test_tables_updated_concurrently_end_exactly_as_updated_one_after_another(ma
             strict=True,
         ):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_rows", [50, 10_000])  # dense map / sort and binary search
+def test_updated_rows_are_distinct_sorted_with_inverse_and_found_by_value(num_rows):
+    from storage_node.node import _UpdatedRows
+
+    generator = torch.Generator().manual_seed(num_rows)
+    rows = torch.randint(0, 40, (200,), generator=generator) * (num_rows // 50)
+    updated = _UpdatedRows.of(rows, num_rows)
+    assert (updated._position_of_row is None) == (num_rows > 8 * rows.numel())
+
+    expected, inverse = torch.unique(rows, return_inverse=True)
+    assert torch.equal(updated.rows, expected) and torch.equal(updated.inverse, inverse)
+    values = torch.randint(0, num_rows, (300,), generator=generator)
+    values[:50] = rows[:50]  # some certainly updated
+    hit, position = updated.find(values)
+    assert torch.equal(hit, torch.isin(values, expected))
+    assert torch.equal(updated.rows[position], values[hit])
