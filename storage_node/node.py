@@ -195,6 +195,12 @@ class _EarlyPool:
     """False (stale mode): updates applied after pooling are not added."""
 
 
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat`, without its copy when there is one part (one feature per table, one
+    worker: the common case, megabytes per step with multi-hot bags)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 UPDATE_THREADS = 2
 """Tables a node updates at once (see `StorageNodeCore._apply_step`)."""
 
@@ -737,7 +743,7 @@ class StorageNodeCore:
             table = self._piece_of_feature[feature].spec.table_name
             per_table.setdefault(table, []).append((rec.rows, values))
         return {
-            table: (torch.cat([r for r, _ in parts]), torch.cat([g for _, g in parts]))
+            table: (_joined([r for r, _ in parts]), _joined([g for _, g in parts]))
             for table, parts in per_table.items()
         }
 
@@ -790,8 +796,8 @@ class StorageNodeCore:
     ) -> None:
         """One table's share of `_apply_step`: touches only this piece and the kept early
         pools of its features (safe beside the other tables' updates)."""
-        rows = torch.cat([r for r, _ in parts])
-        values = torch.cat([g for _, g in parts])
+        rows = _joined([r for r, _ in parts])
+        values = _joined([g for _, g in parts])
         if rows.numel() == 0:
             return
         updated = _UpdatedRows.of(rows, piece.num_rows)
