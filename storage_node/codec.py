@@ -282,19 +282,9 @@ def lookup_request_bytes(
     return serialize(pb.LookupRequest.DESCRIPTOR, fields)
 
 
-def lookup_request(
-    step: int,
-    worker: int,
-    bags: Mapping[str, Bags],
-    *,
-    train: bool,
-    dtype: torch.dtype,
-    use_early: bool = False,
-) -> pb.LookupRequest:
-    """`lookup_request_bytes` as a message (to inspect or alter in tests)."""
-    return pb.LookupRequest.FromString(
-        lookup_request_bytes(step, worker, bags, train=train, dtype=dtype, use_early=use_early)
-    )
+def lookup_request(*args: Any, **kwargs: Any) -> pb.LookupRequest:
+    """`lookup_request_bytes(...)` (same arguments) as a message, to inspect or alter."""
+    return pb.LookupRequest.FromString(lookup_request_bytes(*args, **kwargs))
 
 
 def parse_lookup_request(
