@@ -3,8 +3,8 @@
 A node holds one piece (`ShardSpec`) of each of several tables. Each piece is a flash file
 (`flash.FlashStore`) behind a DRAM row cache (`cache.RowCache`); the node's cache budget is
 split between pieces by their expected lookups, none getting more than holds all its rows
-(`cache.split_budget`). The node answers pooled lookups and
-applies the sparse optimizer near the data, in step order:
+(`cache.split_budget`). The node answers pooled lookups and applies the sparse optimizer
+near the data, in step order:
 
 1. ``lookup(step, worker, bags)`` (training) waits until ``applied_step == step - 1``, pools
    the rows and records the bags of (step, worker) so the gradient can be scattered later.
@@ -750,7 +750,8 @@ class StorageNodeCore:
     def _apply_step(self, step: int, pending: _PendingStep) -> None:
         """Sum all workers' gradients, merge duplicates, update each unique row once.
 
-        The tables update concurrently (`_update_threads`): each is its own flash file, and
+        Tables update `UPDATE_THREADS` at a time, under the caller's lock: each is its own
+        flash file and touches only its own cache and its features' early pools, and
         one table's update is a few dependent I/O batches (read the missed rows, write back
         what the cache evicts or does not admit), so one after another the node mostly waits
         on I/O round trips.
