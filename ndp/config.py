@@ -461,6 +461,10 @@ class StorageConfig:
     """Gaps up to this size between wanted flash blocks are read (and written back) with them,
     so one request replaces several (0: only adjacent blocks merge). 32 KiB did best of 8 /
     32 / 128 KiB in `ndp-bench train --quick` (large_zipf and cache_5pct together)."""
+    update_threads: int = 1
+    """Tables a node updates at once. More helps when the node has idle cores (in-process,
+    13 tables at a 5% cache: update 17 -> 13.5 ms with 2); on the 2-core bench machine, where
+    nodes and workers share the cores, 2 was ~7% slower (`ndp-bench train` cache_5pct)."""
     cache_bytes: int = 256 << 20
     """DRAM cache budget per node for rows (weights + optimizer state)."""
     cache_policy: Literal["lru", "lfu", "hot+lfu"] = "hot+lfu"
@@ -485,6 +489,7 @@ class StorageConfig:
         if self.page_bytes % 512:
             _fail(_join(path, "page_bytes"), f"{self.page_bytes} must be a multiple of 512")
         _positive(path, "io_threads", self.io_threads)
+        _positive(path, "update_threads", self.update_threads)
         if self.io_merge_gap_bytes < 0:
             _fail(_join(path, "io_merge_gap_bytes"), f"{self.io_merge_gap_bytes} must be >= 0")
         _positive(path, "cache_bytes", self.cache_bytes)

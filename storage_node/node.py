@@ -201,10 +201,6 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-UPDATE_THREADS = 2
-"""Tables a node updates at once (see `StorageNodeCore._apply_step`)."""
-
-
 def _expected_lookups(shards: list[ShardSpec]) -> list[float]:
     """Each piece's expected lookups per step: the planner's figures when every piece has
     one, else one lookup per feature and sample spread evenly over the table's rows."""
@@ -328,11 +324,10 @@ class StorageNodeCore:
             ],
             _expected_lookups(shards),
         )
+        threads = min(storage.update_threads, len(shards))
         self._update_threads = (
-            futures.ThreadPoolExecutor(
-                max_workers=min(UPDATE_THREADS, len(shards)), thread_name_prefix="ndp-update"
-            )
-            if len(shards) > 1
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ndp-update")
+            if threads > 1
             else None
         )
         for spec, cache_bytes in zip(shards, budgets, strict=True):
@@ -750,7 +745,7 @@ class StorageNodeCore:
     def _apply_step(self, step: int, pending: _PendingStep) -> None:
         """Sum all workers' gradients, merge duplicates, update each unique row once.
 
-        Tables update `UPDATE_THREADS` at a time, under the caller's lock: each is its own
+        Tables update `storage.update_threads` at a time, under the caller's lock: each is its own
         flash file and touches only its own cache and its features' early pools, and
         one table's update is a few dependent I/O batches (read the missed rows, write back
         what the cache evicts or does not admit), so one after another the node mostly waits

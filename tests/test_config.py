@@ -102,6 +102,7 @@ def test_table_without_features_is_refused():
         ({"cluster": {"num_storage_nodes": 0}}, r"cluster\.num_storage_nodes: 0 must be > 0"),
         ({"storage": {"page_bytes": 1000}}, r"storage\.page_bytes: 1000 must be a multiple of 512"),
         ({"storage": {"io_merge_gap_bytes": -1}}, r"storage\.io_merge_gap_bytes: -1 must be >= 0"),
+        ({"storage": {"update_threads": 0}}, r"storage\.update_threads: 0 must be > 0"),
         ({"pipeline": {"lookahead_depth": -1}}, r"pipeline\.lookahead_depth: -1 must be >= 0"),
         ({"checkpoint": {"keep_last": 0}}, r"checkpoint\.keep_last: 0 must be > 0"),
         ({"logging": {"interval_steps": 0}}, r"logging\.interval_steps: 0 must be > 0"),
@@ -109,7 +110,7 @@ def test_table_without_features_is_refused():
     ids=[
         "negative-rows", "negative-layer", "negative-samples", "val-fraction", "sparse-lr",
         "dense-eps", "batch-size", "eval-interval", "storage-nodes", "page-bytes",
-        "merge-gap", "lookahead", "keep-last", "log-interval",
+        "merge-gap", "update-threads", "lookahead", "keep-last", "log-interval",
     ],
 )  # fmt: skip
 def test_impossible_value_in_every_section_names_the_field(sections, message):

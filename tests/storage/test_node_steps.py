@@ -168,11 +168,9 @@ def test_mean_pooling_uses_the_given_whole_bag_divisor(make_node):
 def test_tables_updated_concurrently_end_exactly_as_updated_one_after_another(make_node):
     # four tables, 3-slot caches (constant eviction and write-back), early pools corrected
     tables = [shard(f"t{i}", num_rows=40) for i in range(4)]
-    concurrent = make_node(tables, cache_rows=3, node_id="concurrent")
+    concurrent = make_node(tables, cache_rows=3, node_id="concurrent", update_threads=3)
     sequential = make_node(tables, cache_rows=3, node_id="sequential")
-    assert concurrent._update_threads is not None
-    sequential._update_threads.shutdown()
-    sequential._update_threads = None
+    assert concurrent._update_threads is not None and sequential._update_threads is None
     generator = torch.Generator().manual_seed(3)
 
     def step_bags() -> dict[str, Bags]:
