@@ -25,7 +25,7 @@ from protos import storage_node_pb2 as pb
 from storage_node import codec
 from storage_node import errors as node_errors
 from storage_node.auth import ERROR_METADATA_KEY, UnauthenticatedError, token_metadata
-from storage_node.rpc_methods import Received, client_methods
+from storage_node.rpc_methods import Received, client_methods, wire_size
 from storage_node.server import channel_options
 from storage_node.spec import Bags
 from storage_node.tls import TlsFiles, channel_credentials
@@ -170,8 +170,7 @@ class StorageClient:
             sent_float_data / received_float_data: the pooled-vector or gradient bytes in the
                 request / in the reply (`take_wire_bytes`' `.float_data` keys).
         """
-        size = len(request) if isinstance(request, bytes) else request.ByteSize()
-        self._count(rpc, "sent", size, sent_float_data)
+        self._count(rpc, "sent", wire_size(request), sent_float_data)
         call = self._methods[rpc].future(request, timeout=self.timeout_s, metadata=self._metadata)
 
         def count_and_decode(reply: Received) -> T:
@@ -189,7 +188,8 @@ class StorageClient:
         """Bytes on the wire since the last call, per `<Rpc>.<sent|received>`, and reset.
 
         Why measured and not computed: what travels is the serialised protobuf message
-        (`ByteSize()`: tensor bytes plus names, dtypes, shapes and field tags), so a benchmark
+        (tensor bytes plus names, dtypes, shapes and field tags: the length of the bytes sent,
+        and of the bytes the reply's deserializer got), so a benchmark
         can check that the link carries the pooled size and no more. `<key>.float_data` is
         the raw bytes of the pooled vectors / gradients inside those messages (their wire
         dtype), without framing. Replies are counted when their future is resolved.

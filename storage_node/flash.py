@@ -35,8 +35,8 @@ in parallel (`io_threads`) with ``os.preadv``/``os.pwritev`` into one page-align
 
 Why: a request costs far more than the bytes it moves (measured here with O_DIRECT: a
 random 4 KiB read 320 us and 74 us of CPU, a 128 KiB read 123 us and 28 us of CPU), so a
-few unwanted pages are cheaper than another request. The pages counters include them. Writes are read-modify-write of
-whole blocks, as a flash device programs whole pages. The header's ``complete`` flag is
+few unwanted pages are cheaper than another request. The pages counters include them.
+Writes are read-modify-write of whole blocks, as a flash device programs whole pages. The header's ``complete`` flag is
 written last when a new file is initialised, so an interrupted init is redone on reopen.
 """
 

@@ -27,6 +27,11 @@ def serialize(message: Any) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+def wire_size(message: Any) -> int:
+    """Bytes `message` (or its serialized bytes) takes on the wire."""
+    return len(message) if isinstance(message, bytes) else message.ByteSize()
+
+
 def add_servicer(servicer: Any, server: grpc.Server) -> None:
     """Serve every method of the service with `servicer.<Method>` (as the generated
     `add_StorageNodeServicer_to_server` does, registered methods included)."""

@@ -30,6 +30,7 @@ from storage_node import codec
 from storage_node.auth import ERROR_METADATA_KEY
 from storage_node.errors import ShardFileError, StepOrderError
 from storage_node.link import EmulatedLink
+from storage_node.rpc_methods import wire_size
 
 if TYPE_CHECKING:
     from storage_node.link import EmulatedLink
@@ -101,7 +102,7 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         """Pass `message` (or its serialized bytes) through the emulated link (free when link
         emulation is off)."""
         if self.link.bandwidth_mbps is not None:
-            self.link.transfer(len(message) if isinstance(message, bytes) else message.ByteSize())
+            self.link.transfer(wire_size(message))
 
     @_translate_errors
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> bytes:
