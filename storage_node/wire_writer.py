@@ -23,6 +23,7 @@ have raises KeyError, a value type this writer does not support raises TypeError
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,12 +53,13 @@ def varint(value: int) -> bytes:
 
 def _encode(descriptor: Descriptor, fields: Mapping[str, Any]) -> tuple[list[Any], int]:
     """(parts, total length) of one message; parts are bytes or byte memoryviews."""
-    unknown = set(fields) - set(descriptor.fields_by_name)
+    ordered, names = _schema(descriptor)
+    unknown = fields.keys() - names
     if unknown:
         raise KeyError(f"{descriptor.full_name} has no field(s) {sorted(unknown)}")
     parts: list[Any] = []
     size = 0
-    for field in sorted(descriptor.fields, key=lambda f: f.number):
+    for field in ordered:
         value = fields.get(field.name)
         if value is None:
             continue
@@ -65,6 +67,14 @@ def _encode(descriptor: Descriptor, fields: Mapping[str, Any]) -> tuple[list[Any
             parts.append(part)
             size += part.nbytes if isinstance(part, memoryview) else len(part)
     return parts, size
+
+
+@functools.cache
+def _schema(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, ...], frozenset[str]]:
+    """A message's fields in field-number order and their names (once per message type:
+    every request writes dozens of nested messages)."""
+    ordered = tuple(sorted(descriptor.fields, key=lambda f: f.number))
+    return ordered, frozenset(f.name for f in ordered)
 
 
 def _field_parts(field: FieldDescriptor, value: Any) -> list[Any]:
