@@ -211,7 +211,7 @@ class StorageNodeActor:
             raise RuntimeError("restore not verified on this storage node; call restore_finish")
         try:
             assert self._core is not None
-            self._core.restore_verified(writer.directory, self._restore_manifest)
+            self._core.restore_verified(writer.directory, self._restore_manifest, consume=True)
         finally:
             self.restore_abort()
 

@@ -35,6 +35,7 @@ written to a temporary name and renamed, manifest last. Nodes may share a direct
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -259,6 +260,26 @@ def _copy_with_sha256(src: Path, dst: Path) -> str:
         os.fsync(fout.fileno())
     os.replace(tmp, dst)
     return digest.hexdigest()
+
+
+def _stage_file(src: Path, target: Path, sha256: str, *, move: bool) -> None:
+    """Put the checkpoint file `src` at `target`, durable and with the expected sha256.
+
+    Raises:
+        ShardFileError: a copied file's bytes are no longer those the manifest names.
+    """
+    if move:
+        try:
+            os.replace(src, target)
+            return
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+    digest = _copy_with_sha256(src, target)
+    if digest != sha256:
+        raise ShardFileError(
+            f"checkpoint file {src} changed after it was verified (sha256 mismatch)"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -1083,18 +1104,44 @@ class StorageNodeCore:
                     )
             return manifest
 
-    def restore_verified(self, directory: str | Path, manifest: dict) -> None:
+    def restore_verified(
+        self, directory: str | Path, manifest: dict, *, consume: bool = False
+    ) -> None:
         """Replace every piece with the files of `directory`, which `verify_restore` passed
-        with this `manifest` (and which nothing changed since)."""
+        with this `manifest` (and which nothing changed since).
+
+        Two phases, so that an I/O failure (a full disk, a vanished file) changes nothing:
+        first every file is staged next to the live shard file it replaces (copied and its
+        sha256 checked again, or with `consume` moved: the directory is this node's private
+        restore directory on the same file system); only then are the live files replaced,
+        by renames, which need no space and do not fail half way through a file. A job
+        that stages every node before committing any therefore commits by renames only.
+
+        Args:
+            consume: move the files out of `directory` instead of copying them (falls back
+                to a copy across file systems).
+        """
         directory = Path(directory)
         by_table = {entry["spec"]["table_name"]: entry for entry in manifest["shards"]}
         with self._lock:
             self._check_open()
-            for table, piece in self._pieces.items():
+            staged: list[tuple[_Piece, Path]] = []
+            try:
+                for table, piece in self._pieces.items():
+                    entry = by_table[table]
+                    target = piece.flash.path.with_name(piece.flash.path.name + ".restoring")
+                    staged.append((piece, target))
+                    _stage_file(directory / entry["file"], target, entry["sha256"], move=consume)
+            except BaseException:
+                for _, target in staged:
+                    target.unlink(missing_ok=True)
+                    target.with_name(target.name + ".tmp").unlink(missing_ok=True)
+                raise
+            for piece, target in staged:
                 counters = piece.flash.counters
                 piece.cache.invalidate()
                 piece.flash.close()
-                _copy_with_sha256(directory / by_table[table]["file"], piece.flash.path)
+                os.replace(target, piece.flash.path)
                 piece.flash = self._open_flash(piece.spec)
                 piece.flash.counters = counters
                 piece.cache.flash = piece.flash

@@ -87,6 +87,74 @@ def test_restore_refuses_a_corrupt_checkpoint_and_keeps_its_state(make_node, tmp
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def _two_table_step(node, step: int) -> None:
+    for feature in ("f_t0", "f_t1"):
+        node.lookup(step, 0, {feature: one_hot([1, 2, step + 3])})
+    grad = torch.full((3, 8), 0.1 * (step + 1))
+    node.push_gradients(step, 0, {"f_t0": grad, "f_t1": grad})
+
+
+def _all_rows(node) -> list[torch.Tensor]:
+    return [part for table in ("t0", "t1") for part in node.read_rows(table, ALL_ROWS)]
+
+
+def test_a_restore_that_fails_staging_its_second_file_changes_no_piece(
+    make_node, tmp_path, monkeypatch
+):
+    """Every file is staged before any live file is replaced: an I/O error half way (here: a
+    full disk while copying the second table) leaves the node exactly as it was."""
+    import storage_node.node as node_module
+
+    node = make_node([shard("t0"), shard("t1")])
+    _two_table_step(node, 0)
+    node.checkpoint(tmp_path / "ckpt")
+    _two_table_step(node, 1)
+    current = _all_rows(node)
+    copies = []
+    real_copy = node_module._copy_with_sha256
+
+    def copy_then_fail(src, dst):
+        copies.append(dst)
+        if len(copies) == 2:
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(node_module, "_copy_with_sha256", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        node.restore(tmp_path / "ckpt")
+    assert node.applied_step == 1
+    for x, y in zip(_all_rows(node), current, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert not [p.name for p in (tmp_path / "flash").iterdir() if not p.name.endswith(".shard")]
+    _two_table_step(node, 2)  # and it trains on
+    monkeypatch.setattr(node_module, "_copy_with_sha256", real_copy)
+    node.restore(tmp_path / "ckpt")
+    assert node.applied_step == 0
+
+
+def test_a_consuming_restore_moves_the_verified_files_and_keeps_the_checkpoint_readable(
+    make_node, tmp_path
+):
+    """The actor's private restore directory is consumed (renamed into place, no copy); a
+    plain restore copies, so the checkpoint directory stays whole."""
+    import shutil
+
+    node = make_node([shard("t0"), shard("t1")])
+    _two_table_step(node, 0)
+    manifest = node.checkpoint(tmp_path / "ckpt")
+    saved = _all_rows(node)
+    _two_table_step(node, 1)
+    private = tmp_path / "flash" / "restore-dir"
+    shutil.copytree(tmp_path / "ckpt", private)
+    node.restore_verified(private, node.verify_restore(private), consume=True)
+    for x, y in zip(_all_rows(node), saved, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert sorted(p.name for p in private.iterdir()) == ["n0.manifest.json"]
+    _two_table_step(node, 1)
+    node.restore(tmp_path / "ckpt")
+    assert all((tmp_path / "ckpt" / entry["file"]).is_file() for entry in manifest["shards"])
+
+
 def test_restore_refuses_a_checkpoint_of_another_optimizer(make_node, tmp_path):
     make_node(optimizer="sgd", node_id="a", flash_dir=tmp_path / "a").checkpoint(tmp_path / "c")
     node = make_node(optimizer="adagrad", node_id="a", flash_dir=tmp_path / "b")
