@@ -26,6 +26,15 @@ class GpuWorkerActor(DenseWorker):
         return True
 
 
+DEFAULT_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""Set in every GPU-worker process unless `cluster.gpu_worker_env` gives another value."""
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """The environment variables a GPU-worker process gets: the defaults, then the config's."""
+    return {**DEFAULT_WORKER_ENV, **cfg.cluster.gpu_worker_env}
+
+
 def launch_gpu_worker(
     cfg: Config,
     rank: int,
@@ -39,7 +48,7 @@ def launch_gpu_worker(
     resources = dict(cfg.cluster.gpu_worker_resources)
     num_cpus = resources.pop("CPU", 0.0)
     num_gpus = resources.pop("GPU", 0.0)
-    env = dict(cfg.cluster.gpu_worker_env)
+    env = worker_env(cfg)
     return (
         ray.remote(GpuWorkerActor)
         .options(

@@ -322,12 +322,12 @@ class ClusterConfig:
     """Ray resources each storage-node actor asks for, e.g. {"storage_node": 1}."""
     gpu_worker_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.0})
     """Ray resources each GPU-worker actor asks for, e.g. {"GPU": 1}."""
-    gpu_worker_env: dict[str, str] = field(default_factory=lambda: {"OMP_WAIT_POLICY": "PASSIVE"})
-    """Environment variables of each GPU-worker process (Ray runtime_env env_vars). The
-    default stops the dense half's OpenMP threads spinning while they wait, which on a
-    machine whose cores the worker shares with storage nodes took their CPU (measured on 2
-    cores: worker 72-94 -> 49-54 CPU-ms per step, ndp_lookahead +6% fits_in_dram, +22%
-    cache_5pct); a mapping given here replaces it."""
+    gpu_worker_env: dict[str, str] = field(default_factory=dict)
+    """Environment variables of each GPU-worker process (Ray runtime_env env_vars), on top
+    of OMP_WAIT_POLICY=PASSIVE, which a value given here overrides. Why that default: it
+    stops the dense half's OpenMP threads spinning while they wait, which on a machine whose
+    cores the worker shares with storage nodes took their CPU (measured on 2 cores: worker
+    72-94 -> 49-54 CPU-ms per step, ndp_lookahead +6% fits_in_dram, +22% cache_5pct)."""
     node_capacity_bytes: int = 64 << 30
     """Bytes of table state (weights + optimizer state) one storage node can hold on flash."""
     bind_host: str | None = None

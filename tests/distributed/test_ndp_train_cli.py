@@ -146,19 +146,29 @@ def test_close_after_a_run_leaves_no_actors_or_listening_ports(ray_session, tmp_
     assert not any(_listening(a) for a in addresses)
 
 
-def test_gpu_workers_run_with_the_configured_environment(ray_session):
+def test_gpu_workers_run_with_the_configured_environment_on_top_of_the_default(ray_session):
     import os
 
     cfg = tiny_config("sgd")
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "NDP_TEST_PROBE": "worker-env"}
-    cfg = replace(cfg, cluster=replace(cfg.cluster, gpu_worker_env=env))
+    given = {"NDP_TEST_PROBE": "worker-env"}
+    cfg = replace(cfg, cluster=replace(cfg.cluster, gpu_worker_env=given))
+    expected = {"OMP_WAIT_POLICY": "PASSIVE", "NDP_TEST_PROBE": "worker-env"}
     with NdpEngine(cfg) as engine:
         for rank in range(engine.num_workers):
             worker = ray_session.get_actor(f"ndp-gpu-worker-{rank}")
             seen = ray_session.get(
-                worker.__ray_call__.remote(lambda _self: {k: os.environ.get(k) for k in env})
+                worker.__ray_call__.remote(lambda _self: {k: os.environ.get(k) for k in expected})
             )
-            assert seen == env
+            assert seen == expected
+
+
+def test_a_configured_worker_variable_overrides_the_default_one():
+    from gpu_worker.actor import worker_env
+
+    cfg = tiny_config("sgd")
+    assert worker_env(cfg) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    cfg = replace(cfg, cluster=replace(cfg.cluster, gpu_worker_env={"OMP_WAIT_POLICY": "ACTIVE"}))
+    assert worker_env(cfg) == {"OMP_WAIT_POLICY": "ACTIVE"}
 
 
 def test_close_leaves_no_actors_or_listening_ports_even_after_a_worker_error(ray_session):
