@@ -19,7 +19,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -30,11 +30,8 @@ from storage_node import codec
 from storage_node.auth import ERROR_METADATA_KEY
 from storage_node.errors import ShardFileError, StepOrderError
 from storage_node.link import EmulatedLink
-from storage_node.rpc_methods import wire_size
-
-if TYPE_CHECKING:
-    from storage_node.link import EmulatedLink
 from storage_node.node import StorageNodeCore
+from storage_node.rpc_methods import wire_size
 
 log = logging.getLogger(__name__)
 
