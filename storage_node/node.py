@@ -1114,8 +1114,9 @@ class StorageNodeCore:
         first every file is staged next to the live shard file it replaces (copied and its
         sha256 checked again, or with `consume` moved: the directory is this node's private
         restore directory on the same file system); only then are the live files replaced,
-        by renames, which need no space and do not fail half way through a file. A job
-        that stages every node before committing any therefore commits by renames only.
+        by renames, which need no space and do not fail half way through a file. The
+        actor's commit consumes its private restore directory, so a job's commit on every
+        node is renames only.
 
         Args:
             consume: move the files out of `directory` instead of copying them (falls back
