@@ -249,16 +249,22 @@ def open_shard_file(
 
 
 def _copy_with_sha256(src: Path, dst: Path) -> str:
-    """Copy `src` to `dst` via a temporary name + rename; returns the sha256 of the bytes."""
+    """Copy `src` to `dst` via a temporary name + rename; returns the sha256 of the bytes.
+
+    A failed copy removes its temporary file and leaves `dst` as it was."""
     digest = hashlib.sha256()
     tmp = dst.with_name(dst.name + ".tmp")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        while chunk := fin.read(_COPY_CHUNK_BYTES):
-            digest.update(chunk)
-            fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, dst)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while chunk := fin.read(_COPY_CHUNK_BYTES):
+                digest.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return digest.hexdigest()
 
 
@@ -1136,7 +1142,6 @@ class StorageNodeCore:
             except BaseException:
                 for _, target in staged:
                     target.unlink(missing_ok=True)
-                    target.with_name(target.name + ".tmp").unlink(missing_ok=True)
                 raise
             for piece, target in staged:
                 counters = piece.flash.counters
