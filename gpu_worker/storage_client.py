@@ -330,3 +330,10 @@ def connect(address: str | Mapping[str, Any], cfg: Any, *, token: str) -> Storag
         timeout_s=cfg.cluster.rpc_timeout_s,
         tls=TlsFiles.client_from_cluster(cfg.cluster),
     )
+
+
+def link_bytes(wire: Mapping[str, int]) -> tuple[int, int]:
+    """(received, sent) whole-message bytes of a `wire_bytes` map, over every RPC."""
+    received = sum(v for k, v in wire.items() if k.endswith(".received"))
+    sent = sum(v for k, v in wire.items() if k.endswith(".sent"))
+    return received, sent

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpu_worker.storage_client import connect
+from gpu_worker.storage_client import connect, link_bytes
 from ndp.config import Config
 from ndp.data.batch import Batch
 from ndp.model.dense import build_dense_half
@@ -88,6 +88,9 @@ class DenseWorker:
         self.clients = [connect(address, cfg, token=token) for address in node_addresses]
         self._seconds: dict[str, float] = defaultdict(float)
         self._counters: dict[str, float] = defaultdict(float)
+        self._wire_total: dict[str, int] = defaultdict(int)
+        """Bytes on the wire since start, per `<Rpc>.<sent|received>[.float_data]`."""
+        self._wire_at_timings: dict[str, int] = {}
         self._group_ready = world_size == 1
         self._pushes_in_flight: list[Any] = []
         self._early_in_flight: list[_EarlySent] = []
@@ -194,11 +197,30 @@ class DenseWorker:
         self._resolve_early_lookups(keep=False)
 
     def timings(self) -> dict[str, float]:
-        """Seconds per phase and counters since the last call."""
+        """Seconds per phase and counters since the last call.
+
+        `link_bytes_in` / `link_bytes_out`: the bytes of every message this worker's gRPC
+        clients received / sent since the last call (measured lengths, `wire_bytes`).
+        """
+        total = self.wire_bytes()
+        in_bytes, out_bytes = link_bytes(total)
+        last_in, last_out = link_bytes(self._wire_at_timings)
+        self._counters["link_bytes_in"] += in_bytes - last_in
+        self._counters["link_bytes_out"] += out_bytes - last_out
+        self._wire_at_timings = total
         out = {**self._seconds, **self._counters}
         self._seconds = defaultdict(float)
         self._counters = defaultdict(float)
         return out
+
+    def wire_bytes(self) -> dict[str, int]:
+        """Bytes on the wire since this worker started, per `<Rpc>.<sent|received>` (and
+        `.float_data`: the tensor bytes inside), counted by its gRPC clients. Cumulative, so
+        any number of readers can take differences (a reply counts once it is collected)."""
+        for client in self.clients:
+            for key, value in client.take_wire_bytes().items():
+                self._wire_total[key] += value
+        return dict(self._wire_total)
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """The dense half's parameters, on CPU."""
@@ -262,7 +284,6 @@ class DenseWorker:
             _resolve_all(self._take_pushes())
         with self._phase("lookup_wait_s"):
             partials = {node: future.result() for node, future in futures.items()}
-        self._counters["link_bytes_in"] += _pooled_bytes(partials, self.cfg.storage.wire_dtype)
         return reassemble(partials, self.plan)
 
     def _push_gradients(self, step: int, grads: dict[str, torch.Tensor]) -> None:
@@ -272,7 +293,6 @@ class DenseWorker:
                 self.clients[node].push_gradients_async(step, self.rank, node_grads)
                 for node, node_grads in routed.items()
             ]
-        self._counters["link_bytes_out"] += _pooled_bytes(routed, self.cfg.storage.wire_dtype)
 
     def _sum_dense_gradients(self) -> None:
         if self.world_size == 1:
@@ -364,12 +384,3 @@ class _Phase:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds[self.name] += time.perf_counter() - self.start
-
-
-_WIRE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def _pooled_bytes(tensors: Mapping[int, Mapping[str, torch.Tensor]], wire_dtype: str) -> float:
-    """Payload bytes of pooled vectors/gradients as they travel (elements x wire dtype size)."""
-    elements = sum(t.numel() for per_node in tensors.values() for t in per_node.values())
-    return float(elements * _WIRE_BYTES[wire_dtype])

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gpu_worker.actor import launch_gpu_worker
+from gpu_worker.storage_client import link_bytes
 from ndp.config import Config
 from ndp.data.batch import Batch
 from ndp.errors import ComponentTimeoutError, NDPError
@@ -70,6 +71,8 @@ class NdpEngine:
         self._workers: list[Any] = []
         self._update_seconds: dict[int, float] = {}  # per node, at the last timings()
         self._prefetch_clients: list[Any] = []  # coordinator -> node, for Prefetch only
+        self._prefetch_wire_total: dict[str, int] = defaultdict(int)
+        self._prefetch_wire_at_timings: dict[str, int] = {}
         self._prefetches_in_flight: list[Any] = []
         self._early_pooling = cfg.pipeline.early_pooling and cfg.pipeline.lookahead_depth >= 1
         self._ahead: dict[int, Batch] = {}  # batches read ahead, for early pooling
@@ -196,6 +199,9 @@ class NdpEngine:
         for worker_timings in self._wait([w.timings.remote() for w in self._workers]):
             for key, value in worker_timings.items():
                 merged[key] += value
+        prefetch_in, prefetch_out = link_bytes(self._prefetch_wire(since_timings=True))
+        merged["link_bytes_in"] += prefetch_in
+        merged["link_bytes_out"] += prefetch_out
         stats = self._wait([n.stats.remote() for n in self._nodes], "storage-node")
         for node, node_stats in enumerate(stats):  # cumulative, per storage node
             merged[f"node{node}_cache_hit_rate"] = node_stats["cache"]["hit_rate"]
@@ -204,6 +210,31 @@ class NdpEngine:
             merged["storage_update_s"] += update_s - self._update_seconds.get(node, 0.0)
             self._update_seconds[node] = update_s
         return dict(merged)
+
+    def wire_bytes(self) -> dict[str, int]:
+        """Bytes on the wire to and from the storage nodes since the engine started, per
+        `<Rpc>.<sent|received>[.float_data]`: the workers' clients (lookups, pushes, early
+        lookups) and the coordinator's (prefetch), measured message lengths. Cumulative:
+        callers take differences."""
+        merged: dict[str, int] = defaultdict(int)
+        for per_worker in self._wait([w.wire_bytes.remote() for w in self._workers]):
+            for key, value in per_worker.items():
+                merged[key] += value
+        for key, value in self._prefetch_wire().items():
+            merged[key] += value
+        return dict(merged)
+
+    def _prefetch_wire(self, *, since_timings: bool = False) -> dict[str, int]:
+        """The coordinator's prefetch clients' wire bytes since start (or since the last
+        `timings` call, which then moves its mark)."""
+        for client in self._prefetch_clients:
+            for key, value in client.take_wire_bytes().items():
+                self._prefetch_wire_total[key] += value
+        total = dict(self._prefetch_wire_total)
+        if not since_timings:
+            return total
+        last, self._prefetch_wire_at_timings = self._prefetch_wire_at_timings, total
+        return {key: value - last.get(key, 0) for key, value in total.items()}
 
     def node_stats(self) -> list[dict]:
         """Each storage node's counters (cache hits, bytes, steps) after the last step.

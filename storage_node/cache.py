@@ -325,6 +325,13 @@ class RowCache:
         """
         rows = np.asarray(rows, dtype=np.int64)
         miss_rows = self.rows_to_stage(rows)
+        # Staging is a row access like a lookup's: rows already cached are hits, rows read
+        # from flash misses (the policy's statistics count the step's own lookup instead).
+        cached_before = int(np.count_nonzero(self.index.find(rows) >= 0))
+        self.counters.hits += cached_before
+        self.counters.misses += int(miss_rows.size)
+        self.counters.staged_hits += cached_before
+        self.counters.staged_misses += int(miss_rows.size)
         if miss_rows.size:
             # staged rows are needed soon: placed without the admission filter
             self._place(miss_rows, self._records_of(miss_rows, staged), dirty=False)

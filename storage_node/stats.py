@@ -24,7 +24,13 @@ class CacheCounters:
     """DRAM row cache."""
 
     hits: int = 0
+    """Row accesses the cache served: lookups, update reads and prefetch staging."""
     misses: int = 0
+    """Row accesses that went to flash (the same three kinds)."""
+    staged_hits: int = 0
+    """Of `hits`: rows a prefetch found already cached."""
+    staged_misses: int = 0
+    """Of `misses`: rows a prefetch read from flash to stage them."""
     hot_hits: int = 0
     bytes_read: int = 0
     bytes_written: int = 0

@@ -5,25 +5,33 @@ the same synthetic batches, one after the other in this process tree:
 
     all_gpu        ReferenceEngine: everything on the worker's device (cpu without CUDA)
     hybrid         tables in host memory (EmbeddingBag + CPU sparse SGD), dense on the device
-    os_paged       tables as memory-mapped files, in a subprocess inside a memory cgroup (v1)
-                   whose limit holds its page cache to the storage nodes' DRAM budget
-                   (`baselines.PageCacheBudget`, re-set after every step)
+    os_paged       tables as memory-mapped files, in a subprocess inside a memory cgroup
+                   (v1 or v2: `memory_limit`) whose limit holds its page cache to the
+                   storage nodes' DRAM budget (`baselines.PageCacheBudget`, re-set after
+                   every step)
     ndp            NdpEngine, lookahead 0
     ndp_lookahead  NdpEngine, lookahead `BenchOptions.lookahead_depth` (early pooling on)
 
-`ndp` and `ndp_lookahead` share one engine per scenario (one set of actors; the lookahead
-run continues the step numbering after the ndp run), so a scenario starts its actors once.
+Like with like: every system starts from a fresh engine (ndp: its own actors, so the
+lookahead run finds no cache the ndp run warmed), trains the same batches in the same order
+(`warmup_steps` untimed, then `steps` timed, batches 0 .. warmup + steps - 1), and its clock
+stops only after its last update is applied (`measure_engine` flushes inside the window).
 The storage nodes read flash with O_DIRECT, so their DRAM for rows is exactly
 `storage.cache_bytes`, as the os_paged cgroup's page cache is.
 
 Scenarios: `fits_in_dram` (node caches hold every row), `large_zipf` (embedding state >= 4x
 the nodes' cache budget), `cache_5pct` (cache = 5% of the tables) against `cache_full` (the
 same run with the whole table in DRAM; ndp systems only), `multihot` (mean pooling factor
-20). Each run: `warmup_steps`, then `steps` timed; samples/s, per-step phase seconds, link
-bytes per sample (counted on the workers' gRPC clients: serialised message sizes), cache hit
-rates over the timed steps (node stats), peak RSS per process, CPU seconds per step of each
-process and of the whole machine (`ndp.bench.cpu`). A missed target's line says what limits
-it: the CPU floor (busy CPU-seconds / usable cores) against the step, and the largest phases.
+20). Each run reports samples/s, per-step phase seconds, machine CPU per sample (busy
+CPU-us of the whole machine per trained sample, with its ratio to all_gpu: on a machine
+whose cores every process shares, wall-clock ratios measure the sharing, CPU per sample the
+design), CPU seconds per step of each process (`ndp.bench.cpu`), flash bytes read/written
+per sample (ndp: the nodes' flash counters; os_paged: its I/O counters), the memory limit
+that applied, and for ndp the link bytes per sample measured on the wire (the lengths of the
+messages the gRPC clients sent and received) and cache hit rates over every row access the
+nodes' caches served or missed (lookups, update reads and prefetch staging). A missed
+target's line says what limits it: the CPU floor (busy CPU-seconds / usable cores) against
+the step, and the largest phases.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from typing import Any
 
 from ndp.bench.baselines import HybridEngine, peak_rss_bytes
 from ndp.bench.cpu import CpuMeter
+from ndp.bench.memory_limit import make_memory_cgroup
 from ndp.bench.report import machine_info, timestamp
 from ndp.config import Config, config_from_dict
 from ndp.data.loader import build_datasets
@@ -115,8 +124,8 @@ def scenario_config(options: BenchOptions, scenario: str) -> dict:
         "large_zipf": table_bytes // 4 // num_nodes // 2,  # state = 8x the total budget
         "cache_5pct": table_bytes * 5 // 100 // num_nodes,
     }[scenario]
-    # ndp runs the ndp steps, then the lookahead steps on the same engine and data
-    steps = 2 * (options.warmup_steps + options.steps) + options.lookahead_depth + 1
+    # every system trains batches 0 .. warmup + steps - 1 (lookahead reads depth further)
+    steps = options.warmup_steps + options.steps + options.lookahead_depth + 1
     pooling = options.multihot_pooling if scenario == "multihot" else 1.0
     return {
         "model": {
@@ -169,32 +178,40 @@ def measure_engine(
     steps: int,
     *,
     cfg: Config | None = None,
-    first_step: int = 0,
     at_timed_start: Callable[[], None] = lambda: None,
     cpu_pids: Mapping[str, int | str] | None = None,
 ) -> dict[str, Any]:
-    """Train `warmup` untimed then `steps` timed steps; samples/s, per-step phase seconds and
-    per-step CPU seconds (`ndp.bench.cpu`).
+    """Train `warmup` untimed then `steps` timed steps on `batches[0 : warmup + steps]`;
+    samples/s, per-step phase seconds and per-step CPU seconds (`ndp.bench.cpu`).
+
+    Every system is measured by this one function, on a fresh engine and the same batches,
+    and its clock stops only once the last step's update is applied: an engine that returns
+    from `train_step` before its update is done (ndp sends the gradient push and goes on)
+    is flushed inside the timed window, so no system's last update falls outside it.
 
     Args:
-        batches: the scenario's batches; steps `first_step ...` train on them in order.
+        batches: the scenario's batches, in training order.
         cfg: with a lookahead depth > 0, batches go through `with_lookahead` (ndp only).
         at_timed_start: called between the warm-up and the timed steps (counters reset).
         cpu_pids: {name: pid} of the processes doing the work; None: this process only.
     """
     meter = CpuMeter(cpu_pids) if cpu_pids is not None else CpuMeter()
     total = warmup + steps
-    stream = ((first_step + i, batches[first_step + i]) for i in range(total))
+    assert len(batches) >= total, f"{len(batches)} batches for {total} steps"
+    stream: Any = ((i, batches[i]) for i in range(total))
     if cfg is not None:
         stream = with_lookahead(stream, engine, cfg.pipeline)
+    flush = getattr(engine, "flush", lambda: None)
     start = time.perf_counter()
     for step, batch in stream:
-        if step == first_step + warmup:
+        if step == warmup:
+            flush()  # the warm-up's last update is not the timed window's work
             at_timed_start()
             engine.timings()
             meter.start()
             start = time.perf_counter()
         engine.train_step(step, batch)
+    flush()
     elapsed = time.perf_counter() - start
     cpu = meter.stop(steps)
     timings = engine.timings()
@@ -203,13 +220,16 @@ def measure_engine(
     per_step["unaccounted_s"] = elapsed / steps - sum(
         v for k, v in per_step.items() if k not in beside
     )
+    samples = steps * batch_size
+    busy = cpu.get("machine_busy_s")
     return {
-        "samples_per_s": steps * batch_size / elapsed,
+        "samples_per_s": samples / elapsed,
         "step_s": elapsed / steps,
         "per_step": per_step,
         "cpu_per_step": cpu,
-        "link_bytes_per_sample_computed": {
-            k: v / (steps * batch_size) for k, v in timings.items() if k.startswith("link_bytes")
+        "machine_cpu_us_per_sample": None if busy is None else busy * steps / samples * 1e6,
+        "link_bytes_per_sample": {
+            k: v / samples for k, v in timings.items() if k.startswith("link_bytes")
         },
     }
 
@@ -217,135 +237,112 @@ def measure_engine(
 # --------------------------------------------------------------------------- ndp
 
 
-def _take_wire_bytes(engine: Any) -> dict[str, int]:
-    """Bytes the GPU workers' gRPC clients sent/received since the last call, summed."""
-    import ray
-
-    def take(worker: Any) -> list[dict[str, int]]:
-        return [client.take_wire_bytes() for client in worker.clients]
-
-    workers = [ray.get_actor(f"ndp-gpu-worker-{rank}") for rank in range(engine.num_workers)]
-    merged: dict[str, int] = {}
-    per_worker = ray.get([w.__ray_call__.remote(take) for w in workers])
-    for per_client in per_worker:
-        for counts in per_client:
-            for key, value in counts.items():
-                merged[key] = merged.get(key, 0) + value
-    return merged
-
-
-def _cache_counts(engine: Any) -> list[tuple[int, int]]:
-    return [(n["cache"]["hits"], n["cache"]["misses"]) for n in engine.node_stats()]
+def _node_counters(engine: Any) -> list[dict[str, int]]:
+    """Per node: cache accesses (every kind, and staging's share) and flash bytes so far."""
+    return [
+        {
+            "hits": n["cache"]["hits"],
+            "misses": n["cache"]["misses"],
+            "staged": n["cache"]["staged_hits"] + n["cache"]["staged_misses"],
+            "staged_hits": n["cache"]["staged_hits"],
+            "flash_bytes_read": n["flash"]["bytes_read"],
+            "flash_bytes_written": n["flash"]["bytes_written"],
+        }
+        for n in engine.node_stats()
+    ]
 
 
 def _measure_ndp(
-    engine: Any,
+    cfg: Config,
     batches: list,
     options: BenchOptions,
-    cfg: Config | None,
-    first_step: int,
-    pids: Mapping[str, int | str],
+    *,
+    lookahead: bool,
 ) -> dict[str, Any]:
-    """One ndp measurement on a running engine: throughput, wire bytes, hit rates."""
-    before: dict[str, Any] = {}
-
-    def reset() -> None:
-        _take_wire_bytes(engine)
-        before["cache"] = _cache_counts(engine)
-
-    result = measure_engine(
-        engine,
-        batches,
-        options.batch_size,
-        options.warmup_steps,
-        options.steps,
-        cfg=cfg,
-        first_step=first_step,
-        at_timed_start=reset,
-        cpu_pids=pids,
-    )
-    engine.flush()  # the last push's reply is counted when collected
-    samples = options.steps * options.batch_size
-    wire = _take_wire_bytes(engine)
-    result["wire_bytes_per_sample"] = {k: v / samples for k, v in sorted(wire.items())}
-    rates = []
-    for (hits0, misses0), (hits1, misses1) in zip(
-        before["cache"], _cache_counts(engine), strict=True
-    ):
-        lookups = hits1 + misses1 - hits0 - misses0
-        rates.append((hits1 - hits0) / lookups if lookups else 0.0)
-    result["cache_hit_rate"] = rates
-    return result
-
-
-def _run_ndp_pair(
-    cfg: Config, batches: list, options: BenchOptions, systems: tuple[str, ...]
-) -> dict[str, dict[str, Any]]:
-    """`ndp` (no lookahead) then `ndp_lookahead` on one engine; {system: result}."""
+    """One ndp measurement on a fresh engine (its own actors): throughput, measured wire
+    bytes, hit rates over every cache access, flash bytes, peak RSS."""
     from ndp.coordinator import NdpEngine
 
-    out: dict[str, dict[str, Any]] = {}
+    before: dict[str, Any] = {}
     with NdpEngine(cfg) as engine:
         pids: dict[str, int | str] = {"bench_process (coordinator)": "self"}
         pids.update(engine.component_pids())
-        first_step = 0
-        for system in systems:
-            lookahead = cfg if system == "ndp_lookahead" else None
-            out[system] = _measure_ndp(engine, batches, options, lookahead, first_step, pids)
-            first_step += options.warmup_steps + options.steps
+
+        def reset() -> None:
+            before["wire"] = engine.wire_bytes()
+            before["nodes"] = _node_counters(engine)
+
+        result = measure_engine(
+            engine,
+            batches,
+            options.batch_size,
+            options.warmup_steps,
+            options.steps,
+            cfg=cfg if lookahead else None,
+            at_timed_start=reset,
+            cpu_pids=pids,
+        )
+        wire, nodes = engine.wire_bytes(), _node_counters(engine)
         rss = {name: peak_rss_bytes(pid) for name, pid in engine.component_pids().items()}
-    for result in out.values():
-        result["peak_rss_bytes"] = rss
-    return out
+    samples = options.steps * options.batch_size
+    result["wire_bytes_per_sample"] = {
+        k: (v - before["wire"].get(k, 0)) / samples for k, v in sorted(wire.items())
+    }
+    delta = [
+        {k: after[k] - first[k] for k in after}
+        for first, after in zip(before["nodes"], nodes, strict=True)
+    ]
+    result["cache_hit_rate"] = [_rate(d["hits"], d["hits"] + d["misses"]) for d in delta]
+    result["cache_hit_rate_without_staging"] = [
+        _rate(d["hits"] - d["staged_hits"], d["hits"] + d["misses"] - d["staged"]) for d in delta
+    ]
+    result["flash_bytes_read_per_sample"] = sum(d["flash_bytes_read"] for d in delta) / samples
+    result["flash_bytes_written_per_sample"] = (
+        sum(d["flash_bytes_written"] for d in delta) / samples
+    )
+    result["flash_bytes_source"] = "storage node flash counters (O_DIRECT preads/pwrites)"
+    result["memory_limit"] = {
+        "applied": True,
+        "kind": "storage.cache_bytes per node (row cache; flash read with O_DIRECT)",
+        "bytes_per_node": cfg.storage.cache_bytes,
+        "nodes": cfg.cluster.num_storage_nodes,
+    }
+    result["peak_rss_bytes"] = rss
+    return result
+
+
+def _rate(hits: int, accesses: int) -> float:
+    return hits / accesses if accesses else 0.0
 
 
 # --------------------------------------------------------------------------- os_paged
 
 
-def _make_cgroup() -> tuple[Path | None, str]:
-    """A fresh child memory cgroup (v1), or None and why not."""
-    root = Path("/sys/fs/cgroup/memory")
-    group = root / f"ndp-bench-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        group.mkdir()
-    except OSError as exc:
-        return None, f"no memory cgroup ({root} not writable: {exc.strerror}); ran UNLIMITED"
-    return group, str(group)
-
-
 def _run_os_paged(raw: dict, options: BenchOptions, dram_budget: int) -> dict[str, Any]:
-    """OsPagedEngine in a subprocess in its own memory cgroup; the cgroup removed after."""
+    """OsPagedEngine in a subprocess in its own memory cgroup (v2 or v1); the cgroup removed
+    after. `memory_limit.applied` says whether the budget held (else the note says why not);
+    flash bytes are the subprocess's over the timed steps (`baselines.flash_bytes`)."""
     with tempfile.TemporaryDirectory(prefix="ndp-bench-") as tmp:
         config_path, out_path = Path(tmp) / "config.json", Path(tmp) / "out.json"
         config_path.write_text(json.dumps(raw))
-        group, note = _make_cgroup()
+        group, note = make_memory_cgroup(f"ndp-bench-{os.getpid()}-{time.monotonic_ns()}")
         command = [sys.executable, "-m", "ndp.bench.baselines", str(config_path), str(out_path)]
         command += [str(options.warmup_steps), str(options.steps)]
         if group is not None:
-            command += [str(group), str(dram_budget)]
-
-        def enter_group() -> None:
-            if group is not None:
-                (group / "cgroup.procs").write_text(str(os.getpid()))
-
-        try:
-            subprocess.run(command, check=True, preexec_fn=enter_group)
+            command += [str(group.path), str(group.version), str(dram_budget)]
+        try:  # the child moves itself into the group before it execs
+            subprocess.run(
+                command, check=True, preexec_fn=None if group is None else group.add_process
+            )
         finally:
             if group is not None:
-                _remove_cgroup(group)
+                group.remove()
         result = json.loads(out_path.read_text())
     if group is None:
-        result["memory_limit"] = {"note": note}
+        result["memory_limit"] = {"applied": False, "note": note}
+    else:
+        result["memory_limit"] = {**result["memory_limit"], "note": note}
     return result
-
-
-def _remove_cgroup(group: Path) -> None:
-    for _ in range(50):  # the exited child leaves the group asynchronously
-        try:
-            group.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- driver
@@ -386,6 +383,8 @@ def run_train_bench(
     results["summary"] = target_lines(systems)
     results["tables"] = [
         _throughput_table(systems),
+        _cpu_per_sample_table(systems),
+        _flash_and_memory_table(systems),
         _breakdown_table(systems),
         _cpu_table(systems),
         _wire_table(systems),
@@ -410,15 +409,14 @@ def _run_all(options: BenchOptions, log: Callable[[str], None]) -> dict[str, dic
             log(f"{scenario}: {system}")
             result = _run_baseline(system, raw, cfg, batches, options, budget)
             systems[system][scenario] = {**info, **result}
-        log(f"{scenario}: ndp, ndp_lookahead")
-        for system, result in _run_ndp_pair(
-            cfg, batches, options, ("ndp", "ndp_lookahead")
-        ).items():
+        for system in ("ndp", "ndp_lookahead"):
+            log(f"{scenario}: {system}")
+            result = _measure_ndp(cfg, batches, options, lookahead=system == "ndp_lookahead")
             systems[system][scenario] = {**info, **result}
         if scenario == "fits_in_dram" and options.fp16_wire:
             fp16 = replace(cfg, storage=replace(cfg.storage, wire_dtype="fp16"))
             log(f"{scenario}: ndp (fp16 wire)")
-            result = _run_ndp_pair(fp16, batches, options, ("ndp",))["ndp"]
+            result = _measure_ndp(fp16, batches, options, lookahead=False)
             systems["ndp"]["fits_in_dram_fp16_wire"] = {**info, **result}
     return systems
 
@@ -439,6 +437,7 @@ def _run_baseline(
     finally:
         engine.close()
     result["peak_rss_bytes"] = {"bench_process (cumulative)": peak_rss_bytes()}
+    result["memory_limit"] = {"applied": False, "kind": "none: every table in memory"}
     return result
 
 
@@ -502,12 +501,7 @@ def target_lines(systems: dict[str, dict[str, Any]]) -> list[str]:
             ("all_gpu", "fits_in_dram"),
             0.7,
         ),
-        ratio_line(
-            "2. large_zipf: ndp / os_paged",
-            ("ndp", "large_zipf"),
-            ("os_paged", "large_zipf"),
-            3.0,
-        ),
+        _os_paged_line(systems, ratio_line),
         ratio_line(
             "3. cache at 5%: ndp_lookahead / whole table in DRAM",
             ("ndp_lookahead", "cache_5pct"),
@@ -516,7 +510,101 @@ def target_lines(systems: dict[str, dict[str, Any]]) -> list[str]:
         ),
     ]
     lines.append(_link_bytes_line(systems))
+    lines.extend(engine_target_lines(systems))
+    lines.append(cpu_per_sample_line(systems))
     return lines
+
+
+def _os_paged_line(systems: dict[str, dict[str, Any]], ratio_line: Callable[..., str]) -> str:
+    """Target 2, or 'not comparable' where os_paged ran without a memory limit."""
+    name = "2. large_zipf: ndp / os_paged"
+    os_paged = systems.get("os_paged", {}).get("large_zipf")
+    if os_paged is not None and not os_paged.get("memory_limit", {}).get("applied", False):
+        why = os_paged.get("memory_limit", {}).get("note", "no memory limit could be applied")
+        return f"{name}: not comparable (os_paged ran with unlimited memory: {why})"
+    return ratio_line(name, ("ndp", "large_zipf"), ("os_paged", "large_zipf"), 3.0)
+
+
+def node_cpu_s(run: dict[str, Any]) -> float | None:
+    """CPU seconds per step of all storage nodes together (None where not measured)."""
+    per_process = (run.get("cpu_per_step") or {}).get("per_process_s") or {}
+    nodes = [v for k, v in per_process.items() if k.startswith("storage-node")]
+    if not nodes or any(v is None for v in nodes):
+        return None
+    return float(sum(nodes))
+
+
+def engine_target_lines(systems: dict[str, dict[str, Any]]) -> list[str]:
+    """The storage-node engine's targets: node CPU against FBGEMM's embedding time, machine
+    CPU per sample against all_gpu, the 5% cache, and lookahead never costing."""
+    lines = []
+    for scenario in ("fits_in_dram", "multihot"):
+        ndp, ref = systems["ndp"].get(scenario), systems["all_gpu"].get(scenario)
+        if ndp is None or ref is None:
+            lines.append(f"5/6. {scenario}: not measured")
+            continue
+        nodes = node_cpu_s(ndp)
+        fbgemm = ref["per_step"].get("embedding_forward_s", 0.0) + ref["per_step"].get(
+            "embedding_backward_update_s", 0.0
+        )
+        if nodes is not None and fbgemm > 0:
+            ratio = nodes / fbgemm
+            verdict = "met" if ratio <= 4.0 else f"MISSED ({ratio / 4.0:.1f}x over)"
+            lines.append(
+                f"5. {scenario}: storage nodes' CPU per step {nodes * 1e3:.1f} ms vs all_gpu "
+                f"embedding fwd+bwd/update {fbgemm * 1e3:.1f} ms = {ratio:.1f}x "
+                f"(target <= 4x) {verdict}"
+            )
+        ndp_us, ref_us = ndp.get("machine_cpu_us_per_sample"), ref.get("machine_cpu_us_per_sample")
+        if ndp_us and ref_us:
+            ratio = ndp_us / ref_us
+            verdict = "met" if ratio <= 1.3 else f"MISSED by {ratio - 1.3:.2f}x"
+            lines.append(
+                f"6. {scenario}: machine CPU per sample ndp / all_gpu {ndp_us:.0f} / "
+                f"{ref_us:.0f} us = {ratio:.2f}x (target <= 1.3x) {verdict}"
+            )
+    full = systems["ndp_lookahead"].get("cache_full")
+    five = systems["ndp_lookahead"].get("cache_5pct")
+    if full and five:
+        got = five["samples_per_s"] / full["samples_per_s"]
+        lines.append(_ratio_line("7. cache at 5%: ndp_lookahead / whole table cached", got, 0.85))
+    ratios = {
+        scenario: run["samples_per_s"] / systems["ndp"][scenario]["samples_per_s"]
+        for scenario, run in systems["ndp_lookahead"].items()
+        if scenario in systems["ndp"]
+    }
+    if ratios:
+        worst = min(ratios, key=ratios.__getitem__)
+        each = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+        lines.append(
+            _ratio_line(
+                f"8. lookahead never costs (worst: {worst}): ndp_lookahead / ndp",
+                ratios[worst],
+                0.95,
+            )
+            + f" [{each}]"
+        )
+    return lines
+
+
+def cpu_per_sample_line(systems: dict[str, dict[str, Any]]) -> str:
+    """Machine busy CPU-us per trained sample of every system, and its ratio to all_gpu.
+
+    Why printed beside the throughput: on a machine whose cores every process of ndp shares,
+    wall-clock ratios measure the sharing; CPU per sample measures the design.
+    """
+    parts = []
+    for scenario in (*SCENARIOS, "fits_in_dram_fp16_wire"):
+        ref = systems.get("all_gpu", {}).get(scenario, {}).get("machine_cpu_us_per_sample")
+        cells = []
+        for system, runs in systems.items():
+            us = runs.get(scenario, {}).get("machine_cpu_us_per_sample")
+            if us is None:
+                continue
+            cells.append(f"{system} {us:.0f}" + (f" ({us / ref:.2f}x)" if ref else ""))
+        if cells:
+            parts.append(f"{scenario}: " + ", ".join(cells))
+    return "CPU per sample (machine busy us/sample, x all_gpu): " + ("; ".join(parts) or "none")
 
 
 def link_bytes_check(systems: dict[str, dict[str, Any]]) -> dict[str, float] | None:
@@ -545,12 +633,15 @@ def _link_bytes_line(systems: dict[str, dict[str, Any]]) -> str:
         return f"{name}: not measured (fits_in_dram not run)"
     fp32, expected = check["pooled_data_fp32"], check["expected_fp32"]
     verdict = "equal" if abs(fp32 - expected) < 1e-6 else "DIFFERENT"
+    run = systems["ndp"]["fits_in_dram"]
+    link = run.get("link_bytes_per_sample", {})
     line = (
-        f"{name}: tensor bytes {fp32:.1f} vs pooled size {expected:.0f} = {len(CRITEO_ROWS)} "
-        f"features x {DIM} dim x 4 B ({verdict}); whole Lookup replies "
-        f"{check['lookup_reply_fp32']:.1f} B/sample (protobuf framing "
-        f"{check['lookup_reply_fp32'] / expected - 1:+.1%}); gradients out "
-        f"{check['gradient_data_fp32']:.1f}"
+        f"{name}: whole Lookup replies {check['lookup_reply_fp32']:.1f} B/sample, of which "
+        f"the pooled vectors' bytes fields {fp32:.1f} vs pooled size {expected:.0f} = "
+        f"{len(CRITEO_ROWS)} features x {DIM} dim x 4 B ({verdict}; protobuf framing "
+        f"{check['lookup_reply_fp32'] / expected - 1:+.1%}); gradients' bytes fields out "
+        f"{check['gradient_data_fp32']:.1f}; every message in/out "
+        f"{link.get('link_bytes_in', 0.0):.1f} / {link.get('link_bytes_out', 0.0):.1f}"
     )
     if "pooled_data_fp16" in check:
         fp16 = check["pooled_data_fp16"]
@@ -568,6 +659,61 @@ def _throughput_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
             row.append(round(run["samples_per_s"], 1) if run else "-")
         rows.append(row)
     return {"title": "samples/s", "columns": ["system", *scenarios], "rows": rows}
+
+
+def _cpu_per_sample_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Machine busy CPU-us per sample, each with its ratio to all_gpu in the same scenario."""
+    scenarios = [s for s in (*SCENARIOS, "fits_in_dram_fp16_wire") if _ran(systems, s)]
+    rows = []
+    for system, runs in systems.items():
+        row: list[Any] = [system]
+        for scenario in scenarios:
+            us = runs.get(scenario, {}).get("machine_cpu_us_per_sample")
+            ref_run = systems.get("all_gpu", {}).get(scenario) or systems.get("all_gpu", {}).get(
+                "fits_in_dram" if scenario == "fits_in_dram_fp16_wire" else ""
+            )
+            ref = (ref_run or {}).get("machine_cpu_us_per_sample")
+            row.append("-" if us is None else f"{us:.0f}" + (f" ({us / ref:.2f}x)" if ref else ""))
+        rows.append(row)
+    return {
+        "title": "machine CPU per sample (busy CPU-us per trained sample; x all_gpu)",
+        "columns": ["system", *scenarios],
+        "rows": rows,
+    }
+
+
+def _flash_and_memory_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Flash bytes per sample, hit rates over every access, the memory limit that applied."""
+    rows = []
+    for system, scenario, run in _all_runs(systems):
+        limit = run.get("memory_limit", {})
+        if not limit.get("applied"):
+            memory = "unlimited"
+        elif "bytes_per_node" in limit:
+            memory = f"cache {limit['bytes_per_node'] / 2**20:.2f} MiB x {limit['nodes']} nodes"
+        else:
+            budget = limit.get("page_cache_budget_bytes", 0)
+            memory = (
+                f"cgroup v{limit.get('cgroup_version', 1)}: page cache {budget / 2**20:.2f} MiB"
+            )
+        rates = run.get("cache_hit_rate")
+        rows.append(
+            [
+                system,
+                scenario,
+                _bytes_cell(run.get("flash_bytes_read_per_sample")),
+                _bytes_cell(run.get("flash_bytes_written_per_sample")),
+                " / ".join(f"{r:.3f}" for r in rates) if rates else "-",
+                memory,
+            ]
+        )
+    columns = ["system", "scenario", "flash read B/sample", "flash written B/sample"]
+    columns += ["node hit rate (every access)", "memory limit"]
+    return {"title": "flash traffic, hit rates, memory limits", "columns": columns, "rows": rows}
+
+
+def _bytes_cell(value: float | None) -> Any:
+    return "-" if value is None else round(value, 1)
 
 
 def _ran(systems: dict[str, dict[str, Any]], scenario: str) -> bool:

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from ndp.bench.train import CRITEO_ROWS, DIM, BenchOptions, scenario_config, target_lines
+from ndp.bench.train import (
+    CRITEO_ROWS,
+    DIM,
+    BenchOptions,
+    _flash_and_memory_table,
+    cpu_per_sample_line,
+    scenario_config,
+    target_lines,
+)
 from ndp.cli.bench import main
 from ndp.config import config_from_dict
 
@@ -64,10 +72,25 @@ def test_tiny_train_bench_measures_all_five_systems_and_wire_bytes(ray_session, 
     # lookahead pools the next step early: its bags go out as EarlyLookup requests
     assert systems["ndp_lookahead"]["fits_in_dram"]["wire_bytes_per_sample"]["EarlyLookup.sent"] > 0
     assert "EarlyLookup.sent" not in wire
-    # every row fits in the nodes' caches: after warm-up every lookup hits
+    # every row fits in the nodes' caches: after warm-up every access hits, staging included
     assert systems["ndp_lookahead"]["fits_in_dram"]["cache_hit_rate"] == [1.0, 1.0]
+    for system, runs in systems.items():
+        run = runs["fits_in_dram"]
+        # the figures every system reports, like with like
+        assert run["machine_cpu_us_per_sample"] is not None, system
+        assert "applied" in run["memory_limit"], system
+        if system.startswith("ndp") or system == "os_paged":
+            assert run["flash_bytes_read_per_sample"] >= 0, system
+            assert run["flash_bytes_written_per_sample"] >= 0, system
+    # link bytes in metrics are whole messages measured on the wire, not tensor arithmetic
+    link = systems["ndp"]["fits_in_dram"]["link_bytes_per_sample"]
+    assert link["link_bytes_in"] == pytest.approx(
+        sum(v for k, v in wire.items() if k.endswith(".received"))
+    )
+    assert link["link_bytes_in"] > POOLED_BYTES_FP32
     out = capsys.readouterr().out
     assert "1. fits in DRAM" in out and "4. link bytes per sample" in out
+    assert "CPU per sample (machine busy us/sample, x all_gpu): fits_in_dram: all_gpu" in out
     assert "2. large_zipf: ndp / os_paged: not measured" in out
     # the worker's dense half gets this process's cores (capped by Ray's), like the baselines'
     assert results["options"]["worker_cpus"] == min(len(os.sched_getaffinity(0)), 4)
@@ -126,7 +149,7 @@ def test_target_lines_report_the_ratio_and_by_how_much_a_target_is_missed():
             "fits_in_dram": run(500.0, cpu_per_step=cpu, per_step={"dense_compute_s": 0.0015})
         },
         "ndp": {"large_zipf": run(900.0)},
-        "os_paged": {"large_zipf": run(100.0)},
+        "os_paged": {"large_zipf": run(100.0, memory_limit={"applied": True})},
     }
     lines = target_lines(systems)
     assert lines[0].startswith(
@@ -145,6 +168,40 @@ def test_target_lines_report_the_ratio_and_by_how_much_a_target_is_missed():
     systems["ndp_lookahead"]["fits_in_dram"]["cpu_per_step"] = idle
     assert "no schedule beats" not in target_lines(systems)[0]
     assert "not measured" in lines[2] and "not measured" in lines[3]
+
+
+def test_os_paged_without_a_memory_limit_is_not_comparable_and_marked_unlimited():
+    unlimited = {"applied": False, "note": "no memory cgroup (v1 or v2) writable here"}
+    os_paged = {"samples_per_s": 100.0, "step_s": 0.01, "memory_limit": unlimited}
+    systems = {
+        "all_gpu": {},
+        "hybrid": {},
+        "os_paged": {"large_zipf": os_paged},
+        "ndp": {"large_zipf": {"samples_per_s": 900.0, "step_s": 1 / 900}},
+        "ndp_lookahead": {},
+    }
+    line = target_lines(systems)[1]
+    assert line.startswith("2. large_zipf: ndp / os_paged: not comparable (os_paged ran with")
+    assert "met" not in line and "MISSED" not in line
+    table = _flash_and_memory_table(systems)
+    assert ["os_paged", "large_zipf", "-", "-", "-", "unlimited"] in table["rows"]
+
+
+def test_cpu_per_sample_is_reported_for_every_system_with_its_ratio_to_all_gpu():
+    def run(us: float) -> dict:
+        return {"samples_per_s": 1.0, "step_s": 1.0, "machine_cpu_us_per_sample": us}
+
+    systems = {
+        "all_gpu": {"fits_in_dram": run(80.0)},
+        "hybrid": {"fits_in_dram": run(100.0)},
+        "os_paged": {},
+        "ndp": {"fits_in_dram": run(148.0)},
+        "ndp_lookahead": {"fits_in_dram": run(160.0)},
+    }
+    line = cpu_per_sample_line(systems)
+    assert "fits_in_dram: all_gpu 80 (1.00x), hybrid 100 (1.25x), ndp 148 (1.85x)" in line
+    assert "ndp_lookahead 160 (2.00x)" in line
+    assert line in target_lines(systems)
 
 
 def test_unknown_scenario_on_the_command_line_names_the_known_ones(capsys):
