@@ -5,9 +5,10 @@
   configured device (cuda if asked and present, else cpu).
 - `OsPagedEngine`: tables are memory-mapped files (`np.memmap`); the OS page cache is the
   only cache, under whatever memory limit the process runs in. `python -m
-  ndp.bench.baselines CONFIG.json OUT.json WARMUP STEPS` runs it as a subprocess so the
-  benchmark can put that process (alone) into a memory cgroup with the storage nodes' DRAM
-  budget.
+  ndp.bench.baselines CONFIG.json OUT.json WARMUP STEPS [CGROUP_DIR CGROUP_VERSION BUDGET]`
+  runs it as a subprocess so the benchmark can put that process (alone) into a memory
+  cgroup (v1 or v2, `ndp.bench.memory_limit`) with the storage nodes' DRAM budget, and
+  count its flash bytes (`flash_bytes`).
 
 Both use plain SGD for the tables (the benchmark configures `optimizer.sparse.name = sgd`
 for every system): SGD is linear in the gradient, so updating a table once per feature
@@ -22,12 +23,14 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ndp.bench.memory_limit import MemoryCgroup
 from ndp.config import Config, config_from_dict
 from ndp.data.batch import Batch
 from ndp.model.dense import build_dense_half
@@ -209,85 +212,98 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
 
 
 class PageCacheBudget:
-    """Holds this process's memory cgroup (v1) to its non-cache memory + a page-cache budget.
+    """Holds a memory cgroup (v1 or v2) to its non-cache memory + a page-cache budget.
 
     Why a moving limit: what the storage nodes get for rows is `storage.cache_bytes` of DRAM;
     the fair counterpart for memory-mapped tables is the same amount of page cache. A cgroup
     limit caps anonymous memory and page cache together, and the anonymous part (Python,
     torch, the dense half, batches) drifts by megabytes while training, so a fixed limit
     would hand that drift to (or take it from) the page cache. Before every timed step the
-    limit is set to `usage - cache + page_cache_bytes` (a limit below the usage makes the
-    kernel reclaim page cache first), so each step starts with at most the budget cached,
-    as a storage node starts a step with its cache; then it is raised by `headroom`, the
-    largest transient anonymous growth within one warm-up step (+4 MiB): without it the
-    step's temporaries would find nothing to reclaim and the kernel would kill the process.
+    group is reclaimed down to `usage - cache + page_cache_bytes` (the kernel drops page
+    cache first), so each step starts with at most the budget cached, as a storage node
+    starts a step with its cache; then the limit is set `headroom` above that, the largest
+    transient anonymous growth within one warm-up step (+4 MiB): without it the step's
+    temporaries would find nothing to reclaim and the kernel would kill the process.
     Within the step, rows it faults in may use that headroom (a node also holds a step's
     rows while it serves them); `report()` gives the page cache each step started with.
     """
 
     MARGIN_BYTES = 4 << 20
+    NO_PEAK_HEADROOM_BYTES = 64 << 20
+    """Headroom where the kernel cannot measure a step's peak (v2 before 6.12)."""
 
-    def __init__(self, group: Path, page_cache_bytes: int) -> None:
+    def __init__(self, group: MemoryCgroup, page_cache_bytes: int) -> None:
         self.group = group
         self.page_cache_bytes = page_cache_bytes
         self.headroom = 0
+        self.peak_measured = True
         self.limited = False
         self.reclaim_refusals = 0
         self.limits: list[int] = []
         self.caches: list[int] = []
         self._before: tuple[int, int] = (0, 0)
-
-    def _stat(self) -> dict[str, int]:
-        lines = (self.group / "memory.stat").read_text().splitlines()
-        return {key: int(value) for key, value in (line.split() for line in lines)}
-
-    def _read(self, name: str) -> int:
-        return int((self.group / name).read_text())
+        self._at_start: dict[str, int] = {}
 
     def before_step(self) -> None:
-        usage, cache = self._read("memory.usage_in_bytes"), self._stat()["cache"]
+        usage, cache = self.group.usage_bytes(), self.group.page_cache_bytes()
         if self.limited:
             tight = usage - cache + self.page_cache_bytes
-            try:  # reclaim the page cache down to the budget ...
-                (self.group / "memory.limit_in_bytes").write_text(str(tight))
-            except OSError:  # EBUSY: the kernel could not reclaim that much; go on
-                self.reclaim_refusals += 1
-            self.caches.append(self._stat()["cache"])  # what this step starts with
-            # ... then leave the step room for its temporaries (faulted rows may use it)
-            (self.group / "memory.limit_in_bytes").write_text(str(tight + self.headroom))
-            self.limits.append(tight + self.headroom)
+            if not self.group.reclaim_to(tight):  # the page cache down to the budget ...
+                self.reclaim_refusals += 1  # the kernel could not reclaim that much; go on
+            self.caches.append(self.group.page_cache_bytes())  # what this step starts with
+            # ... then leave the step room for its temporaries (faulted rows may use it);
+            # never below the usage: v2 would answer a limit under it with the OOM killer
+            limit = max(tight, self.group.usage_bytes()) + self.headroom
+            self.group.set_limit(limit)
+            self.limits.append(limit)
         else:  # warm-up: measure the step's transient anonymous growth
-            (self.group / "memory.max_usage_in_bytes").write_text("0")
+            self.peak_measured &= self.group.reset_peak()
             self._before = (usage, cache)
 
     def after_step(self) -> None:
         if not self.limited:
             usage, cache = self._before
-            grown_cache = self._stat()["cache"] - cache
-            spike = self._read("memory.max_usage_in_bytes") - usage - max(0, grown_cache)
-            self.headroom = max(self.headroom, spike + self.MARGIN_BYTES)
+            grown_cache = self.group.page_cache_bytes() - cache
+            peak = self.group.peak_bytes() if self.peak_measured else None
+            if peak is None:  # only the growth that stayed is measurable
+                peak, margin = self.group.usage_bytes(), self.NO_PEAK_HEADROOM_BYTES
+            else:
+                margin = self.MARGIN_BYTES
+            spike = peak - usage - max(0, grown_cache)
+            self.headroom = max(self.headroom, spike + margin)
 
     def start(self) -> None:
-        """From now on, limit each step; reset the kernel's peak and limit-hit counters."""
+        """From now on, limit each step; the kernel counters count from here."""
         self.limited = True
-        (self.group / "memory.max_usage_in_bytes").write_text("0")
-        (self.group / "memory.failcnt").write_text("0")
+        self.group.reset_peak()
+        self._at_start = self._counters()
 
-    def report(self) -> dict[str, int]:
-        """Page cache each timed step started with, limits, headroom and kernel counters."""
-        stat = self._stat()
+    def _counters(self) -> dict[str, int]:
         return {
+            "limit_hits": self.group.limit_hits(),
+            "oom_kills": self.group.oom_kills(),
+            "major_page_faults": self.group.stat().get("pgmajfault", 0),
+        }
+
+    def report(self) -> dict[str, Any]:
+        """Page cache each timed step started with, limits, headroom and kernel counters
+        (limit hits, OOM kills, major faults) over the timed steps."""
+        counters = {k: v - self._at_start.get(k, 0) for k, v in self._counters().items()}
+        return {
+            "applied": True,
+            "cgroup_version": self.group.version,
             "page_cache_budget_bytes": self.page_cache_bytes,
             "headroom_bytes": self.headroom,
+            "headroom_from_peak": self.peak_measured,
             "page_cache_bytes_max": max(self.caches, default=0),
             "page_cache_bytes_mean": int(sum(self.caches) / max(1, len(self.caches))),
-            "page_cache_bytes_at_end": stat["cache"],
-            "anon_bytes_at_end": stat["rss"],
+            "page_cache_bytes_at_end": self.group.page_cache_bytes(),
+            "anon_bytes_at_end": self.group.anon_bytes(),
+            "peak_bytes": self.group.peak_bytes(),
             "limit_bytes_min": min(self.limits, default=0),
             "limit_bytes_max": max(self.limits, default=0),
-            "limit_hits": self._read("memory.failcnt"),
             "reclaim_refusals": self.reclaim_refusals,
-            "major_page_faults": stat.get("pgmajfault", 0),
+            **counters,
         }
 
 
@@ -309,12 +325,52 @@ class OsPagedBudgeted:
         return self.engine.timings()
 
 
+def proc_io_bytes(pid: int | str = "self") -> tuple[int, int]:
+    """Bytes (read, written) a process made the kernel move from and to storage, from
+    /proc/PID/io: reads its faults and reads submitted, writes counted when it dirtied a
+    page (mmap stores included), whenever the kernel writes it back."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["read_bytes"]), int(fields["write_bytes"])
+
+
+def _io_counters(group: MemoryCgroup | None) -> dict[str, tuple[int, int]]:
+    """{source: (bytes read, bytes written)} so far: this process's, and its cgroup's."""
+    counters = {"proc_io": proc_io_bytes()}
+    group_io = None if group is None else group.io_bytes()
+    if group_io is not None:
+        counters["cgroup_io"] = group_io
+    return counters
+
+
+def flash_bytes(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], samples: int
+) -> dict[str, Any]:
+    """Flash bytes of a timed window from `_io_counters` at its start and end: the cgroup's
+    device I/O where both ends read it (writeback by the kernel's threads included), else
+    this process's /proc/self/io."""
+    by_source = {
+        source: {"read": after[source][0] - first[0], "written": after[source][1] - first[1]}
+        for source, first in before.items()
+        if source in after
+    }
+    source = "cgroup_io" if "cgroup_io" in by_source else "proc_io"
+    read, written = by_source[source]["read"], by_source[source]["written"]
+    return {
+        "flash_bytes_read": read,
+        "flash_bytes_written": written,
+        "flash_bytes_read_per_sample": read / samples,
+        "flash_bytes_written_per_sample": written / samples,
+        "flash_bytes_source": source,
+        "flash_bytes_by_source": by_source,
+    }
+
+
 def _main(argv: list[str]) -> int:
     """Subprocess entry: run OsPagedEngine on the config's data; write the measurement.
 
-    argv: CONFIG.json OUT.json WARMUP STEPS [CGROUP_DIR PAGE_CACHE_BUDGET_BYTES]. With a
-    cgroup (this process already in it), the warm-up runs unlimited and the timed steps
-    with the page cache held to the budget.
+    argv: CONFIG.json OUT.json WARMUP STEPS [CGROUP_DIR CGROUP_VERSION PAGE_CACHE_BUDGET_BYTES].
+    With a cgroup (this process already in it), the warm-up runs unlimited and the timed
+    steps with the page cache held to the budget. Flash bytes count the timed steps only.
     """
     from ndp.bench.train import measure_engine
     from ndp.data.loader import build_datasets
@@ -324,23 +380,29 @@ def _main(argv: list[str]) -> int:
     train_data, _ = build_datasets(cfg)
     batches = list(train_data.batches(cfg.train.batch_size))
     engine = OsPagedEngine(cfg)
-    budget = PageCacheBudget(Path(argv[4]), int(argv[5])) if len(argv) > 4 else None
+    group = MemoryCgroup(argv[4], int(argv[5])) if len(argv) > 4 else None
+    budget = PageCacheBudget(group, int(argv[6])) if group is not None else None
+    io_at_start: dict[str, tuple[int, int]] = {}
 
-    def limit() -> None:
+    def timed_start() -> None:
+        for rows in engine.tables.values():
+            rows.flush()  # the warm-up's dirty pages written back: not the timed steps' I/O,
+            # and reclaimable by the budget
         if budget is not None:
-            for rows in engine.tables.values():
-                rows.flush()  # dirty pages written back, so the reclaim can drop them
             budget.start()
+        io_at_start.update(_io_counters(group))
 
     try:
         stepper = engine if budget is None else OsPagedBudgeted(engine, budget)
         result = measure_engine(
-            stepper, batches, cfg.train.batch_size, warmup, steps, at_timed_start=limit
+            stepper, batches, cfg.train.batch_size, warmup, steps, at_timed_start=timed_start
         )
+        io_at_end = _io_counters(group)
         if budget is not None:
             result["memory_limit"] = budget.report()
     finally:
         engine.close()
+    result.update(flash_bytes(io_at_start, io_at_end, steps * cfg.train.batch_size))
     result["peak_rss_bytes"] = {"os_paged": peak_rss_bytes()}
     Path(out_path).write_text(json.dumps(result))
     return 0

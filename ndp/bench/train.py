@@ -320,7 +320,7 @@ def _rate(hits: int, accesses: int) -> float:
 
 def _run_os_paged(raw: dict, options: BenchOptions, dram_budget: int) -> dict[str, Any]:
     """OsPagedEngine in a subprocess in its own memory cgroup (v2 or v1); the cgroup removed
-    after. `memory_limit.applied` says whether the budget held (else the note says why not);
+    after. `memory_limit.applied` says whether a limit applied (else the note says why not);
     flash bytes are the subprocess's over the timed steps (`baselines.flash_bytes`)."""
     with tempfile.TemporaryDirectory(prefix="ndp-bench-") as tmp:
         config_path, out_path = Path(tmp) / "config.json", Path(tmp) / "out.json"
@@ -544,7 +544,8 @@ def engine_target_lines(systems: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(f"5/6. {scenario}: not measured")
             continue
         nodes = node_cpu_s(ndp)
-        fbgemm = ref["per_step"].get("embedding_forward_s", 0.0) + ref["per_step"].get(
+        phases = ref.get("per_step", {})
+        fbgemm = phases.get("embedding_forward_s", 0.0) + phases.get(
             "embedding_backward_update_s", 0.0
         )
         if nodes is not None and fbgemm > 0:
@@ -610,7 +611,7 @@ def cpu_per_sample_line(systems: dict[str, dict[str, Any]]) -> str:
 def link_bytes_check(systems: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     """Measured pooled bytes per sample (fp32 and fp16 wire) against the pooled size."""
     runs = systems.get("ndp", {})
-    if "fits_in_dram" not in runs:
+    if "wire_bytes_per_sample" not in runs.get("fits_in_dram", {}):
         return None
     wire = runs["fits_in_dram"]["wire_bytes_per_sample"]
     out = {
