@@ -1,10 +1,11 @@
 """`StorageNodeCore`: the pure core of one emulated computational storage device.
 
 A node holds one piece (`ShardSpec`) of each of several tables. Each piece is a flash file
-(`flash.FlashStore`) behind a DRAM row cache (`cache.RowCache`); the node's cache budget is
-split between pieces by their expected lookups, none getting more than holds all its rows
-(`cache.split_budget`). The node answers pooled lookups and applies the sparse optimizer
-near the data, in step order:
+(`flash.FlashStore`); pieces with the same embedding dim form an arena (`storage_node.arena`):
+one row space over their files behind one DRAM row cache (`cache.RowCache`) with one
+eviction policy. The node's cache budget is split between arenas (usually one) by their
+expected lookups, none getting more than holds all its rows (`cache.split_budget`). The node
+answers pooled lookups and applies the sparse optimizer near the data, in step order:
 
 1. ``lookup(step, worker, bags)`` (training) waits until ``applied_step == step - 1``, pools
    the rows and records the bags of (step, worker) so the gradient can be scattered later.
@@ -14,6 +15,11 @@ near the data, in step order:
    duplicates merged (``unique`` + ``index_add``), the optimizer applied to each unique row
    once, ``applied_step = step``, rows pinned by ``prefetch(step)`` are released, and waiters
    are woken.
+
+Every stage is a few calls per arena, not a loop over tables or features: a request's bags
+are joined into one flat `KeyedBags` (arena rows, one offsets tensor), pooled by one
+`embedding_bag` over the cache's slot tensor, and an update dedupes the rows of every table
+at once, applies the optimizer once and writes the cache once.
 
 Early pooling (the lookahead's second stage, see `ndp.pipeline`): ``early_lookup(step,
 worker, bags)`` pools a future step's bags with the current rows and keeps the pooled vectors.
@@ -28,15 +34,11 @@ Every request is validated completely before anything changes, so a rejected req
 serialises all state changes; ``wait_for_step`` waits on a condition of that lock, so several
 gRPC threads can call in at once.
 
-Checkpoints are a directory holding, per node, ``<node_id>.manifest.json`` and one copy of
-each shard file (``<node_id>.<table>.<start>-<end>.shard``, sha256 in the manifest), each
-written to a temporary name and renamed, manifest last. Nodes may share a directory.
+Checkpoints: see `storage_node.shard_files` (one file per piece, unchanged by arenas).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
@@ -48,11 +50,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ndp.config import SparseOptimizerConfig, StorageConfig
 from ndp.errors import StorageNodeError
 from ndp.model.spec import optimizer_state_width
+from storage_node import shard_files
+from storage_node.arena import ArenaDetachedRead, ArenaFlash
 from storage_node.cache import SLOT_METADATA_BYTES, RowCache, distinct_below, split_budget
 from storage_node.errors import (
     BadTensorError,
@@ -62,62 +65,75 @@ from storage_node.errors import (
     StepOrderError,
     UnknownFeatureError,
 )
-from storage_node.flash import DetachedRead, FlashStore
-from storage_node.optimizers import apply_update
+from storage_node.flash import FlashStore
+from storage_node.keyed_bags import (
+    FeaturePlace,
+    KeyedBags,
+    check_range,
+    int_vector,
+    normalised_bags,
+)
+from storage_node.optimizers import apply_update, apply_update_at
+from storage_node.shard_files import CHECKPOINT_FORMAT, open_shard_file
 from storage_node.spec import Bags, ShardSpec
-from storage_node.stats import CacheCounters, add_counters, summarize
+from storage_node.stats import CacheCounters, FlashCounters, add_counters, summarize
 
-CHECKPOINT_FORMAT = "ndp-storage-node-checkpoint/1"
-_COPY_CHUNK_BYTES = 8 << 20
+__all__ = ["CHECKPOINT_FORMAT", "StorageNodeCore", "open_shard_file"]
+
+
+@dataclass
+class _Arena:
+    """Pieces with one record width: their files as one row space behind one cache."""
+
+    dim: int
+    pieces: list[_Piece]
+    flash: ArenaFlash
+    cache: RowCache
 
 
 @dataclass
 class _Piece:
-    """One table piece on this node: flash file + cache."""
+    """One table piece on this node: its place in its arena."""
 
     spec: ShardSpec
-    flash: FlashStore
-    cache: RowCache
+    arena: _Arena | None
+    index: int
+    """Position in the arena (its file is `arena.flash.stores[index]`)."""
+    base: int
+    """The piece's first arena row."""
 
     @property
     def num_rows(self) -> int:
         return self.spec.row_end - self.spec.row_start
 
+    @property
+    def flash(self) -> FlashStore:
+        return self.arena.flash.stores[self.index]
+
+    @property
+    def cache(self) -> RowCache:
+        """The arena's cache (shared with the arena's other pieces; rows are arena rows)."""
+        return self.arena.cache
+
+    @property
+    def place(self) -> FeaturePlace:
+        return FeaturePlace(self.spec, self.base)
+
 
 @dataclass
-class _RecordedBags:
-    """What a push needs from the lookup of one feature: which row each value hit, how scaled.
+class _Request:
+    """One validated request: its features' bags joined per arena."""
 
-    Why lazy: the per-value bag ids and scales are only needed when the gradient arrives, so
-    the lookup (on the critical path of the forward pass) stores the bags as they came and
-    `bag_of_value` / `scale` are derived at push time.
-    """
+    groups: list[tuple[_Arena, KeyedBags]]
 
-    rows: torch.Tensor
-    """int64 [nnz] local rows."""
-    offsets: torch.Tensor
-    """int64 [B + 1] bag boundaries."""
-    weights: torch.Tensor | None
-    """float32 [nnz] per-sample weights, None = 1."""
-    inv_divisor: torch.Tensor | None
-    """float32 [B] 1 / bag divisor for mean pooling, None for sum pooling."""
-    batch_size: int
-    _bag_of_value: torch.Tensor | None = field(default=None, repr=False)
+    def features(self) -> list[str]:
+        return [f for _, keyed in self.groups for f in keyed.features]
 
-    def bag_of_value(self) -> torch.Tensor:
-        """int64 [nnz] bag (sample) of each value (computed once: every correction of an early
-        pool and the push of its step need it)."""
-        if self._bag_of_value is None:
-            lengths = self.offsets[1:] - self.offsets[:-1]
-            self._bag_of_value = torch.repeat_interleave(torch.arange(self.batch_size), lengths)
-        return self._bag_of_value
-
-    def scale(self, bag_of_value: torch.Tensor) -> torch.Tensor | None:
-        """float32 [nnz] per-value gradient factor (weights, 1/length), None = 1."""
-        if self.inv_divisor is None:
-            return self.weights
-        inv = self.inv_divisor[bag_of_value]
-        return inv if self.weights is None else self.weights * inv
+    def same_as(self, other: _Request) -> bool:
+        return len(self.groups) == len(other.groups) and all(
+            a is b and x.same_as(y)
+            for (a, x), (b, y) in zip(self.groups, other.groups, strict=True)
+        )
 
 
 @dataclass
@@ -165,13 +181,13 @@ class _UpdatedRows:
 
 @dataclass
 class _StagingPlan:
-    """One piece's share of a prefetch: rows to pin, and those read from flash unlocked."""
+    """One arena's share of a prefetch: rows to pin, and those read from flash unlocked."""
 
-    piece: _Piece
-    flash: FlashStore
+    arena: _Arena
+    stores: list[FlashStore]
     rows: np.ndarray
     missing: np.ndarray
-    reader: DetachedRead | None
+    reader: ArenaDetachedRead | None
     records: np.ndarray | None = None
 
 
@@ -179,26 +195,30 @@ class _StagingPlan:
 class _PendingStep:
     """Lookups and pushes collected for the step that is applied next."""
 
-    lookups: dict[int, dict[str, _RecordedBags]] = field(default_factory=dict)
-    pushed: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    lookups: dict[int, _Request] = field(default_factory=dict)
+    pushed: dict[int, list[tuple[_Arena, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass
 class _EarlyPool:
     """One (step, worker)'s bags pooled before their step's turn, kept until its lookup."""
 
-    bags: dict[str, tuple[_Piece, Bags]]
+    request: _Request
     """The validated bags as they came (the lookup must send the same ones to use them)."""
-    pooled: dict[str, torch.Tensor]
-    """float32 [B, D] per feature, corrected for every update applied since pooling."""
-    recorded: dict[str, _RecordedBags]
+    pooled: list[torch.Tensor]
+    """float32 [sum B, D] per group of `request`, corrected for every update since pooling."""
     correct: bool
     """False (stale mode): updates applied after pooling are not added."""
 
+    def answer(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for (_, keyed), pooled in zip(self.request.groups, self.pooled, strict=True):
+            out.update(keyed.split(pooled))
+        return out
+
 
 def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.cat`, without its copy when there is one part (one feature per table, one
-    worker: the common case, megabytes per step with multi-hot bags)."""
+    """`torch.cat`, without its copy when there is one part."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
@@ -208,92 +228,6 @@ def _expected_lookups(shards: list[ShardSpec]) -> list[float]:
     if all(s.expected_lookups > 0 for s in shards):
         return [s.expected_lookups for s in shards]
     return [len(s.features) * (s.row_end - s.row_start) / s.table_num_rows for s in shards]
-
-
-def _file_stem(node_id: str, spec: ShardSpec) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{node_id}.{spec.table_name}")
-    return f"{safe}.{spec.row_start}-{spec.row_end}.shard"
-
-
-def open_shard_file(
-    directory: Path,
-    node_id: str,
-    spec: ShardSpec,
-    *,
-    optimizer: str,
-    seed: int,
-    storage: StorageConfig,
-    device_like: bool = True,
-) -> FlashStore:
-    """The flash file of one piece, `<directory>/<node_id>.<table>.<start>-<end>.shard`.
-
-    Args:
-        device_like: use the configured O_DIRECT and emulation knobs (a node serving
-            traffic); False for files that are only being written once (a restore stream).
-    """
-    return FlashStore(
-        directory / _file_stem(node_id, spec),
-        table_name=spec.table_name,
-        table_num_rows=spec.table_num_rows,
-        row_start=spec.row_start,
-        num_rows=spec.row_end - spec.row_start,
-        embedding_dim=spec.embedding_dim,
-        state_width=optimizer_state_width(optimizer, spec.embedding_dim),
-        seed=seed,
-        page_bytes=storage.page_bytes,
-        io_threads=storage.io_threads,
-        use_odirect=storage.use_odirect and device_like,
-        merge_gap_bytes=storage.io_merge_gap_bytes,
-        emulation=storage.emulation if device_like else None,
-    )
-
-
-def _copy_with_sha256(src: Path, dst: Path) -> str:
-    """Copy `src` to `dst` via a temporary name + rename; returns the sha256 of the bytes.
-
-    A failed copy removes its temporary file and leaves `dst` as it was."""
-    digest = hashlib.sha256()
-    tmp = dst.with_name(dst.name + ".tmp")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while chunk := fin.read(_COPY_CHUNK_BYTES):
-                digest.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
-
-
-def _stage_file(src: Path, target: Path, sha256: str, *, move: bool) -> None:
-    """Put the checkpoint file `src` at `target`, durable and with the expected sha256.
-
-    Raises:
-        ShardFileError: a copied file's bytes are no longer those the manifest names.
-    """
-    if move:
-        try:
-            os.replace(src, target)
-            return
-        except OSError as error:
-            if error.errno != errno.EXDEV:
-                raise
-    digest = _copy_with_sha256(src, target)
-    if digest != sha256:
-        raise ShardFileError(
-            f"checkpoint file {src} changed after it was verified (sha256 mismatch)"
-        )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fin:
-        while chunk := fin.read(_COPY_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class StorageNodeCore:
@@ -329,7 +263,7 @@ class StorageNodeCore:
         self._lock = threading.RLock()
         self._step_applied = threading.Condition(self._lock)
         self._pending: dict[int, _PendingStep] = {}
-        self._pins: dict[int, list[tuple[_Piece, np.ndarray]]] = {}
+        self._pins: dict[int, list[tuple[_Arena, np.ndarray]]] = {}
         self._early: dict[tuple[int, int], _EarlyPool] = {}
         self.early_counters = {
             "early_pools": 0,
@@ -343,25 +277,13 @@ class StorageNodeCore:
         self._pieces: dict[str, _Piece] = {}
         self._piece_of_feature: dict[str, _Piece] = {}
         self._validate_shards(shards)
-        budgets = split_budget(
-            storage.cache_bytes,
-            [
-                (s.row_end - s.row_start) * (self._row_bytes(s.embedding_dim) + SLOT_METADATA_BYTES)
-                for s in shards
-            ],
-            _expected_lookups(shards),
-        )
-        threads = min(storage.update_threads, len(shards))
+        self._arenas = self._open_arenas(shards)
+        threads = min(storage.update_threads, len(self._arenas))
         self._update_threads = (
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ndp-update")
             if threads > 1
             else None
         )
-        for spec, cache_bytes in zip(shards, budgets, strict=True):
-            piece = self._open_piece(spec, cache_bytes=cache_bytes)
-            self._pieces[spec.table_name] = piece
-            for feature in spec.features:
-                self._piece_of_feature[feature] = piece
 
     # ------------------------------------------------------------------ construction
 
@@ -405,16 +327,42 @@ class StorageNodeCore:
             storage=self.storage,
         )
 
-    def _open_piece(self, spec: ShardSpec, *, cache_bytes: int) -> _Piece:
-        flash = self._open_flash(spec)
-        cache = RowCache(
-            flash,
-            capacity_bytes=cache_bytes,
-            policy=self.storage.cache_policy,
-            hot_fraction=self.storage.hot_fraction,
-            counters=CacheCounters(),
+    def _open_arenas(self, shards: list[ShardSpec]) -> list[_Arena]:
+        """One arena per embedding dim (in order of first appearance), its cache sized by
+        the budget's split over arenas by expected lookups."""
+        by_dim: dict[int, list[ShardSpec]] = {}
+        for spec in shards:
+            by_dim.setdefault(spec.embedding_dim, []).append(spec)
+        lookups = dict(zip((s.table_name for s in shards), _expected_lookups(shards), strict=True))
+        budgets = split_budget(
+            self.storage.cache_bytes,
+            [
+                sum(s.row_end - s.row_start for s in specs)
+                * (self._row_bytes(dim) + SLOT_METADATA_BYTES)
+                for dim, specs in by_dim.items()
+            ],
+            [sum(lookups[s.table_name] for s in specs) for specs in by_dim.values()],
         )
-        return _Piece(spec=spec, flash=flash, cache=cache)
+        arenas = []
+        for (dim, specs), cache_bytes in zip(by_dim.items(), budgets, strict=True):
+            flash = ArenaFlash([self._open_flash(spec) for spec in specs])
+            cache = RowCache(
+                flash,
+                capacity_bytes=cache_bytes,
+                policy=self.storage.cache_policy,
+                hot_fraction=self.storage.hot_fraction,
+                counters=CacheCounters(),
+            )
+            cache.preload()  # the whole arena fits: DRAM-resident from the start
+            arena = _Arena(dim=dim, pieces=[], flash=flash, cache=cache)
+            for index, spec in enumerate(specs):
+                piece = _Piece(spec, arena, index, int(flash.bases[index]))
+                arena.pieces.append(piece)
+                self._pieces[spec.table_name] = piece
+                for feature in spec.features:
+                    self._piece_of_feature[feature] = piece
+            arenas.append(arena)
+        return arenas
 
     # ------------------------------------------------------------------ validation
 
@@ -427,57 +375,24 @@ class StorageNodeCore:
             )
         return piece
 
-    @staticmethod
-    def _int_vector(tensor: object, what: str) -> torch.Tensor:
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
-            raise BadTensorError(f"{what} must be a 1-D integer tensor")
-        if tensor.dtype not in (torch.int64, torch.int32):
-            raise BadTensorError(f"{what} has dtype {tensor.dtype}; use int64 (or int32)")
-        return tensor.to(torch.int64)
-
-    def _check_range(self, piece: _Piece, feature: str, indices: torch.Tensor) -> None:
-        if indices.numel() == 0:
-            return
-        bad = (indices < 0) | (indices >= piece.num_rows)
-        if bool(bad.any()):
-            value = int(indices[bad][0])
-            spec = piece.spec
-            raise IndexOutOfRangeError(
-                f"table {spec.table_name!r}, feature {feature!r}: index {value} is outside "
-                f"[0, {piece.num_rows}), the local rows of this piece (global rows "
-                f"[{spec.row_start}, {spec.row_end}) of {spec.table_num_rows}); the value "
-                f"as a global row would be {value + spec.row_start}"
-            )
-
-    def _validated_bags(self, feature: str, bags: Bags) -> tuple[_Piece, Bags]:
-        """Checked and normalised (int64 indices/offsets, float32 weights) copy of `bags`."""
-        piece = self._piece_for(feature)
-        indices = self._int_vector(bags.indices, f"feature {feature!r}: indices")
-        offsets = self._int_vector(bags.offsets, f"feature {feature!r}: offsets")
-        nnz = indices.numel()
-        if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
-            raise BadTensorError(
-                f"feature {feature!r}: offsets must have B + 1 entries from 0 to len(indices)={nnz}"
-            )
-        if bool((offsets[1:] < offsets[:-1]).any()):
-            raise BadTensorError(f"feature {feature!r}: offsets must be non-decreasing")
-        batch = offsets.numel() - 1
-        weights = bags.per_sample_weights
-        if weights is not None:
-            if not isinstance(weights, torch.Tensor) or weights.shape != (nnz,):
-                raise BadTensorError(
-                    f"feature {feature!r}: per_sample_weights must be a float tensor [{nnz}]"
-                )
-            weights = weights.to(torch.float32)
-        divisor = bags.mean_divisor
-        if divisor is not None:
-            if not isinstance(divisor, torch.Tensor) or divisor.shape != (batch,):
-                raise BadTensorError(
-                    f"feature {feature!r}: mean_divisor must be a float tensor [{batch}]"
-                )
-            divisor = divisor.to(torch.float32)
-        self._check_range(piece, feature, indices)
-        return piece, Bags(indices, offsets, weights, divisor)
+    def _validated_request(self, bags: dict[str, Bags]) -> _Request:
+        """The request's bags checked (every rule, before anything changes) and joined per
+        arena, features in the order they came."""
+        per_arena: dict[int, tuple[_Arena, list[str], list[FeaturePlace], list[Bags]]] = {}
+        for feature, feature_bags in bags.items():
+            piece = self._piece_for(feature)
+            normal = normalised_bags(feature, feature_bags)
+            arena = piece.arena
+            _, features, places, parts = per_arena.setdefault(id(arena), (arena, [], [], []))
+            features.append(feature)
+            places.append(piece.place)
+            parts.append(normal)
+        return _Request(
+            [
+                (arena, KeyedBags.build(features, places, parts))
+                for arena, features, places, parts in per_arena.values()
+            ]
+        )
 
     def _check_worker(self, worker: int) -> None:
         if not 0 <= worker < self.num_workers:
@@ -534,24 +449,41 @@ class StorageNodeCore:
             self._check_open()
             self._check_worker(worker)
             started = time.perf_counter()
-            checked = {f: self._validated_bags(f, b) for f, b in bags.items()}
+            request = self._validated_request(bags)
             busy = time.perf_counter() - started  # the wait for the step is not lookup work
             if train:
                 self.wait_for_step(step, self.storage.step_wait_timeout_s)
             started = time.perf_counter()
-            early = self._take_early(step, worker, checked) if train else None
+            early = self._take_early(step, worker, request) if train else None
             if early is not None:
-                pooled, recorded = early.pooled, early.recorded
+                pooled = early.answer()
+                request = early.request
             else:
-                pooled, recorded = {}, {}
-                for feature, (piece, fbags) in checked.items():
-                    pooled[feature], recorded[feature] = self._pool(piece, fbags)
+                pooled = {}
+                for arena, keyed in request.groups:
+                    pooled.update(keyed.split(self._pool(arena, keyed)))
             if train:
-                pending = self._pending.setdefault(step, _PendingStep())
-                pending.lookups.setdefault(worker, {}).update(recorded)
+                self._record_lookup(step, worker, request)
             self.lookup_seconds += busy + time.perf_counter() - started
             self.lookup_calls += 1
             return pooled
+
+    def _record_lookup(self, step: int, worker: int, request: _Request) -> None:
+        """Keep the bags of (step, worker) for its push. A repeated lookup (a client's retry)
+        replaces the earlier one; one that covers only some of its features is refused."""
+        pending = self._pending.setdefault(step, _PendingStep())
+        earlier = pending.lookups.get(worker)
+        if earlier is not None:
+            old, new = set(earlier.features()), set(request.features())
+            if old & new and not old <= new:
+                raise StepOrderError(
+                    f"step {step}, worker {worker}: a second lookup repeats features "
+                    f"{sorted(old & new)} but not {sorted(old - new)} of the first; send the "
+                    "features of one node and step in one lookup"
+                )
+            if not old & new:
+                request = _Request(earlier.groups + request.groups)
+        pending.lookups[worker] = request
 
     def lookup_early(self, step: int, worker: int) -> dict[str, torch.Tensor]:
         """The training lookup of (step, worker) answered from its kept early pool.
@@ -576,9 +508,8 @@ class StorageNodeCore:
                 )
             self.early_counters["early_hits"] += 1
             self.early_counters["early_hits_without_bags"] += 1
-            pending = self._pending.setdefault(step, _PendingStep())
-            pending.lookups.setdefault(worker, {}).update(early.recorded)
-            return early.pooled
+            self._record_lookup(step, worker, early.request)
+            return early.answer()
 
     def early_lookup(
         self, step: int, worker: int, bags: dict[str, Bags], *, correct: bool = True
@@ -595,103 +526,69 @@ class StorageNodeCore:
         with self._lock:
             self._check_open()
             self._check_worker(worker)
-            checked = {f: self._validated_bags(f, b) for f, b in bags.items()}
+            request = self._validated_request(bags)
             if step <= self.applied_step:
                 return False
-            pooled: dict[str, torch.Tensor] = {}
-            recorded: dict[str, _RecordedBags] = {}
-            for feature, (piece, fbags) in checked.items():
-                pooled[feature], recorded[feature] = self._pool(piece, fbags)
-            self._early[(step, worker)] = _EarlyPool(checked, pooled, recorded, correct)
+            pooled = [self._pool(arena, keyed) for arena, keyed in request.groups]
+            self._early[(step, worker)] = _EarlyPool(request, pooled, correct)
             self.early_counters["early_pools"] += 1
             return True
 
-    def _take_early(
-        self, step: int, worker: int, checked: dict[str, tuple[_Piece, Bags]]
-    ) -> _EarlyPool | None:
+    def _take_early(self, step: int, worker: int, request: _Request) -> _EarlyPool | None:
         """The early pool of (step, worker) if its bags are the lookup's; dropped either way."""
         early = self._early.pop((step, worker), None)
         if early is None:
             return None
-        same = early.bags.keys() == checked.keys() and all(
-            early.bags[f][1].same_as(checked[f][1]) for f in checked
-        )
+        same = early.request.same_as(request)
         self.early_counters["early_hits" if same else "early_mismatches"] += 1
         return early if same else None
 
-    def _correct_early_pools(self, table: str, updated: _UpdatedRows, delta: torch.Tensor) -> None:
-        """Add one table's update to every kept early pool (exact mode) that reads its rows.
+    def _pool(self, arena: _Arena, keyed: KeyedBags) -> torch.Tensor:
+        """float32 [sum B, D]: every bag of `keyed` pooled in one `embedding_bag`.
+
+        Fast path (every requested row cache-resident): straight over the cache's slot tensor
+        with slot ids, so no rows are copied out. Otherwise the unique rows are fetched
+        (misses read from flash, admitted per policy) and pooled.
+        """
+        if keyed.values.numel() == 0:
+            return torch.zeros(keyed.total_bags, arena.dim, dtype=torch.float32)
+        cache = arena.cache
+        slots = cache.resident_slots(keyed.values.numpy())
+        if slots is not None:
+            # Pool the whole record width: a column slice of the slot tensor would make
+            # embedding_bag copy the entire cache; the extra state columns are dropped.
+            return keyed.pool(torch.from_numpy(cache.records), torch.from_numpy(slots), arena.dim)
+        unique_rows, inverse = torch.unique(keyed.values, return_inverse=True)
+        records = cache.fetch(unique_rows.numpy())
+        return keyed.pool(torch.from_numpy(records[:, : arena.dim]), inverse, arena.dim)
+
+    def _correct_early_pools(
+        self, arena: _Arena, updated: _UpdatedRows, delta: torch.Tensor
+    ) -> None:
+        """Add one arena's update to every kept early pool (exact mode) that reads its rows:
+        one lookup of the updated rows and one `index_add_` per pool.
 
         Args:
-            updated: the local rows the update changed.
+            updated: the arena rows the update changed.
             delta: float32 [u, D] new minus old weights of those rows (in `updated.rows` order).
         """
         for early in self._early.values():
             if not early.correct:
                 continue
-            for feature, (piece, bags) in early.bags.items():
-                if piece.spec.table_name != table or bags.indices.numel() == 0:
+            for (group_arena, keyed), pooled in zip(
+                early.request.groups, early.pooled, strict=True
+            ):
+                if group_arena is not arena or keyed.values.numel() == 0:
                     continue
-                hit, position = updated.find(bags.indices)
+                hit, position = updated.find(keyed.values)
                 if position.numel() == 0:
                     continue
-                rec = early.recorded[feature]
-                bag_of_value = rec.bag_of_value()
+                bag_of_value = keyed.bag_of_value()
                 change = delta[position]
-                scale = rec.scale(bag_of_value)  # weights x 1/divisor, as the pooling used
+                scale = keyed.scale(bag_of_value)  # weights x 1/divisor, as the pooling used
                 if scale is not None:
                     change = change * scale[hit][:, None]
-                early.pooled[feature].index_add_(0, bag_of_value[hit], change)
-
-    def _pool(self, piece: _Piece, bags: Bags) -> tuple[torch.Tensor, _RecordedBags]:
-        """Pool one feature's bags.
-
-        Fast path (every requested row cache-resident): `embedding_bag` straight over the
-        cache's slot records with slot ids, so no unique rows are copied out. Otherwise the
-        unique rows are fetched (misses read from flash, admitted per policy) and pooled.
-        """
-        dim = piece.spec.embedding_dim
-        batch = bags.offsets.numel() - 1
-        cache = piece.cache
-        pooled: torch.Tensor | None = None
-        if bags.indices.numel() == 0:
-            pooled = torch.zeros(batch, dim, dtype=torch.float32)
-        else:
-            slots = cache.resident_slots(bags.indices.numpy())
-            if slots is not None:
-                # Pool the whole record width: a column slice of the slot tensor would make
-                # embedding_bag copy the entire cache; the extra state columns are dropped.
-                pooled = F.embedding_bag(
-                    torch.from_numpy(slots),
-                    torch.from_numpy(cache.records),
-                    bags.offsets,
-                    mode="sum",
-                    per_sample_weights=bags.per_sample_weights,
-                    include_last_offset=True,
-                )
-                if pooled.shape[1] != dim:
-                    pooled = pooled[:, :dim].contiguous()
-        if pooled is None:
-            unique_rows, inverse = torch.unique(bags.indices, return_inverse=True)
-            records = cache.fetch(unique_rows.numpy())
-            pooled = F.embedding_bag(
-                inverse,
-                torch.from_numpy(records[:, :dim]),
-                bags.offsets,
-                mode="sum",
-                per_sample_weights=bags.per_sample_weights,
-                include_last_offset=True,
-            )
-        inv = None
-        if piece.spec.pooling == "mean":
-            if bags.mean_divisor is None:
-                divisor = (bags.offsets[1:] - bags.offsets[:-1]).to(torch.float32)
-            else:
-                divisor = bags.mean_divisor
-            inv = 1.0 / divisor.clamp(min=1.0)
-            pooled = pooled * inv[:, None]
-        recorded = _RecordedBags(bags.indices, bags.offsets, bags.per_sample_weights, inv, batch)
-        return pooled, recorded
+                pooled.index_add_(0, bag_of_value[hit], change)
 
     # ------------------------------------------------------------------ push / update
 
@@ -714,16 +611,15 @@ class StorageNodeCore:
                     f"{self.applied_step + 1} next; steps are applied in order"
                 )
             pending = self._pending.get(step)
-            recorded = None if pending is None else pending.lookups.get(worker)
-            if recorded is None:
+            request = None if pending is None else pending.lookups.get(worker)
+            if request is None:
                 raise StepOrderError(
                     f"push for step {step} from worker {worker} without a training lookup of "
                     "that step on this node; call lookup(step, worker, ..., train=True) first"
                 )
             if worker in pending.pushed:
                 return False
-            row_grads = self._row_gradients(recorded, grads)
-            pending.pushed[worker] = row_grads
+            pending.pushed[worker] = self._row_gradients(request, grads)
             if len(pending.pushed) < self.num_workers:
                 return False
             started = time.perf_counter()
@@ -732,20 +628,26 @@ class StorageNodeCore:
             return True
 
     def _row_gradients(
-        self, recorded: dict[str, _RecordedBags], grads: dict[str, torch.Tensor]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per table: (local rows [n], per-occurrence gradients [n, D]); validates first."""
-        missing = sorted(set(recorded) - set(grads))
+        self, request: _Request, grads: dict[str, torch.Tensor]
+    ) -> list[tuple[_Arena, torch.Tensor, torch.Tensor]]:
+        """Per group: (arena, arena rows [n], per-occurrence gradients [n, D]); validates
+        every gradient first."""
+        looked_up = {
+            feature: keyed.batch_sizes[i]
+            for _, keyed in request.groups
+            for i, feature in enumerate(keyed.features)
+        }
+        missing = sorted(set(looked_up) - set(grads))
         if missing:
             raise BadTensorError(f"gradients missing for looked-up features: {missing}")
         for feature, grad in grads.items():
-            if feature not in recorded:
+            if feature not in looked_up:
                 self._piece_for(feature)  # unknown feature -> UnknownFeatureError
                 raise BadTensorError(
                     f"gradient for feature {feature!r}, which this worker did not look up"
                 )
             dim = self._piece_of_feature[feature].spec.embedding_dim
-            expected = (recorded[feature].batch_size, dim)
+            expected = (looked_up[feature], dim)
             if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
                 raise BadTensorError(f"gradient for feature {feature!r} must be a float tensor")
             if tuple(grad.shape) != expected:
@@ -753,83 +655,81 @@ class StorageNodeCore:
                     f"gradient for feature {feature!r} has shape {tuple(grad.shape)}, "
                     f"expected {expected} (batch, dim)"
                 )
-            if not bool(torch.isfinite(grad).all()):
-                raise BadTensorError(f"gradient for feature {feature!r} contains NaN or Inf")
-        per_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for feature, rec in recorded.items():
-            bag_of_value = rec.bag_of_value()
-            values = grads[feature].to(torch.float32)[bag_of_value]
-            scale = rec.scale(bag_of_value)
-            if scale is not None:
-                values = values * scale[:, None]
-            table = self._piece_of_feature[feature].spec.table_name
-            per_table.setdefault(table, []).append((rec.rows, values))
-        return {
-            table: (_joined([r for r, _ in parts]), _joined([g for _, g in parts]))
-            for table, parts in per_table.items()
-        }
+        pushed = []
+        for arena, keyed in request.groups:
+            values = keyed.row_gradients(grads)
+            if values is None:
+                for feature in keyed.features:  # the error path only: name the feature
+                    if not bool(torch.isfinite(grads[feature]).all()):
+                        raise BadTensorError(
+                            f"gradient for feature {feature!r} contains NaN or Inf"
+                        )
+            pushed.append((arena, keyed.values, values))
+        return pushed
 
     def _apply_step(self, step: int, pending: _PendingStep) -> None:
         """Sum all workers' gradients, merge duplicates, update each unique row once.
 
-        Tables update `storage.update_threads` at a time, under the caller's lock: each is its own
-        flash file and touches only its own cache and its features' early pools, and
-        one table's update is a few dependent I/O batches (read the missed rows, write back
-        what the cache evicts or does not admit), so one after another the node mostly waits
-        on I/O round trips.
+        One update per arena (every table of it at once); arenas update
+        `storage.update_threads` at a time, under the caller's lock.
         """
         iteration = self.optimizer_step + 1
-        tasks = [
-            (table, piece, parts)
-            for table, piece in self._pieces.items()
-            if (
-                parts := [
-                    pending.pushed[w][table]
-                    for w in sorted(pending.pushed)
-                    if table in pending.pushed[w]
-                ]
-            )
-        ]
+        per_arena: dict[int, tuple[_Arena, list[torch.Tensor], list[torch.Tensor]]] = {}
+        for worker in sorted(pending.pushed):
+            for arena, rows, values in pending.pushed[worker]:
+                _, row_parts, value_parts = per_arena.setdefault(id(arena), (arena, [], []))
+                row_parts.append(rows)
+                value_parts.append(values)
+        tasks = list(per_arena.values())
         if len(tasks) > 1 and self._update_threads is not None:
             running = [
-                self._update_threads.submit(self._update_table, *task, iteration) for task in tasks
+                self._update_threads.submit(self._update_arena, *task, iteration) for task in tasks
             ]
             futures.wait(running)
             for future in running:
-                future.result()  # the first failure, once every table is done
+                future.result()  # the first failure, once every arena is done
         else:
             for task in tasks:
-                self._update_table(*task, iteration)
+                self._update_arena(*task, iteration)
         self.optimizer_step = iteration
         self.applied_step = step
         del self._pending[step]
         for key in [k for k in self._early if k[0] <= step]:  # never looked up: stale now
             del self._early[key]
         self._release_pins(up_to_step=step)
-        for piece in self._pieces.values():
-            piece.cache.on_step()
+        for arena in self._arenas:
+            arena.cache.on_step()
         self._step_applied.notify_all()
 
-    def _update_table(
+    def _update_arena(
         self,
-        table: str,
-        piece: _Piece,
-        parts: list[tuple[torch.Tensor, torch.Tensor]],
+        arena: _Arena,
+        row_parts: list[torch.Tensor],
+        value_parts: list[torch.Tensor],
         iteration: int,
     ) -> None:
-        """One table's share of `_apply_step`: touches only this piece and the kept early
-        pools of its features (safe beside the other tables' updates)."""
-        rows = _joined([r for r, _ in parts])
-        values = _joined([g for _, g in parts])
+        """One arena's share of `_apply_step`: one dedupe, one fetch, one optimizer call and
+        one store for every table of the arena; touches only this arena's cache and files
+        and the early pools' groups of this arena (safe beside other arenas' updates)."""
+        rows = _joined(row_parts)
+        values = _joined(value_parts)
         if rows.numel() == 0:
             return
-        updated = _UpdatedRows.of(rows, piece.num_rows)
+        updated = _UpdatedRows.of(rows, arena.flash.layout.num_rows)
         merged = torch.zeros(updated.rows.numel(), values.shape[1], dtype=torch.float32)
         merged.index_add_(0, updated.inverse, values)
         unique_np = updated.rows.numpy()
-        with piece.flash.holding_reads():  # rows read here and written straight back
-            records = torch.from_numpy(piece.cache.fetch(unique_np))
-            dim = piece.spec.embedding_dim
+        dim = arena.dim
+        slots = arena.cache.resident_for_update(unique_np)
+        if slots is not None:  # every row cached: changed in place in the slot tensor
+            records_t, slots_t = torch.from_numpy(arena.cache.records), torch.from_numpy(slots)
+            old = records_t[slots_t, :dim] if self._early else None
+            apply_update_at(self.optimizer, records_t, slots_t, dim, merged, iteration=iteration)
+            if old is not None:
+                self._correct_early_pools(arena, updated, records_t[slots_t, :dim] - old)
+            return
+        with arena.flash.holding_reads():  # rows read here and written straight back
+            records = torch.from_numpy(arena.cache.fetch(unique_np))
             old = records[:, :dim].clone() if self._early else None
             apply_update(
                 self.optimizer,
@@ -838,9 +738,9 @@ class StorageNodeCore:
                 merged,
                 iteration=iteration,
             )
-            piece.cache.store(unique_np, records.numpy())
+            arena.cache.store(unique_np, records.numpy())
         if old is not None:
-            self._correct_early_pools(table, updated, records[:, :dim] - old)
+            self._correct_early_pools(arena, updated, records[:, :dim] - old)
 
     # ------------------------------------------------------------------ prefetch / pins
 
@@ -852,50 +752,71 @@ class StorageNodeCore:
         """
         with self._lock:
             self._check_open()
-            checked: list[tuple[_Piece, torch.Tensor]] = []
+            per_arena: dict[int, tuple[_Arena, list[torch.Tensor]]] = {}
             for feature, values in indices.items():
                 piece = self._piece_for(feature)
-                values = self._int_vector(values, f"feature {feature!r}: prefetch indices")
-                self._check_range(piece, feature, values)
-                checked.append((piece, values))
+                values = int_vector(values, f"feature {feature!r}: prefetch indices")
+                check_range(piece.place, feature, values)
+                per_arena.setdefault(id(piece.arena), (piece.arena, []))[1].append(
+                    values + piece.base
+                )
             if step <= self.applied_step:
                 return
-            per_piece: dict[str, list[torch.Tensor]] = {}
-            for piece, values in checked:
-                per_piece.setdefault(piece.spec.table_name, []).append(values)
             plans = []
-            for table, parts in per_piece.items():
-                piece = self._pieces[table]
+            for arena, parts in per_arena.values():
                 rows = torch.unique(torch.cat(parts)).numpy()
-                missing = piece.cache.rows_to_stage(rows)
-                reader = piece.flash.detached_read() if missing.size else None
-                plans.append(_StagingPlan(piece, piece.flash, rows, missing, reader))
+                missing = arena.cache.rows_to_stage(rows)
+                reader = arena.flash.detached_read(missing) if missing.size else None
+                plans.append(_StagingPlan(arena, list(arena.flash.stores), rows, missing, reader))
         # Flash reads without the node lock: lookups and updates of the current steps go on
         # meanwhile (a prefetch is for a step at least one ahead).
         for plan in plans:
             if plan.reader is not None:
                 try:
-                    plan.records = plan.reader.read(plan.missing)
+                    plan.records = plan.reader.read()
                 except (OSError, ShardFileError):
                     plan.records = None  # the store was closed or replaced: nothing staged
         with self._lock:
             for plan in plans:
-                stale = plan.reader.finish(plan.missing) if plan.reader is not None else None
-                if self._closed or step <= self.applied_step or plan.piece.flash is not plan.flash:
+                stale = plan.reader.finish() if plan.reader is not None else None
+                replaced = any(
+                    a is not b for a, b in zip(plan.stores, plan.arena.flash.stores, strict=True)
+                )
+                if self._closed or step <= self.applied_step or replaced:
                     continue  # applied, closed or restored meanwhile: nothing to pin
                 staged = None
                 if plan.records is not None and stale is not None:
                     keep = ~stale  # rows written meanwhile are read again by `pin`
                     staged = (plan.missing[keep], plan.records[keep])
-                pinned = plan.piece.cache.pin(plan.rows, staged)
-                self._pins.setdefault(step, []).append((plan.piece, pinned))
+                pinned = plan.arena.cache.pin(plan.rows, staged)
+                self._pins.setdefault(step, []).append((plan.arena, pinned))
 
     def _release_pins(self, *, up_to_step: int) -> None:
         for step in [s for s in self._pins if s <= up_to_step]:
-            for piece, rows in self._pins.pop(step):
-                piece.cache.unpin(rows)
+            for arena, rows in self._pins.pop(step):
+                arena.cache.unpin(rows)
 
     # ------------------------------------------------------------------ inspection
+
+    def _table_rows(
+        self, table_name: str, global_rows: torch.Tensor
+    ) -> tuple[_Piece, torch.Tensor]:
+        """The piece of a table and the local rows of `global_rows` (all checked)."""
+        piece = self._pieces.get(table_name)
+        if piece is None:
+            raise UnknownFeatureError(
+                f"node {self.node_id!r} holds no piece of table {table_name!r}; "
+                f"it holds: {', '.join(sorted(self._pieces))}"
+            )
+        rows = int_vector(global_rows, f"table {table_name!r}: rows")
+        spec = piece.spec
+        outside = (rows < spec.row_start) | (rows >= spec.row_end)
+        if bool(outside.any()):
+            raise IndexOutOfRangeError(
+                f"table {table_name!r}: row {int(rows[outside][0])} is outside this node's "
+                f"piece [{spec.row_start}, {spec.row_end})"
+            )
+        return piece, rows - spec.row_start
 
     def read_rows(
         self, table_name: str, global_rows: torch.Tensor
@@ -903,25 +824,12 @@ class StorageNodeCore:
         """Current weights [n, D] and optimizer state [n, S] of global rows of a table."""
         with self._lock:
             self._check_open()
-            piece = self._pieces.get(table_name)
-            if piece is None:
-                raise UnknownFeatureError(
-                    f"node {self.node_id!r} holds no piece of table {table_name!r}; "
-                    f"it holds: {', '.join(sorted(self._pieces))}"
-                )
-            rows = self._int_vector(global_rows, f"table {table_name!r}: rows")
-            spec = piece.spec
-            outside = (rows < spec.row_start) | (rows >= spec.row_end)
-            if bool(outside.any()):
-                raise IndexOutOfRangeError(
-                    f"table {table_name!r}: row {int(rows[outside][0])} is outside this node's "
-                    f"piece [{spec.row_start}, {spec.row_end})"
-                )
-            unique_rows, inverse = torch.unique(rows - spec.row_start, return_inverse=True)
+            piece, local = self._table_rows(table_name, global_rows)
+            unique_rows, inverse = torch.unique(local + piece.base, return_inverse=True)
             records = torch.from_numpy(
                 piece.cache.fetch(unique_rows.numpy(), admit=False, count=False)
             )[inverse]
-            dim = spec.embedding_dim
+            dim = piece.spec.embedding_dim
             return records[:, :dim].clone(), records[:, dim:].clone()
 
     def write_rows(
@@ -940,30 +848,17 @@ class StorageNodeCore:
         """
         with self._lock:
             self._check_open()
-            piece = self._pieces.get(table_name)
-            if piece is None:
-                raise UnknownFeatureError(
-                    f"node {self.node_id!r} holds no piece of table {table_name!r}; "
-                    f"it holds: {', '.join(sorted(self._pieces))}"
-                )
-            if self._pending:
+            if table_name in self._pieces and self._pending:
                 raise StepOrderError(
                     f"node {self.node_id!r}: write_rows while step {min(self._pending)} is in "
                     "flight; write rows between steps"
                 )
-            rows = self._int_vector(global_rows, f"table {table_name!r}: rows")
-            spec = piece.spec
-            outside = (rows < spec.row_start) | (rows >= spec.row_end)
-            if bool(outside.any()):
-                raise IndexOutOfRangeError(
-                    f"table {table_name!r}: row {int(rows[outside][0])} is outside this node's "
-                    f"piece [{spec.row_start}, {spec.row_end})"
-                )
-            if torch.unique(rows).numel() != rows.numel():
+            piece, local_rows = self._table_rows(table_name, global_rows)
+            if torch.unique(local_rows).numel() != local_rows.numel():
                 raise BadTensorError(f"table {table_name!r}: write_rows got duplicate rows")
-            dim = spec.embedding_dim
+            dim = piece.spec.embedding_dim
             width = optimizer_state_width(self.optimizer.name, dim)
-            n = rows.numel()
+            n = local_rows.numel()
             if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (n, dim):
                 raise BadTensorError(
                     f"table {table_name!r}: weights must be a float tensor [{n}, {dim}]"
@@ -975,31 +870,52 @@ class StorageNodeCore:
                     f"table {table_name!r}: optimizer state must be a float tensor [{n}, {width}] "
                     f"for {self.optimizer.name}"
                 )
-            local = (rows - spec.row_start).numpy()
+            rows = (local_rows + piece.base).numpy()
             if states is None:
-                records = piece.cache.fetch(local, admit=False, count=False)
+                records = piece.cache.fetch(rows, admit=False, count=False)
             else:
                 records = np.empty((n, dim + width), dtype=np.float32)
                 records[:, dim:] = states.detach().to(torch.float32).numpy()
             records[:, :dim] = weights.detach().to(torch.float32).numpy()
-            piece.cache.store(local, records)
+            piece.cache.store(rows, records)
             self._early.clear()  # pooled before the write: the lookups pool afresh
 
     def stats(self) -> dict:
-        """Counters per tier (cache, flash), hit rate, energy estimate, step, occupancy."""
+        """Counters per tier (cache, flash), hit rate, energy estimate, step, occupancy.
+
+        The cache counters are the arenas' (one cache serves every piece of an arena); per
+        table, the flash counters of its file and how many of its rows the cache holds.
+        """
         with self._lock:
             total: dict = {}
             tables: dict[str, dict] = {}
-            for name, piece in self._pieces.items():
-                part = summarize(piece.cache.counters, piece.flash.counters, self.storage.energy)
-                part["cache"].update(
-                    capacity_rows=piece.cache.capacity_rows,
-                    cached_rows=int(piece.cache.cached_rows().size),
-                    pinned_rows=int(piece.cache.pinned_rows().size),
-                    hot_rows=int(piece.cache.hot.sum()),
+            for arena in self._arenas:
+                cache = arena.cache
+                occupancy = {
+                    "cached_rows": cache.cached_rows(),
+                    "pinned_rows": cache.pinned_rows(),
+                    "hot_rows": cache.slot_rows[cache.hot],
+                }
+                arena_part = summarize(cache.counters, FlashCounters(), self.storage.energy)
+                arena_part["cache"].update(
+                    capacity_rows=cache.capacity_rows,
+                    **{name: int(rows.size) for name, rows in occupancy.items()},
                 )
-                tables[name] = part
-                total = add_counters(total, part)
+                total = add_counters(total, arena_part)
+                for piece in arena.pieces:
+                    part = summarize(CacheCounters(), piece.flash.counters, self.storage.energy)
+                    low, high = piece.base, piece.base + piece.num_rows
+                    part["cache"] = {
+                        "capacity_rows": cache.capacity_rows,
+                        **{
+                            name: int(np.count_nonzero((rows >= low) & (rows < high)))
+                            for name, rows in occupancy.items()
+                        },
+                    }
+                    tables[piece.spec.table_name] = part
+                    total = add_counters(
+                        total, {"flash": part["flash"], "energy_pj": part["energy_pj"]}
+                    )
             cache = total["cache"]
             lookups = cache["hits"] + cache["misses"]
             cache["hit_rate"] = cache["hits"] / lookups if lookups else 0.0
@@ -1012,6 +928,7 @@ class StorageNodeCore:
                 "lookup_calls": self.lookup_calls,
                 "early": dict(self.early_counters),
                 **total,
+                "arenas": len(self._arenas),
                 "tables": tables,
             }
 
@@ -1044,12 +961,13 @@ class StorageNodeCore:
         with self._lock:
             self._check_open()
             directory.mkdir(parents=True, exist_ok=True)
+            for arena in self._arenas:
+                arena.cache.flush()
             shards = []
             for piece in self._pieces.values():
-                piece.cache.flush()
                 piece.flash.sync()
-                name = _file_stem(self.node_id, piece.spec)
-                digest = _copy_with_sha256(piece.flash.path, directory / name)
+                name = shard_files.file_stem(self.node_id, piece.spec)
+                digest = shard_files.copy_with_sha256(piece.flash.path, directory / name)
                 shards.append(
                     {
                         "spec": {**asdict(piece.spec), "features": list(piece.spec.features)},
@@ -1104,7 +1022,7 @@ class StorageNodeCore:
                         f"checkpoint {directory} does not hold table {table!r} as this node "
                         f"does ({expected}); restore from a checkpoint of the same plan"
                     )
-                if _sha256(directory / entry["file"]) != entry["sha256"]:
+                if shard_files.sha256_of(directory / entry["file"]) != entry["sha256"]:
                     raise ShardFileError(
                         f"checkpoint file {directory / entry['file']} is corrupt (sha256 mismatch)"
                     )
@@ -1138,19 +1056,24 @@ class StorageNodeCore:
                     entry = by_table[table]
                     target = piece.flash.path.with_name(piece.flash.path.name + ".restoring")
                     staged.append((piece, target))
-                    _stage_file(directory / entry["file"], target, entry["sha256"], move=consume)
+                    shard_files.stage_file(
+                        directory / entry["file"], target, entry["sha256"], move=consume
+                    )
             except BaseException:
                 for _, target in staged:
                     target.unlink(missing_ok=True)
                 raise
+            for arena in self._arenas:
+                arena.cache.invalidate()
             for piece, target in staged:
                 counters = piece.flash.counters
-                piece.cache.invalidate()
                 piece.flash.close()
                 os.replace(target, piece.flash.path)
-                piece.flash = self._open_flash(piece.spec)
-                piece.flash.counters = counters
-                piece.cache.flash = piece.flash
+                store = self._open_flash(piece.spec)
+                store.counters = counters
+                piece.arena.flash.stores[piece.index] = store
+            for arena in self._arenas:
+                arena.cache.preload()
             self.applied_step = int(manifest["applied_step"])
             self.optimizer_step = int(manifest["optimizer_step"])
             self._pending.clear()
@@ -1185,8 +1108,9 @@ class StorageNodeCore:
                 return
             if self._update_threads is not None:
                 self._update_threads.shutdown(wait=True)
-            for piece in self._pieces.values():
-                piece.cache.flush()
-                piece.flash.close()
+            for arena in self._arenas:
+                arena.cache.flush()
+                for store in arena.flash.stores:
+                    store.close()
             self._closed = True
             self._step_applied.notify_all()

@@ -36,7 +36,7 @@ from ndp.config import StorageConfig
 from ndp.model.spec import optimizer_state_width
 from storage_node.errors import ShardFileError
 from storage_node.flash import FlashStore
-from storage_node.node import CHECKPOINT_FORMAT, _sha256, open_shard_file
+from storage_node.shard_files import CHECKPOINT_FORMAT, open_shard_file, sha256_of
 from storage_node.spec import ShardSpec
 
 
@@ -214,6 +214,6 @@ class RestoreDirWriter:
         piece.entry = {
             "spec": {**asdict(piece.spec), "features": list(piece.spec.features)},
             "file": path.name,
-            "sha256": _sha256(path),
+            "sha256": sha256_of(path),
             "bytes": file_bytes,
         }

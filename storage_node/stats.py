@@ -80,7 +80,7 @@ def summarize(cache: CacheCounters, flash: FlashCounters, energy: EnergyConfig) 
 
 def add_counters(total: dict, part: dict) -> dict:
     """Sum two `summarize` dicts (nodes with several shards report one total)."""
-    out: dict = {}
+    out: dict = dict(total)
     for key, value in part.items():
         if isinstance(value, dict):
             out[key] = add_counters(total.get(key, {}), value)

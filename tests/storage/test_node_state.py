@@ -103,7 +103,7 @@ def test_a_restore_that_fails_staging_its_second_file_changes_no_piece(
 ):
     """Every file is staged before any live file is replaced: an I/O error half way (here: a
     full disk while copying the second table) leaves the node exactly as it was."""
-    import storage_node.node as node_module
+    import storage_node.shard_files as node_module
 
     node = make_node([shard("t0"), shard("t1")])
     _two_table_step(node, 0)
@@ -111,7 +111,7 @@ def test_a_restore_that_fails_staging_its_second_file_changes_no_piece(
     _two_table_step(node, 1)
     current = _all_rows(node)
     copies = []
-    real_copy = node_module._copy_with_sha256
+    real_copy = node_module.copy_with_sha256
 
     def copy_then_fail(src, dst):
         copies.append(dst)
@@ -119,7 +119,7 @@ def test_a_restore_that_fails_staging_its_second_file_changes_no_piece(
             raise OSError(28, "No space left on device")
         return real_copy(src, dst)
 
-    monkeypatch.setattr(node_module, "_copy_with_sha256", copy_then_fail)
+    monkeypatch.setattr(node_module, "copy_with_sha256", copy_then_fail)
     with pytest.raises(OSError, match="No space left"):
         node.restore(tmp_path / "ckpt")
     assert node.applied_step == 1
@@ -127,7 +127,7 @@ def test_a_restore_that_fails_staging_its_second_file_changes_no_piece(
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert not [p.name for p in (tmp_path / "flash").iterdir() if not p.name.endswith(".shard")]
     _two_table_step(node, 2)  # and it trains on
-    monkeypatch.setattr(node_module, "_copy_with_sha256", real_copy)
+    monkeypatch.setattr(node_module, "copy_with_sha256", real_copy)
     node.restore(tmp_path / "ckpt")
     assert node.applied_step == 0
 
@@ -224,18 +224,23 @@ def test_two_tables_on_one_node_split_the_cache_and_update_independently(make_no
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_a_tiny_table_beside_a_large_one_is_cached_whole(make_node):
-    # split by bytes, the 3-row table got 1 slot of a 40-slot budget and missed on 2 of 3
-    # lookups; split by traffic (one feature each) it is held whole, the rest goes to t0
+def test_tables_of_one_dim_share_one_cache_and_a_tiny_hot_table_stays_cached(make_node):
+    """One arena, one eviction policy over every piece: the 3 rows of a tiny table read every
+    step keep their slots while a large table streams 60 rows through the same 10-slot cache
+    (a fixed split by bytes gave the tiny table 1 slot of 40 and it missed on 2 of 3)."""
     node = make_node(
-        [shard("t0", num_rows=400), shard("tiny", num_rows=3)], cache_rows=20
-    )  # budget: 40 slots
-    tiny, large = node._pieces["tiny"].cache, node._pieces["t0"].cache
-    assert (tiny.capacity_rows, large.capacity_rows) == (3, 37)
-    for step in range(3):
-        node.lookup(step, 0, {"f_tiny": one_hot([0, 1, 2]), "f_t0": one_hot([5, 6, 7])})
+        [shard("t0", num_rows=400), shard("tiny", num_rows=3)], cache_rows=5, cache_policy="lru"
+    )  # budget: 10 slots, shared
+    tiny, large = node._pieces["tiny"], node._pieces["t0"]
+    assert tiny.cache is large.cache and tiny.cache.capacity_rows == 10
+    for step in range(20):
+        rows = [3 * step % 60, (3 * step + 1) % 60, (3 * step + 2) % 60]
+        node.lookup(step, 0, {"f_tiny": one_hot([0, 1, 2]), "f_t0": one_hot(rows)})
         node.push_gradients(step, 0, {"f_tiny": torch.ones(3, 8), "f_t0": torch.ones(3, 8)})
-    assert tiny.counters.misses == 3  # the first touch of each row only
+    assert node.stats()["tables"]["tiny"]["cache"]["cached_rows"] == 3
+    misses = node.stats()["cache"]["misses"]
+    node.lookup(20, 0, {"f_tiny": one_hot([0, 1, 2])})
+    assert node.stats()["cache"]["misses"] == misses  # every tiny row still a hit
 
 
 def _run_with_reference(make_node, rows_of_step):

@@ -165,12 +165,14 @@ def test_mean_pooling_uses_the_given_whole_bag_divisor(make_node):
     torch.testing.assert_close(pooled, weights.sum(0, keepdim=True) / 4)
 
 
-def test_tables_updated_concurrently_end_exactly_as_updated_one_after_another(make_node):
-    # four tables, 3-slot caches (constant eviction and write-back), early pools corrected
-    tables = [shard(f"t{i}", num_rows=40) for i in range(4)]
+def test_arenas_updated_concurrently_end_exactly_as_updated_one_after_another(make_node):
+    # four tables of two dims (two arenas: one per record width), small caches (constant
+    # eviction and write-back), early pools corrected
+    tables = [shard(f"t{i}", num_rows=40, dim=DIMS[i]) for i in range(4)]
     concurrent = make_node(tables, cache_rows=3, node_id="concurrent", update_threads=3)
     sequential = make_node(tables, cache_rows=3, node_id="sequential")
     assert concurrent._update_threads is not None and sequential._update_threads is None
+    assert len(concurrent._arenas) == 2
     generator = torch.Generator().manual_seed(3)
 
     def step_bags() -> dict[str, Bags]:
@@ -182,7 +184,9 @@ def test_tables_updated_concurrently_end_exactly_as_updated_one_after_another(ma
         }
 
     steps = [step_bags() for _ in range(6)]
-    grads = [{f: torch.randn(6, 8, generator=generator) for f in steps[0]} for _ in steps]
+    grads = [
+        {f"f_t{i}": torch.randn(6, DIMS[i], generator=generator) for i in range(4)} for _ in steps
+    ]
     pooled = {}
     for node in (concurrent, sequential):
         pooled[node] = [node.lookup(0, 0, steps[0])]
@@ -202,6 +206,9 @@ def test_tables_updated_concurrently_end_exactly_as_updated_one_after_another(ma
             strict=True,
         ):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+DIMS = (8, 4, 8, 4)
 
 
 @pytest.mark.parametrize("num_rows", [50, 10_000])  # dense map / sort and binary search

@@ -1,0 +1,241 @@
+"""One request's bags of every feature of an arena, flat: what one pooling call reads.
+
+The wire (and `StorageNodeCore.lookup`) gives a node one `Bags` per feature. Before any
+row is touched they are joined, per arena (`storage_node.arena`), into the flat form of a
+torchrec KeyedJaggedTensor, with each feature's local rows moved to arena rows:
+
+    features:  f0            f1                 f2
+    values:    [r r r | r r r r r r | r r]          int64 [nnz], arena rows
+    offsets:   [0 1 2 3 | 5 6 8 9 | 10 12]         int64 [sum B + 1], one bag after another
+    bag_start: [0, B0, B0 + B1, ...]               where each feature's bags begin
+
+so that pooling is one `embedding_bag` over the arena's slot tensor, a gradient push is one
+gather over `[sum B, D]`, and an early pool's correction is one `index_add_`. Validation runs
+on the flat tensors too (one range check for every feature, no host sync per feature); the
+error still names the feature, table and value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from storage_node.errors import BadTensorError, IndexOutOfRangeError
+from storage_node.spec import Bags, ShardSpec
+
+
+@dataclass(frozen=True)
+class FeaturePlace:
+    """Where a feature's rows live: its piece's spec and the piece's first arena row."""
+
+    spec: ShardSpec
+    base: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.spec.row_end - self.spec.row_start
+
+
+def int_vector(tensor: object, what: str) -> torch.Tensor:
+    """`tensor` as int64 if it is a 1-D integer tensor; BadTensorError naming `what` if not."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
+        raise BadTensorError(f"{what} must be a 1-D integer tensor")
+    if tensor.dtype not in (torch.int64, torch.int32):
+        raise BadTensorError(f"{what} has dtype {tensor.dtype}; use int64 (or int32)")
+    return tensor.to(torch.int64)
+
+
+def _optional_float(tensor: object, size: int, what: str) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (size,):
+        raise BadTensorError(f"{what} must be a float tensor [{size}]")
+    return tensor.to(torch.float32)
+
+
+def normalised_bags(feature: str, bags: Bags) -> Bags:
+    """`bags` with int64 indices/offsets and float32 weights/divisor; shapes checked.
+
+    Only what needs no look at the values (dtypes, ranks, lengths): the value checks (offsets
+    from 0 to nnz, non-decreasing, rows in range) run on the flat tensors of every feature
+    at once in `KeyedBags.build`.
+    """
+    indices = int_vector(bags.indices, f"feature {feature!r}: indices")
+    offsets = int_vector(bags.offsets, f"feature {feature!r}: offsets")
+    if offsets.numel() < 1:
+        raise BadTensorError(
+            f"feature {feature!r}: offsets must have B + 1 entries from 0 to "
+            f"len(indices)={indices.numel()}"
+        )
+    nnz, batch = indices.numel(), offsets.numel() - 1
+    weights = _optional_float(
+        bags.per_sample_weights, nnz, f"feature {feature!r}: per_sample_weights"
+    )
+    divisor = _optional_float(bags.mean_divisor, batch, f"feature {feature!r}: mean_divisor")
+    return Bags(indices, offsets, weights, divisor)
+
+
+@dataclass
+class KeyedBags:
+    """The bags of several features of one arena, flat (see the module docstring)."""
+
+    features: list[str]
+    bags: list[Bags]
+    """The normalised bags as they came, per feature (an early pool compares them)."""
+    batch_sizes: list[int]
+    values: torch.Tensor
+    """int64 [nnz]: arena rows."""
+    offsets: torch.Tensor
+    """int64 [sum B + 1]."""
+    weights: torch.Tensor | None
+    """float32 [nnz] per-sample weights (1 where a feature has none); None: all 1."""
+    inv_divisor: torch.Tensor | None
+    """float32 [sum B]: 1 / bag divisor of mean-pooled features (1 for sum); None: all sum."""
+    _bag_of_value: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, features: list[str], places: list[FeaturePlace], bags: list[Bags]) -> KeyedBags:
+        """Join normalised per-feature `bags` into arena form; checks every value first.
+
+        Raises:
+            BadTensorError: offsets that do not run from 0 to len(indices) or decrease.
+            IndexOutOfRangeError: a row outside its piece (names feature, table, value).
+        """
+        nnz = [b.indices.numel() for b in bags]
+        batch_sizes = [b.offsets.numel() - 1 for b in bags]
+        shift = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
+        firsts = torch.stack([b.offsets[0] for b in bags])
+        lasts = torch.stack([b.offsets[-1] for b in bags])
+        bad_ends = (firsts != 0) | (lasts != torch.from_numpy(shift[1:] - shift[:-1]))
+        lengths = torch.cat([b.offsets[1:] - b.offsets[:-1] for b in bags])
+        values = torch.cat([b.indices for b in bags])
+        bound = torch.repeat_interleave(
+            torch.tensor([p.num_rows for p in places], dtype=torch.int64), torch.tensor(nnz)
+        )
+        outside = (values < 0) | (values >= bound)
+        if bool(bad_ends.any() | (lengths < 0).any() | outside.any()):
+            _raise_first_error(features, places, bags)
+        bases = torch.repeat_interleave(
+            torch.tensor([p.base for p in places], dtype=torch.int64), torch.tensor(nnz)
+        )
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        weights = None
+        if any(b.per_sample_weights is not None for b in bags):
+            weights = torch.cat(
+                [
+                    b.per_sample_weights
+                    if b.per_sample_weights is not None
+                    else torch.ones(b.indices.numel())
+                    for b in bags
+                ]
+            )
+        inv_divisor = None
+        if any(p.spec.pooling == "mean" for p in places):
+            parts = []
+            for place, bag, batch in zip(places, bags, batch_sizes, strict=True):
+                if place.spec.pooling != "mean":
+                    parts.append(torch.ones(batch))
+                    continue
+                divisor = bag.mean_divisor
+                if divisor is None:
+                    divisor = (bag.offsets[1:] - bag.offsets[:-1]).to(torch.float32)
+                parts.append(1.0 / divisor.clamp(min=1.0))
+            inv_divisor = torch.cat(parts)
+        return cls(features, bags, batch_sizes, values + bases, offsets, weights, inv_divisor)
+
+    @property
+    def total_bags(self) -> int:
+        return self.offsets.numel() - 1
+
+    def bag_of_value(self) -> torch.Tensor:
+        """int64 [nnz]: the flat bag of each value (computed once: the push and every
+        correction of an early pool need it)."""
+        if self._bag_of_value is None:
+            lengths = self.offsets[1:] - self.offsets[:-1]
+            self._bag_of_value = torch.repeat_interleave(torch.arange(self.total_bags), lengths)
+        return self._bag_of_value
+
+    def scale(self, bag_of_value: torch.Tensor) -> torch.Tensor | None:
+        """float32 [nnz] per-value factor of the pooling (weights x 1/divisor); None = 1."""
+        if self.inv_divisor is None:
+            return self.weights
+        inv = self.inv_divisor[bag_of_value]
+        return inv if self.weights is None else self.weights * inv
+
+    def pool(self, records: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        """float32 [sum B, dim]: every bag pooled in one `embedding_bag` over `records`.
+
+        Args:
+            records: float32 [n, row_floats] (the slot tensor, or the fetched rows).
+            rows: int64 [nnz]: each value's row of `records`.
+        """
+        pooled = F.embedding_bag(
+            rows,
+            records,
+            self.offsets,
+            mode="sum",
+            per_sample_weights=self.weights,
+            include_last_offset=True,
+        )
+        if pooled.shape[1] != dim:
+            pooled = pooled[:, :dim].contiguous()
+        if self.inv_divisor is not None:
+            pooled.mul_(self.inv_divisor[:, None])
+        return pooled
+
+    def split(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{feature: [B, D]} row views of the flat `pooled` (no copy)."""
+        return dict(zip(self.features, torch.split(pooled, self.batch_sizes), strict=True))
+
+    def row_gradients(self, grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """float32 [nnz, D]: each value's share of d(loss)/d(pooled) of its bag; None when
+        a gradient holds NaN or Inf (checked on the [sum B, D] gradients, before the gather)."""
+        flat = torch.cat([grads[f] for f in self.features]).to(torch.float32)
+        if not bool(torch.isfinite(flat).all()):
+            return None
+        bag_of_value = self.bag_of_value()
+        values = flat[bag_of_value]
+        scale = self.scale(bag_of_value)
+        if scale is not None:
+            values.mul_(scale[:, None])
+        return values
+
+    def same_as(self, other: KeyedBags) -> bool:
+        """The same features with equal bags (an early pool answers only its own bags)."""
+        return self.features == other.features and all(
+            a.same_as(b) for a, b in zip(self.bags, other.bags, strict=True)
+        )
+
+
+def _raise_first_error(features: list[str], places: list[FeaturePlace], bags: list[Bags]) -> None:
+    """The clear error of the first feature whose bags are wrong (only on the error path)."""
+    for feature, place, bag in zip(features, places, bags, strict=True):
+        nnz = bag.indices.numel()
+        if int(bag.offsets[0]) != 0 or int(bag.offsets[-1]) != nnz:
+            raise BadTensorError(
+                f"feature {feature!r}: offsets must have B + 1 entries from 0 to len(indices)={nnz}"
+            )
+        if bool((bag.offsets[1:] < bag.offsets[:-1]).any()):
+            raise BadTensorError(f"feature {feature!r}: offsets must be non-decreasing")
+        check_range(place, feature, bag.indices)
+    raise AssertionError("a flat check failed but no feature's did")
+
+
+def check_range(place: FeaturePlace, feature: str, indices: torch.Tensor) -> None:
+    """IndexOutOfRangeError naming the feature, table and value of the first local row
+    outside the piece."""
+    if indices.numel() == 0:
+        return
+    bad = (indices < 0) | (indices >= place.num_rows)
+    if bool(bad.any()):
+        value = int(indices[bad][0])
+        spec = place.spec
+        raise IndexOutOfRangeError(
+            f"table {spec.table_name!r}, feature {feature!r}: index {value} is outside "
+            f"[0, {place.num_rows}), the local rows of this piece (global rows "
+            f"[{spec.row_start}, {spec.row_end}) of {spec.table_num_rows}); the value "
+            f"as a global row would be {value + spec.row_start}"
+        )
