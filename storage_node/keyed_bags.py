@@ -17,6 +17,7 @@ error still names the feature, table and value.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,24 +191,80 @@ class KeyedBags:
         """{feature: [B, D]} row views of the flat `pooled` (no copy)."""
         return dict(zip(self.features, torch.split(pooled, self.batch_sizes), strict=True))
 
-    def row_gradients(self, grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """float32 [nnz, D]: each value's share of d(loss)/d(pooled) of its bag; None when
-        a gradient holds NaN or Inf (checked on the [sum B, D] gradients, before the gather)."""
+    def pushed_gradients(self, grads: dict[str, torch.Tensor]) -> PushedGradients | None:
+        """This request's part of a push: d(loss)/d(pooled) of every bag [sum B, D] beside the
+        rows, bags and scales of the values; None when a gradient holds NaN or Inf."""
         flat = torch.cat([grads[f] for f in self.features]).to(torch.float32)
         if not bool(torch.isfinite(flat).all()):
             return None
         bag_of_value = self.bag_of_value()
-        values = flat[bag_of_value]
-        scale = self.scale(bag_of_value)
-        if scale is not None:
-            values.mul_(scale[:, None])
-        return values
+        return PushedGradients(self.values, bag_of_value, self.scale(bag_of_value), flat)
 
     def same_as(self, other: KeyedBags) -> bool:
         """The same features with equal bags (an early pool answers only its own bags)."""
         return self.features == other.features and all(
             a.same_as(b) for a, b in zip(self.bags, other.bags, strict=True)
         )
+
+
+@dataclass(frozen=True)
+class PushedGradients:
+    """One lookup's gradients, not yet spread over its values: the gradient of value v is
+    `scale[v] * bag_grads[bag[v]]`, which `merge_row_gradients` sums per row without ever
+    writing one [nnz, D] row per value."""
+
+    rows: torch.Tensor
+    """int64 [nnz] arena rows."""
+    bag: torch.Tensor
+    """int64 [nnz] the bag of each value, into `bag_grads`."""
+    scale: torch.Tensor | None
+    """float32 [nnz] (weights x 1/divisor), None = 1."""
+    bag_grads: torch.Tensor
+    """float32 [sum B, D]."""
+
+    @staticmethod
+    def join(parts: list[PushedGradients]) -> PushedGradients:
+        """Every worker's parts as one (bags renumbered after the parts before them)."""
+        if len(parts) == 1:
+            return parts[0]
+        shifts = np.cumsum([0] + [p.bag_grads.shape[0] for p in parts[:-1]])
+        scale = None
+        if any(p.scale is not None for p in parts):
+            scale = torch.cat(
+                [p.scale if p.scale is not None else torch.ones(p.rows.numel()) for p in parts]
+            )
+        return PushedGradients(
+            torch.cat([p.rows for p in parts]),
+            torch.cat([p.bag + int(shift) for p, shift in zip(parts, shifts, strict=True)]),
+            scale,
+            torch.cat([p.bag_grads for p in parts]),
+        )
+
+
+def merge_row_gradients(
+    pushed: PushedGradients, inverse: torch.Tensor, num_unique: int
+) -> torch.Tensor:
+    """float32 [u, D]: the summed gradient of each distinct row, as one sparse product.
+
+    Row u's gradient is the sum over its values v of `scale[v] * bag_grads[bag[v]]`: the
+    product of a [u, sum B] CSR matrix (one entry per value, in value order within a row)
+    with `bag_grads`. Why: gathering [nnz, D] per-value rows and `index_add_`-ing them wrote
+    and read nnz x D floats twice (~30 ms for a multi-hot step of 13 tables); the product
+    reads `bag_grads` in place (~11 ms), with the same additions in the same order.
+
+    Args:
+        inverse: int64 [nnz] each value's distinct row in [0, num_unique).
+    """
+    order = torch.argsort(inverse, stable=True)
+    crow = torch.zeros(num_unique + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(inverse, minlength=num_unique), 0, out=crow[1:])
+    scale = pushed.scale[order] if pushed.scale is not None else torch.ones(order.numel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        matrix = torch.sparse_csr_tensor(
+            crow, pushed.bag[order], scale, (num_unique, pushed.bag_grads.shape[0])
+        )
+    return matrix @ pushed.bag_grads
 
 
 def _raise_first_error(features: list[str], places: list[FeaturePlace], bags: list[Bags]) -> None:

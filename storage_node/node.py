@@ -69,8 +69,10 @@ from storage_node.flash import FlashStore
 from storage_node.keyed_bags import (
     FeaturePlace,
     KeyedBags,
+    PushedGradients,
     check_range,
     int_vector,
+    merge_row_gradients,
     normalised_bags,
 )
 from storage_node.optimizers import apply_update, apply_update_at
@@ -215,11 +217,6 @@ class _EarlyPool:
         for (_, keyed), pooled in zip(self.request.groups, self.pooled, strict=True):
             out.update(keyed.split(pooled))
         return out
-
-
-def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.cat`, without its copy when there is one part."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _expected_lookups(shards: list[ShardSpec]) -> list[float]:
@@ -629,9 +626,8 @@ class StorageNodeCore:
 
     def _row_gradients(
         self, request: _Request, grads: dict[str, torch.Tensor]
-    ) -> list[tuple[_Arena, torch.Tensor, torch.Tensor]]:
-        """Per group: (arena, arena rows [n], per-occurrence gradients [n, D]); validates
-        every gradient first."""
+    ) -> list[tuple[_Arena, PushedGradients]]:
+        """Per group: (arena, its gradients as pushed); validates every gradient first."""
         looked_up = {
             feature: keyed.batch_sizes[i]
             for _, keyed in request.groups
@@ -657,14 +653,14 @@ class StorageNodeCore:
                 )
         pushed = []
         for arena, keyed in request.groups:
-            values = keyed.row_gradients(grads)
-            if values is None:
+            part = keyed.pushed_gradients(grads)
+            if part is None:
                 for feature in keyed.features:  # the error path only: name the feature
                     if not bool(torch.isfinite(grads[feature]).all()):
                         raise BadTensorError(
                             f"gradient for feature {feature!r} contains NaN or Inf"
                         )
-            pushed.append((arena, keyed.values, values))
+            pushed.append((arena, part))
         return pushed
 
     def _apply_step(self, step: int, pending: _PendingStep) -> None:
@@ -674,12 +670,10 @@ class StorageNodeCore:
         `storage.update_threads` at a time, under the caller's lock.
         """
         iteration = self.optimizer_step + 1
-        per_arena: dict[int, tuple[_Arena, list[torch.Tensor], list[torch.Tensor]]] = {}
+        per_arena: dict[int, tuple[_Arena, list[PushedGradients]]] = {}
         for worker in sorted(pending.pushed):
-            for arena, rows, values in pending.pushed[worker]:
-                _, row_parts, value_parts = per_arena.setdefault(id(arena), (arena, [], []))
-                row_parts.append(rows)
-                value_parts.append(values)
+            for arena, part in pending.pushed[worker]:
+                per_arena.setdefault(id(arena), (arena, []))[1].append(part)
         tasks = list(per_arena.values())
         if len(tasks) > 1 and self._update_threads is not None:
             running = [
@@ -701,23 +695,15 @@ class StorageNodeCore:
             arena.cache.on_step()
         self._step_applied.notify_all()
 
-    def _update_arena(
-        self,
-        arena: _Arena,
-        row_parts: list[torch.Tensor],
-        value_parts: list[torch.Tensor],
-        iteration: int,
-    ) -> None:
-        """One arena's share of `_apply_step`: one dedupe, one fetch, one optimizer call and
-        one store for every table of the arena; touches only this arena's cache and files
-        and the early pools' groups of this arena (safe beside other arenas' updates)."""
-        rows = _joined(row_parts)
-        values = _joined(value_parts)
-        if rows.numel() == 0:
+    def _update_arena(self, arena: _Arena, parts: list[PushedGradients], iteration: int) -> None:
+        """One arena's share of `_apply_step`: one dedupe, one merge, one optimizer call
+        and one write for every table of the arena; touches only this arena's cache and
+        files and the early pools' groups of this arena (safe beside other arenas' updates)."""
+        pushed = PushedGradients.join(parts)
+        if pushed.rows.numel() == 0:
             return
-        updated = _UpdatedRows.of(rows, arena.flash.layout.num_rows)
-        merged = torch.zeros(updated.rows.numel(), values.shape[1], dtype=torch.float32)
-        merged.index_add_(0, updated.inverse, values)
+        updated = _UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
+        merged = merge_row_gradients(pushed, updated.inverse, updated.rows.numel())
         unique_np = updated.rows.numpy()
         dim = arena.dim
         slots = arena.cache.resident_for_update(unique_np)
