@@ -29,7 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from storage_node.cache import RowCache
 from storage_node.flash import DetachedRead, FlashStore
+from storage_node.keyed_bags import FeaturePlace
+from storage_node.spec import ShardSpec
 
 
 @dataclass(frozen=True)
@@ -135,3 +138,42 @@ class ArenaDetachedRead:
         for _, positions, local, reader in self.parts:
             stale[positions] = reader.finish(local)
         return stale
+
+
+@dataclass
+class Arena:
+    """Pieces with one record width: their files as one row space behind one cache."""
+
+    dim: int
+    pieces: list[Piece]
+    flash: ArenaFlash
+    cache: RowCache
+
+
+@dataclass
+class Piece:
+    """One table piece on this node: its place in its arena."""
+
+    spec: ShardSpec
+    arena: Arena | None
+    index: int
+    """Position in the arena (its file is `arena.flash.stores[index]`)."""
+    base: int
+    """The piece's first arena row."""
+
+    @property
+    def num_rows(self) -> int:
+        return self.spec.row_end - self.spec.row_start
+
+    @property
+    def flash(self) -> FlashStore:
+        return self.arena.flash.stores[self.index]
+
+    @property
+    def cache(self) -> RowCache:
+        """The arena's cache (shared with the arena's other pieces; rows are arena rows)."""
+        return self.arena.cache
+
+    @property
+    def place(self) -> FeaturePlace:
+        return FeaturePlace(self.spec, self.base)

@@ -213,7 +213,7 @@ DIMS = (8, 4, 8, 4)
 
 @pytest.mark.parametrize("num_rows", [50, 10_000])  # dense map / sort and binary search
 def test_updated_rows_are_distinct_sorted_with_inverse_and_found_by_value(num_rows):
-    from storage_node.node import _UpdatedRows
+    from storage_node.early_pools import UpdatedRows as _UpdatedRows
 
     generator = torch.Generator().manual_seed(num_rows)
     rows = torch.randint(0, 40, (200,), generator=generator) * (num_rows // 50)
