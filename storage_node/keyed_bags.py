@@ -107,21 +107,31 @@ class KeyedBags:
         """
         nnz = [b.indices.numel() for b in bags]
         batch_sizes = [b.offsets.numel() - 1 for b in bags]
-        shift = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
-        firsts = torch.stack([b.offsets[0] for b in bags])
-        lasts = torch.stack([b.offsets[-1] for b in bags])
-        bad_ends = (firsts != 0) | (lasts != torch.from_numpy(shift[1:] - shift[:-1]))
+        # every rule on every feature, one host sync: offsets run from 0 to nnz without
+        # decreasing, rows lie in [0, piece rows); per-feature extremes, not per-value bounds
         lengths = torch.cat([b.offsets[1:] - b.offsets[:-1] for b in bags])
-        values = torch.cat([b.indices for b in bags])
-        bound = torch.repeat_interleave(
-            torch.tensor([p.num_rows for p in places], dtype=torch.int64), torch.tensor(nnz)
+        ends = torch.stack([torch.stack([b.offsets[0], b.offsets[-1]]) for b in bags])
+        extremes = torch.stack(
+            [
+                torch.stack(torch.aminmax(b.indices)) if n else torch.zeros(2, dtype=torch.int64)
+                for b, n in zip(bags, nnz, strict=True)
+            ]
         )
-        outside = (values < 0) | (values >= bound)
-        if bool(bad_ends.any() | (lengths < 0).any() | outside.any()):
+        limits = torch.tensor([[0, n, p.num_rows] for n, p in zip(nnz, places, strict=True)])
+        bad = (
+            (ends[:, 0] != 0)
+            | (ends[:, 1] != limits[:, 1])
+            | (extremes[:, 0] < 0)
+            | (extremes[:, 1] >= limits[:, 2])
+        )
+        if bool(bad.any() | (lengths < 0).any()):
             _raise_first_error(features, places, bags)
-        bases = torch.repeat_interleave(
-            torch.tensor([p.base for p in places], dtype=torch.int64), torch.tensor(nnz)
-        )
+        values = torch.cat([b.indices for b in bags])
+        start = 0
+        for n, place in zip(nnz, places, strict=True):  # to arena rows: a slice add each
+            if place.base:
+                values[start : start + n] += place.base
+            start += n
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
         weights = None
         if any(b.per_sample_weights is not None for b in bags):
@@ -145,7 +155,7 @@ class KeyedBags:
                     divisor = (bag.offsets[1:] - bag.offsets[:-1]).to(torch.float32)
                 parts.append(1.0 / divisor.clamp(min=1.0))
             inv_divisor = torch.cat(parts)
-        return cls(features, bags, batch_sizes, values + bases, offsets, weights, inv_divisor)
+        return cls(features, bags, batch_sizes, values, offsets, weights, inv_divisor)
 
     @property
     def total_bags(self) -> int:
