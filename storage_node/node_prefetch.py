@@ -3,7 +3,8 @@
 `prefetch(step, indices)` stages the rows of a future step from flash into the cache and
 pins them until that step is applied. The flash reads run without the node lock (lookups
 and updates of the current steps go on meanwhile); rows some update wrote in between are
-read again when pinned.
+read again when pinned. An arena whose cache holds every row stages and pins nothing:
+its rows are resident from the start and never evicted.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class PrefetchPins:
                 return
             plans = []
             for arena, parts in per_arena.values():
+                if arena.cache.holds_all:  # every row resident, none ever evicted
+                    continue
                 rows = torch.unique(torch.cat(parts)).numpy()
                 missing = arena.cache.rows_to_stage(rows)
                 reader = arena.flash.detached_read(missing) if missing.size else None
