@@ -265,15 +265,18 @@ def merge_row_gradients(
     Args:
         inverse: int64 [nnz] each value's distinct row in [0, num_unique).
     """
-    order = torch.argsort(inverse, stable=True)
-    crow = torch.zeros(num_unique + 1, dtype=torch.int64)
+    num_bags = pushed.bag_grads.shape[0]
+    # 32-bit keys and column ids where they fit: the sort and the gathers move half the bytes
+    small = max(num_unique, num_bags, inverse.numel()) < 2**31
+    index_dtype = torch.int32 if small else torch.int64
+    order = torch.argsort(inverse.to(index_dtype), stable=True)
+    crow = torch.zeros(num_unique + 1, dtype=index_dtype)
     torch.cumsum(torch.bincount(inverse, minlength=num_unique), 0, out=crow[1:])
     scale = pushed.scale[order] if pushed.scale is not None else torch.ones(order.numel())
+    columns = pushed.bag.to(index_dtype)[order]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        matrix = torch.sparse_csr_tensor(
-            crow, pushed.bag[order], scale, (num_unique, pushed.bag_grads.shape[0])
-        )
+        matrix = torch.sparse_csr_tensor(crow, columns, scale, (num_unique, num_bags))
     return matrix @ pushed.bag_grads
 
 
