@@ -7,10 +7,15 @@ from typing import Any
 
 from gpu_worker.worker import DenseWorker
 from ndp.config import Config
+from storage_node.process_env import keep_wire_buffers_in_heap
 
 
 class GpuWorkerActor(DenseWorker):
     """A `DenseWorker` plus what only makes sense inside an actor (rendezvous address)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        keep_wire_buffers_in_heap()  # storage_node/process_env.py says why
+        super().__init__(**kwargs)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address and free port on this worker's node for the torch.distributed store."""

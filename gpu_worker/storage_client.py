@@ -191,8 +191,9 @@ class StorageClient:
         (tensor bytes plus names, dtypes, shapes and field tags: the length of the bytes sent,
         and of the bytes the reply's deserializer got), so a benchmark
         can check that the link carries the pooled size and no more. `<key>.float_data` is
-        the raw bytes of the pooled vectors / gradients inside those messages (their wire
-        dtype), without framing. Replies are counted when their future is resolved.
+        the raw bytes of the pooled vectors / gradients inside those messages (the one
+        KeyedTensor buffer, B x sum of dims in the wire dtype), without framing. Replies are
+        counted when their future is resolved.
         """
         out, self._wire_bytes = dict(self._wire_bytes), defaultdict(int)
         return out
@@ -210,6 +211,9 @@ class StorageClient:
     ) -> ReplyFuture[dict[str, torch.Tensor]]:
         """Pooled vectors {feature: float32 [B, D]} of every feature in `bags`.
 
+        The bags travel as one KeyedJaggedTensor, the answer as one KeyedTensor [B, sum of
+        dims] (`storage_node.codec`); the [B, D] tensors are column views of that one tensor.
+
         Args:
             use_early: `bags` are those of this worker's kept `early_lookup` of `step`: they
                 are not sent again, the node answers the kept vectors (training only).
@@ -220,14 +224,15 @@ class StorageClient:
         return self._call(
             "Lookup",
             request,
-            lambda reply: codec.decode_float_tensors(reply.pooled, what="pooled"),
+            codec.parse_lookup_response,
             received_float_data=lambda reply: codec.float_data_bytes(reply.pooled),
         )
 
     def push_gradients_async(
         self, step: int, worker: int, grads: Mapping[str, torch.Tensor]
     ) -> ReplyFuture[bool]:
-        """Send d(loss)/d(pooled) {feature: [B, D]}; True when this push applied the step."""
+        """Send d(loss)/d(pooled) {feature: [B, D]} (one KeyedTensor [B, sum of dims]); True
+        when this push applied the step."""
         request, float_data = codec.push_gradients_request_bytes(
             step, worker, grads, self.wire_dtype
         )

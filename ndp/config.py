@@ -462,9 +462,9 @@ class StorageConfig:
     so one request replaces several (0: only adjacent blocks merge). 32 KiB did best of 8 /
     32 / 128 KiB in `ndp-bench train --quick` (large_zipf and cache_5pct together)."""
     update_threads: int = 1
-    """Tables a node updates at once. More helps when the node has idle cores (in-process,
-    13 tables at a 5% cache: update 17 -> 13.5 ms with 2); on the 2-core bench machine, where
-    nodes and workers share the cores, 2 was ~7% slower (`ndp-bench train` cache_5pct)."""
+    """Arenas a node updates at once (one arena per embedding dim; each arena's update is
+    already one batched call over all its tables), so more than 1 helps only a node with
+    tables of several dims and idle cores."""
     cache_bytes: int = 256 << 20
     """DRAM cache budget per node for rows (weights + optimizer state)."""
     cache_policy: Literal["lru", "lfu", "hot+lfu"] = "hot+lfu"

@@ -99,7 +99,8 @@ def reassemble(
 
     Args:
         partials: {node: {feature: pooled [B, D]}} as answered by the storage nodes for the
-            requests of `route_lookup`.
+            requests of `route_lookup` (column views of each node's one [B, sum of dims]
+            reply: a feature held whole by one node is passed on as that view, no copy).
         plan: the plan the requests were routed with.
 
     Returns:

@@ -16,61 +16,65 @@ class TensorProto(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class NamedTensor(_message.Message):
-    __slots__ = ("name", "tensor")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    TENSOR_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    tensor: TensorProto
-    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
-
-class FeatureBags(_message.Message):
-    __slots__ = ("feature", "indices", "offsets", "per_sample_weights", "mean_divisor")
-    FEATURE_FIELD_NUMBER: _ClassVar[int]
-    INDICES_FIELD_NUMBER: _ClassVar[int]
-    OFFSETS_FIELD_NUMBER: _ClassVar[int]
-    PER_SAMPLE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+class KeyedJaggedTensor(_message.Message):
+    __slots__ = ("keys", "stride", "lengths", "values", "weights", "mean_divisor")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     MEAN_DIVISOR_FIELD_NUMBER: _ClassVar[int]
-    feature: str
-    indices: TensorProto
-    offsets: TensorProto
-    per_sample_weights: TensorProto
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    stride: int
+    lengths: TensorProto
+    values: TensorProto
+    weights: TensorProto
     mean_divisor: TensorProto
-    def __init__(self, feature: _Optional[str] = ..., indices: _Optional[_Union[TensorProto, _Mapping]] = ..., offsets: _Optional[_Union[TensorProto, _Mapping]] = ..., per_sample_weights: _Optional[_Union[TensorProto, _Mapping]] = ..., mean_divisor: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., stride: _Optional[int] = ..., lengths: _Optional[_Union[TensorProto, _Mapping]] = ..., values: _Optional[_Union[TensorProto, _Mapping]] = ..., weights: _Optional[_Union[TensorProto, _Mapping]] = ..., mean_divisor: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+
+class KeyedTensor(_message.Message):
+    __slots__ = ("keys", "dims", "values")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    values: TensorProto
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("step", "worker", "train", "features", "wire_dtype", "use_early")
+    __slots__ = ("step", "worker", "train", "wire_dtype", "use_early", "bags")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
-    FEATURES_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     USE_EARLY_FIELD_NUMBER: _ClassVar[int]
+    BAGS_FIELD_NUMBER: _ClassVar[int]
     step: int
     worker: int
     train: bool
-    features: _containers.RepeatedCompositeFieldContainer[FeatureBags]
     wire_dtype: str
     use_early: bool
-    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., train: _Optional[bool] = ..., features: _Optional[_Iterable[_Union[FeatureBags, _Mapping]]] = ..., wire_dtype: _Optional[str] = ..., use_early: _Optional[bool] = ...) -> None: ...
+    bags: KeyedJaggedTensor
+    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., train: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., use_early: _Optional[bool] = ..., bags: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("pooled",)
     POOLED_FIELD_NUMBER: _ClassVar[int]
-    pooled: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, pooled: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    pooled: KeyedTensor
+    def __init__(self, pooled: _Optional[_Union[KeyedTensor, _Mapping]] = ...) -> None: ...
 
 class EarlyLookupRequest(_message.Message):
-    __slots__ = ("step", "worker", "features", "correct")
+    __slots__ = ("step", "worker", "correct", "bags")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
-    FEATURES_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
+    BAGS_FIELD_NUMBER: _ClassVar[int]
     step: int
     worker: int
-    features: _containers.RepeatedCompositeFieldContainer[FeatureBags]
     correct: bool
-    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureBags, _Mapping]]] = ..., correct: _Optional[bool] = ...) -> None: ...
+    bags: KeyedJaggedTensor
+    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., correct: _Optional[bool] = ..., bags: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ...) -> None: ...
 
 class EarlyLookupResponse(_message.Message):
     __slots__ = ("kept",)
@@ -79,12 +83,12 @@ class EarlyLookupResponse(_message.Message):
     def __init__(self, kept: _Optional[bool] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("step", "indices")
+    __slots__ = ("step", "rows")
     STEP_FIELD_NUMBER: _ClassVar[int]
-    INDICES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     step: int
-    indices: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, step: _Optional[int] = ..., indices: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    rows: KeyedJaggedTensor
+    def __init__(self, step: _Optional[int] = ..., rows: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ...) -> None: ...
 
 class PrefetchResponse(_message.Message):
     __slots__ = ()
@@ -97,8 +101,8 @@ class PushGradientsRequest(_message.Message):
     GRADS_FIELD_NUMBER: _ClassVar[int]
     step: int
     worker: int
-    grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    grads: KeyedTensor
+    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., grads: _Optional[_Union[KeyedTensor, _Mapping]] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
     __slots__ = ("applied",)

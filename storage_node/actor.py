@@ -21,6 +21,7 @@ from typing import Any
 
 from ndp.config import Config
 from storage_node.node import StorageNodeCore
+from storage_node.process_env import keep_wire_buffers_in_heap
 from storage_node.restore import RestoreDirWriter, RestoreHeader
 from storage_node.server import RunningServer, serve
 from storage_node.spec import ShardSpec
@@ -76,6 +77,7 @@ class StorageNodeActor:
         *,
         port: int = 0,
     ) -> None:
+        keep_wire_buffers_in_heap()
         self.node_id = str(node_id)
         self.shards = list(shards)
         self.cfg = cfg

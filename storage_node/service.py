@@ -104,7 +104,8 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
     @_translate_errors
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> bytes:
         """The serialized `LookupResponse` (see `storage_node.wire_writer`: megabytes of pooled
-        vectors go out with one copy; `server.add_servicer` passes bytes through)."""
+        vectors go out as one KeyedTensor [B, sum of dims], one `torch.cat` into reused
+        memory and the final join; `server.add_servicer` passes bytes through)."""
         self._carry(request)
         bags, answer_dtype = codec.parse_lookup_request(request)
         # A training lookup reads weights that step s-1's update must already have changed;
@@ -143,7 +144,7 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         self, request: pb.PushGradientsRequest, context: grpc.ServicerContext
     ) -> pb.PushGradientsResponse:
         self._carry(request)
-        grads = codec.decode_float_tensors(request.grads, what="gradient")
+        grads = codec.parse_push_gradients_request(request)
         applied = self.core.push_gradients(request.step, request.worker, grads)
         return pb.PushGradientsResponse(applied=bool(applied))
 

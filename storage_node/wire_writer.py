@@ -12,10 +12,14 @@ of it here.
 A message is given as a mapping {field name: value}:
 
     scalar (int64, int32, bool, string)    int / bool / str   omitted when 0, False, ""
-    bytes                                   any C-contiguous buffer (bytes, numpy, memoryview)
+    bytes                                   any C-contiguous buffer (bytes, numpy, memoryview),
+                                            or a list of them: written back to back as one
+                                            field (a KeyedJaggedTensor's values from each
+                                            feature's own tensor, without concatenating first)
     message                                 a mapping like this one (present even if empty)
     repeated message                        a list of mappings
     repeated int64 / int32 (packed)         a list of ints
+    repeated string                         a list of str
 
 Fields are written in field-number order, as protobuf does; a name the message does not
 have raises KeyError, a value type this writer does not support raises TypeError.
@@ -86,8 +90,12 @@ def _field_parts(field: FieldDescriptor, value: Any) -> list[Any]:
             out += [_tag(field, _LENGTH_DELIMITED), varint(size), *parts]
         return out
     if field.is_repeated:
+        if field.type == FieldDescriptor.TYPE_STRING:
+            return [part for text in value for part in _string_parts(field, text, always=True)]
         if field.type not in _INTEGER_TYPES:
-            raise TypeError(f"{field.full_name}: only repeated integers and messages are written")
+            raise TypeError(
+                f"{field.full_name}: only repeated integers, strings and messages are written"
+            )
         if not value:
             return []
         packed = b"".join(varint(int(v)) for v in value)
@@ -100,14 +108,25 @@ def _scalar_parts(field: FieldDescriptor, value: Any) -> list[Any]:
         number = int(value)
         return [_tag(field, _VARINT), varint(number)] if number else []
     if field.type == FieldDescriptor.TYPE_STRING:
-        text = value.encode("utf-8")
-        return [_tag(field, _LENGTH_DELIMITED), varint(len(text)), text] if text else []
+        return _string_parts(field, value, always=False)
     if field.type == FieldDescriptor.TYPE_BYTES:
-        payload = memoryview(value).cast("B")
-        if not payload.nbytes:
+        buffers = value if isinstance(value, list | tuple) else [value]
+        payloads = [memoryview(buffer).cast("B") for buffer in buffers]
+        size = sum(payload.nbytes for payload in payloads)
+        if not size:
             return []
-        return [_tag(field, _LENGTH_DELIMITED), varint(payload.nbytes), payload]
+        return [_tag(field, _LENGTH_DELIMITED), varint(size), *(p for p in payloads if p.nbytes)]
     raise TypeError(f"{field.full_name}: field type {field.type} is not written here")
+
+
+def _string_parts(field: FieldDescriptor, value: str, *, always: bool) -> list[Any]:
+    """A string field; an empty one is omitted unless it is an element of a repeated field."""
+    if not isinstance(value, str):
+        raise TypeError(f"{field.full_name}: expected str, got {type(value).__name__}")
+    text = value.encode("utf-8")
+    if not text and not always:
+        return []
+    return [_tag(field, _LENGTH_DELIMITED), varint(len(text)), text]
 
 
 def _tag(field: FieldDescriptor, wire_type: int) -> bytes:

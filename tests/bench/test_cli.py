@@ -10,7 +10,6 @@ from ndp.bench.lookups import SEED, LookupShape, make_batches, pool_in_process, 
 from ndp.bench.storage import LOOKUP_TARGETS
 from ndp.cli import EXIT_USER_ERROR
 from ndp.cli.bench import main
-from protos import storage_node_pb2 as pb
 from storage_node import codec
 
 
@@ -27,8 +26,8 @@ def lookup_wire_bytes(point: dict) -> tuple[int, int]:
     dtype = codec.wire_dtype(point["wire_dtype"])
     request = codec.lookup_request(0, 0, batch, train=False, dtype=dtype)
     pooled = pool_in_process(table_weights(shape), batch)
-    reply = pb.LookupResponse(pooled=codec.encode_float_tensors(pooled, dtype))
-    return request.ByteSize(), len(reply.SerializeToString())
+    reply = codec.lookup_response_bytes(pooled, dtype)
+    return request.ByteSize(), len(reply)
 
 
 def check_transport_floor(point: dict) -> None:

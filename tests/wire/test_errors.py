@@ -23,7 +23,7 @@ from storage_node.errors import (
 )
 from storage_node.server import serve
 from storage_node.spec import Bags
-from wire.tiny_node import TOKEN, random_bags, random_grads
+from wire.tiny_node import DIM, TOKEN, random_bags, random_grads
 
 AUTH = token_metadata(TOKEN)
 
@@ -50,8 +50,8 @@ def assert_unchanged(core, before) -> None:
     assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])
 
 
-def lookup_with(bags_message: pb.FeatureBags) -> pb.LookupRequest:
-    return pb.LookupRequest(step=0, worker=0, train=True, features=[bags_message])
+def lookup_with(bags: pb.KeyedJaggedTensor) -> pb.LookupRequest:
+    return pb.LookupRequest(step=0, worker=0, train=True, bags=bags)
 
 
 def test_out_of_range_index_is_invalid_argument_naming_table_feature_and_value(cfg, serve_node):
@@ -73,18 +73,18 @@ def test_out_of_range_index_is_invalid_argument_naming_table_feature_and_value(c
 
 def test_malformed_tensor_bytes_are_invalid_argument(cfg, serve_node):
     node = serve_node(cfg)
-    message = codec.encode_bags("f0", random_bags(2, seed=0)["f0"])
-    message.offsets.data = message.offsets.data[:-3]
+    message = codec.encode_bags(random_bags(2, seed=0))
+    message.lengths.data = message.lengths.data[:-3]
     error = raw_call(node, "Lookup", lookup_with(message))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert "malformed" in error.details() and "offsets" in error.details()
+    assert "malformed" in error.details() and "lengths" in error.details()
     assert isinstance(error_from_rpc(error, node.server.address), BadTensorError)
 
 
 def test_wrong_dtype_is_invalid_argument(cfg, serve_node):
     node = serve_node(cfg)
-    message = codec.encode_bags("f0", random_bags(2, seed=0)["f0"])
-    message.indices.CopyFrom(codec.encode_tensor(torch.tensor([1.0, 2.0, 3.0])))
+    message = codec.encode_bags(random_bags(2, seed=0))
+    message.values.CopyFrom(codec.encode_tensor(torch.ones(list(message.values.shape))))
     error = raw_call(node, "Lookup", lookup_with(message))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "'float32' is not accepted; send int64" in error.details()
@@ -92,11 +92,87 @@ def test_wrong_dtype_is_invalid_argument(cfg, serve_node):
 
 def test_wrong_shape_is_invalid_argument(cfg, serve_node):
     node = serve_node(cfg)
-    message = codec.encode_bags("f0", random_bags(2, seed=0)["f0"])
-    message.offsets.CopyFrom(codec.encode_tensor(torch.zeros(1, 3, dtype=torch.int64)))
+    message = codec.encode_bags(random_bags(2, seed=0))
+    message.lengths.CopyFrom(codec.encode_tensor(torch.zeros(1, 6, dtype=torch.int32)))
     error = raw_call(node, "Lookup", lookup_with(message))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "rank 2, expected rank 1" in error.details()
+
+
+def broken_bags(rule: str) -> pb.KeyedJaggedTensor:
+    """The bags of `random_bags(2)` (keys f0 f1 f2, stride 2) breaking one shape rule."""
+    message = codec.encode_bags(random_bags(2, seed=0))
+    if rule == "key_repeated":
+        message.keys[2] = "f0"
+    elif rule == "lengths_not_keys_times_stride":
+        message.stride = 3
+    elif rule == "lengths_sum_not_len_values":
+        values = codec.decode_tensor(message.values, name="v", allowed=(torch.int64,), ndim=1)
+        message.values.CopyFrom(codec.encode_tensor(values[:-1]))
+    elif rule == "negative_length":
+        lengths = codec.decode_tensor(message.lengths, name="l", allowed=(torch.int32,), ndim=1)
+        lengths[4] = -lengths[4]
+        lengths[5] += 2 * -lengths[4]  # the sum stays len(values)
+        message.lengths.CopyFrom(codec.encode_tensor(lengths))
+    return message
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("key_repeated", "'f0' appears twice in keys"),
+        ("lengths_not_keys_times_stride", "lengths has 6 entries, but keys (3) x stride (3) = 9"),
+        ("lengths_sum_not_len_values", "but lengths sum to"),
+        ("negative_length", "feature 'f2' has a negative bag length"),
+    ],
+)
+def test_bags_breaking_a_keyed_jagged_shape_rule_are_invalid_argument_naming_it(
+    cfg, serve_node, rule, message
+):
+    node = serve_node(cfg)
+    before = snapshot(node.core)
+    for method, request in (
+        ("Lookup", lookup_with(broken_bags(rule))),
+        ("EarlyLookup", pb.EarlyLookupRequest(step=0, worker=0, bags=broken_bags(rule))),
+    ):
+        error = raw_call(node, method, request)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, method
+        assert message in error.details(), (method, error.details())
+    assert_unchanged(node.core, before)
+    assert node.core.health()["pending_steps"] == []
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("key_repeated", "'f0' appears twice in keys"),
+        ("dims_not_one_per_key", "dims has 2 entries for 3 keys"),
+        ("columns_not_sum_of_dims", "but dims [16, 16, 8] sum to 40 columns"),
+        ("bytes_not_batch_times_dims_times_itemsize", "malformed tensor: 380 bytes"),
+    ],
+)
+def test_gradients_breaking_a_keyed_tensor_shape_rule_are_invalid_argument_and_change_nothing(
+    cfg, serve_node, rule, message
+):
+    node = serve_node(cfg)
+    with node.client() as client:
+        client.lookup(0, 0, random_bags(2, seed=0))
+    before = snapshot(node.core)
+    grads = codec.encode_keyed_tensor(random_grads(2, seed=0), torch.float32)
+    if rule == "key_repeated":
+        grads.keys[2] = "f0"
+    elif rule == "dims_not_one_per_key":
+        del grads.dims[2]
+    elif rule == "columns_not_sum_of_dims":
+        grads.dims[2] = 8
+    else:
+        grads.values.data = grads.values.data[:-4]
+    error = raw_call(node, "PushGradients", pb.PushGradientsRequest(step=0, worker=0, grads=grads))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details() and "gradients" in error.details()
+    assert_unchanged(node.core, before)
+    with node.client() as client:  # the step still completes with a well-formed push
+        assert client.push_gradients(0, 0, random_grads(2, seed=0)) is True
 
 
 def test_gradient_of_wrong_width_is_refused_and_changes_nothing(cfg, serve_node):
@@ -116,12 +192,9 @@ def test_gradient_of_wrong_dtype_is_invalid_argument_and_changes_nothing(cfg, se
     with node.client() as client:
         client.lookup(0, 0, random_bags(2, seed=0))
     before = snapshot(node.core)
-    grads = {f: g.to(torch.int64) for f, g in random_grads(2, seed=0).items()}
-    request = pb.PushGradientsRequest(
-        step=0,
-        worker=0,
-        grads=[pb.NamedTensor(name=f, tensor=codec.encode_tensor(g)) for f, g in grads.items()],
-    )
+    grads = codec.encode_keyed_tensor(random_grads(2, seed=0), torch.float32)
+    grads.values.CopyFrom(codec.encode_tensor(torch.zeros(2, 3 * DIM, dtype=torch.int64)))
+    request = pb.PushGradientsRequest(step=0, worker=0, grads=grads)
     error = raw_call(node, "PushGradients", request)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "'int64' is not accepted" in error.details() and "gradient" in error.details()
@@ -143,7 +216,7 @@ def test_out_of_order_push_is_failed_precondition_and_changes_nothing(cfg, serve
     node = serve_node(cfg)
     before = snapshot(node.core)
     request = pb.PushGradientsRequest(
-        step=1, worker=0, grads=codec.encode_float_tensors(random_grads(2, 0), torch.float32)
+        step=1, worker=0, grads=codec.encode_keyed_tensor(random_grads(2, 0), torch.float32)
     )
     error = raw_call(node, "PushGradients", request)
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
@@ -177,7 +250,7 @@ def test_lookup_without_bags_and_no_early_pool_is_failed_precondition(cfg, serve
 
 
 @pytest.mark.parametrize(
-    "request_fields", [{"train": False}, {"train": True, "features": "some"}], ids=str
+    "request_fields", [{"train": False}, {"train": True, "bags": "some"}], ids=str
 )
 def test_lookup_from_the_early_pool_that_is_not_a_bagless_training_lookup_is_invalid_argument(
     cfg, serve_node, request_fields
@@ -188,8 +261,8 @@ def test_lookup_from_the_early_pool_that_is_not_a_bagless_training_lookup_is_inv
     request = codec.lookup_request(0, 0, random_bags(2, seed=0), train=True, dtype=torch.float32)
     request.use_early = True
     request.train = request_fields["train"]
-    if "features" not in request_fields:
-        del request.features[:]
+    if "bags" not in request_fields:
+        request.ClearField("bags")
     error = raw_call(node, "Lookup", request)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "use_early" in error.details()
@@ -211,7 +284,7 @@ def test_bad_token_is_unauthenticated_and_changes_nothing(cfg, serve_node, metad
     node = serve_node(cfg)
     before = snapshot(node.core)
     request = pb.PushGradientsRequest(
-        step=0, worker=0, grads=codec.encode_float_tensors(random_grads(2, 0), torch.float32)
+        step=0, worker=0, grads=codec.encode_keyed_tensor(random_grads(2, 0), torch.float32)
     )
     error = raw_call(node, "PushGradients", request, metadata=metadata)
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED

@@ -52,10 +52,9 @@ def test_half_precision_wire_halves_pooled_bytes_and_stays_close(cfg, serve_node
     for name in ("fp32", wire_dtype):
         request = codec.lookup_request(0, 0, bags, train=False, dtype=codec.wire_dtype(name))
         reply = stub.Lookup(request, metadata=token_metadata(TOKEN), timeout=30)
-        sizes[name] = sum(len(entry.tensor.data) for entry in reply.pooled)
-        assert {entry.tensor.dtype for entry in reply.pooled} == {
-            codec.DTYPE_NAMES[codec.wire_dtype(name)]
-        }
+        sizes[name] = len(reply.pooled.values.data)
+        assert reply.pooled.values.dtype == codec.DTYPE_NAMES[codec.wire_dtype(name)]
+        assert list(reply.pooled.values.shape) == [32, 3 * DIM]
     channel.close()
     assert sizes["fp32"] == 3 * 32 * DIM * 4
     assert sizes[wire_dtype] * 2 == sizes["fp32"]

@@ -28,30 +28,52 @@ def reference_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> pb.
     return pb.TensorProto(data=data, dtype=name, shape=list(tensor.shape))
 
 
-def reference_bags(feature: str, bags: Bags) -> pb.FeatureBags:
-    message = pb.FeatureBags(
-        feature=feature,
-        indices=reference_tensor(bags.indices, torch.int64, "int64"),
-        offsets=reference_tensor(bags.offsets, torch.int64, "int64"),
+def reference_bags(bags: dict[str, Bags]) -> pb.KeyedJaggedTensor:
+    """The KeyedJaggedTensor of `bags` (one batch size), as the proto comments specify it."""
+    parts = list(bags.values())
+    lengths = torch.cat([b.offsets[1:] - b.offsets[:-1] for b in parts])
+    message = pb.KeyedJaggedTensor(
+        keys=list(bags),
+        stride=parts[0].offsets.numel() - 1,
+        lengths=reference_tensor(lengths, torch.int32, "int32"),
+        values=reference_tensor(torch.cat([b.indices for b in parts]), torch.int64, "int64"),
     )
-    if bags.per_sample_weights is not None:
-        message.per_sample_weights.CopyFrom(
-            reference_tensor(bags.per_sample_weights, torch.float32, "float32")
+    if any(b.per_sample_weights is not None for b in parts):
+        weights = [
+            torch.ones(b.indices.numel()) if b.per_sample_weights is None else b.per_sample_weights
+            for b in parts
+        ]
+        message.weights.CopyFrom(reference_tensor(torch.cat(weights), torch.float32, "float32"))
+    if any(b.mean_divisor is not None for b in parts):
+        divisors = [
+            (b.offsets[1:] - b.offsets[:-1]).float() if b.mean_divisor is None else b.mean_divisor
+            for b in parts
+        ]
+        message.mean_divisor.CopyFrom(
+            reference_tensor(torch.cat(divisors), torch.float32, "float32")
         )
-    if bags.mean_divisor is not None:
-        message.mean_divisor.CopyFrom(reference_tensor(bags.mean_divisor, torch.float32, "float32"))
     return message
 
 
+def reference_keyed(tensors: dict[str, torch.Tensor], dtype, name) -> pb.KeyedTensor:
+    return pb.KeyedTensor(
+        keys=list(tensors),
+        dims=[t.shape[1] for t in tensors.values()],
+        values=reference_tensor(torch.cat(list(tensors.values()), dim=1), dtype, name),
+    )
+
+
 def mixed_bags() -> dict[str, Bags]:
-    """Plain, weighted, mean-divided and empty bags, and a feature name outside ASCII."""
+    """Plain, weighted, mean-divided and empty bags (two each), and a name outside ASCII."""
     return {
         "plain": Bags(torch.tensor([3, 0, 7]), torch.tensor([0, 2, 3])),
         "weighted": Bags(
             torch.tensor([1, 2]), torch.tensor([0, 1, 2]), per_sample_weights=torch.rand(2)
         ),
-        "divided": Bags(torch.tensor([5]), torch.tensor([0, 1]), mean_divisor=torch.tensor([3.0])),
-        "empty_é": Bags(torch.zeros(0, dtype=torch.int64), torch.tensor([0, 0])),
+        "divided": Bags(
+            torch.tensor([5]), torch.tensor([0, 1, 1]), mean_divisor=torch.tensor([3.0, 1.0])
+        ),
+        "empty_é": Bags(torch.zeros(0, dtype=torch.int64), torch.tensor([0, 0, 0])),
     }
 
 
@@ -63,7 +85,7 @@ def test_a_lookup_request_is_what_protobuf_writes(step, use_early):
         step=step, worker=3, train=True, wire_dtype="float16", use_early=use_early
     )
     if not use_early:
-        reference.features.extend(reference_bags(f, b) for f, b in bags.items())
+        reference.bags.CopyFrom(reference_bags(bags))
 
     written = codec.lookup_request_bytes(
         step, 3, bags, train=True, dtype=torch.float16, use_early=use_early
@@ -77,35 +99,81 @@ def test_a_lookup_request_is_what_protobuf_writes(step, use_early):
     [(torch.float32, "float32"), (torch.float16, "float16"), (torch.bfloat16, "bfloat16")],
 )
 def test_pooled_vectors_and_gradients_are_what_protobuf_writes(dtype, name):
-    tensors = {"f0": torch.randn(5, 4), "f1": torch.randn(0, 4), "g": torch.randn(1, 1)}
-    named = [
-        pb.NamedTensor(name=f, tensor=reference_tensor(t, dtype, name)) for f, t in tensors.items()
-    ]
+    tensors = {"f0": torch.randn(5, 4), "f1": torch.randn(5, 0), "g": torch.randn(5, 1)}
+    keyed = reference_keyed(tensors, dtype, name)
 
     reply = codec.lookup_response_bytes(tensors, dtype)
     push, float_data = codec.push_gradients_request_bytes(7, 0, tensors, dtype)
 
-    assert reply == pb.LookupResponse(pooled=named).SerializeToString()
-    assert push == pb.PushGradientsRequest(step=7, worker=0, grads=named).SerializeToString()
-    assert float_data == sum(len(entry.tensor.data) for entry in named)
+    assert reply == pb.LookupResponse(pooled=keyed).SerializeToString()
+    assert push == pb.PushGradientsRequest(step=7, worker=0, grads=keyed).SerializeToString()
+    assert float_data == len(keyed.values.data) == 5 * 5 * torch.empty((), dtype=dtype).itemsize
+
+
+def test_a_reply_or_push_is_not_changed_by_the_next_one_written_on_the_same_thread():
+    # the [B, sum of dims] buffer is reused from call to call (codec._scratch_tensor): each
+    # message must be a copy of it, and a buffer too big to keep must work the same way
+    small = {"f0": torch.randn(4, 3), "f1": torch.randn(4, 5)}
+    big = {"f0": torch.randn(codec._SCRATCH_MAX_BYTES // 4 // 8 + 1, 8)}
+    first = codec.lookup_response_bytes(small, torch.float32)
+    push, _ = codec.push_gradients_request_bytes(0, 0, small, torch.bfloat16)
+    codec.lookup_response_bytes({"f0": torch.zeros(4, 8)}, torch.float32)
+    codec.lookup_response_bytes(big, torch.float32)
+    assert (
+        first
+        == pb.LookupResponse(
+            pooled=reference_keyed(small, torch.float32, "float32")
+        ).SerializeToString()
+    )
+    assert (
+        push
+        == pb.PushGradientsRequest(
+            step=0, worker=0, grads=reference_keyed(small, torch.bfloat16, "bfloat16")
+        ).SerializeToString()
+    )
+    decoded = codec.parse_lookup_response(
+        pb.LookupResponse.FromString(codec.lookup_response_bytes(big, torch.float32))
+    )
+    assert torch.equal(decoded["f0"], big["f0"])
+
+
+def test_an_empty_lookup_reply_is_what_protobuf_writes():
+    reference = pb.LookupResponse(
+        pooled=pb.KeyedTensor(values=pb.TensorProto(dtype="float32", shape=[0, 0]))
+    )
+    assert codec.lookup_response_bytes({}, torch.float32) == reference.SerializeToString()
 
 
 def test_early_lookup_and_prefetch_requests_are_what_protobuf_writes():
     bags = mixed_bags()
-    early = pb.EarlyLookupRequest(
-        step=4, worker=1, features=[reference_bags(f, b) for f, b in bags.items()], correct=True
-    )
+    early = pb.EarlyLookupRequest(step=4, worker=1, bags=reference_bags(bags), correct=True)
     rows = {"a": torch.tensor([1, 5, 9]), "b": torch.zeros(0, dtype=torch.int64)}
     prefetch = pb.PrefetchRequest(
         step=9,
-        indices=[
-            pb.NamedTensor(name=f, tensor=reference_tensor(r, torch.int64, "int64"))
-            for f, r in rows.items()
-        ],
+        rows=pb.KeyedJaggedTensor(
+            keys=["a", "b"],
+            stride=1,
+            lengths=reference_tensor(torch.tensor([3, 0]), torch.int64, "int64"),
+            values=reference_tensor(rows["a"], torch.int64, "int64"),
+        ),
     )
 
     assert codec.early_lookup_request_bytes(4, 1, bags, correct=True) == early.SerializeToString()
     assert codec.prefetch_request_bytes(9, rows) == prefetch.SerializeToString()
+
+
+def test_repeated_strings_and_bytes_from_several_buffers_are_what_protobuf_writes():
+    buffers = [np.arange(3, dtype="<i8"), b"", memoryview(b"xyz"), np.zeros(0, dtype="<f4")]
+    fields = {"keys": ["a", "", "é"], "values": {"data": buffers, "dtype": "int64"}}
+    reference = pb.KeyedJaggedTensor(
+        keys=["a", "", "é"],
+        values=pb.TensorProto(data=b"".join(bytes(b) for b in buffers), dtype="int64"),
+    )
+    assert serialize(pb.KeyedJaggedTensor.DESCRIPTOR, fields) == reference.SerializeToString()
+    empty = {"values": {"data": [b"", np.zeros(0)]}}
+    assert serialize(pb.KeyedJaggedTensor.DESCRIPTOR, empty) == (
+        pb.KeyedJaggedTensor(values=pb.TensorProto()).SerializeToString()
+    )
 
 
 def test_varints_match_protobufs_for_negative_and_large_values():
@@ -130,19 +198,15 @@ def test_the_generated_stub_and_the_ndp_client_get_the_same_pooled_vectors(cfg, 
     ours = node.client().lookup(0, 0, bags, train=False)
     with grpc.insecure_channel(node.server.address) as channel:
         reply = pb_grpc.StorageNodeStub(channel).Lookup(
-            pb.LookupRequest(
-                step=0,
-                worker=0,
-                wire_dtype="float32",
-                features=[reference_bags(f, b) for f, b in bags.items()],
-            ),
+            pb.LookupRequest(step=0, worker=0, wire_dtype="float32", bags=reference_bags(bags)),
             metadata=token_metadata(TOKEN),
             timeout=30,
         )
+    values = np.frombuffer(reply.pooled.values.data, "<f4").reshape(list(reply.pooled.values.shape))
+    columns = np.cumsum([0, *reply.pooled.dims])
     theirs = {
-        entry.name: np.frombuffer(entry.tensor.data, "<f4").reshape(list(entry.tensor.shape))
-        for entry in reply.pooled
+        key: values[:, columns[k] : columns[k + 1]] for k, key in enumerate(reply.pooled.keys)
     }
-    assert ours.keys() == theirs.keys()
+    assert list(ours) == list(theirs)
     for feature, pooled in ours.items():
         np.testing.assert_array_equal(pooled.numpy(), theirs[feature])
