@@ -274,10 +274,11 @@ class RowCache:
         num_rows = self.flash.layout.num_rows
         if self.capacity_rows < num_rows or bool((self.slot_rows >= 0).any()):
             return False  # too small, or already holding rows (only an empty cache fills)
+        written = self.counters.bytes_written  # filling is not traffic of any request
         for start in range(0, num_rows, chunk_rows):
             rows = np.arange(start, min(start + chunk_rows, num_rows), dtype=np.int64)
             self._place(rows, self.flash.read_rows(rows), dirty=False)
-        self.counters.bytes_written = 0  # filling is not traffic of any request
+        self.counters.bytes_written = written
         return True
 
     def resident_slots(self, rows: np.ndarray) -> np.ndarray | None:
