@@ -8,7 +8,8 @@ config. Layout::
 
     <checkpoint.dir>/
       step-00000011/                   checkpoint after step 11 (next_step = 12)
-        manifest.json                  format, next_step, tables, sha256 of every other file
+        manifest.json                  format, next_step, tables, sha256 of every other file,
+                                       manifest_sha256 over all of that
         config.yaml                    the run's resolved config
         plan.json                      ShardingPlan.to_dict() of the layout it was taken on
         rng.pt                         torch / numpy / python `random` states
@@ -35,12 +36,24 @@ after recovery) first renames the old `step-<s>/` aside to `step-<s>.old-<random
 renames the new one in, then deletes the old: a crash between the renames leaves the aside
 copy, which `list_checkpoints` stands in for the missing step and `remove_partial_checkpoints`
 renames back (or deletes, once the new one is in).
+
+Why the manifest carries a digest of itself: every other file is checked against the sha256
+the manifest lists, but nothing checked the manifest, so an edited `next_step` resumed at the
+wrong step from the right weights. `manifest_sha256` is the sha256 of the manifest's canonical
+JSON without that field (`manifest_digest`), so it covers `next_step`, the table layout and
+every file's sha256. A manifest that does not parse or fails the check is refused with a
+`CheckpointError` naming it; `resolve_checkpoint` on a directory of checkpoints then falls
+back to the newest intact one and logs each one it skipped and why. Manifests of format
+`ndp-checkpoint/1` predate the digest: they still load (their files are checked), with a
+warning that the manifest itself cannot be verified; a current-format manifest without a
+valid digest is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -62,8 +75,21 @@ if TYPE_CHECKING:
     from storage_node.restore import RestoreHeader
     from storage_node.spec import ShardSpec
 
-FORMAT = "ndp-checkpoint/1"
+FORMAT = "ndp-checkpoint/2"
+"""Format written; format 2 manifests carry `manifest_sha256`."""
+UNVERIFIED_FORMAT = "ndp-checkpoint/1"
+"""Format of manifests written before the digest: loaded with a warning."""
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
+_MANIFEST_FIELDS = {
+    "next_step": int,
+    "sparse_optimizer": str,
+    "sparse_optimizer_step": int,
+    "tables": dict,
+    "sha256": dict,
+}
+"""Fields every manifest has, with their JSON types (checked so a damaged one is named, not
+met later as a KeyError)."""
 CHUNK_ROWS = 1 << 20
 """Rows per table chunk file: bounds the memory one read_rows call and one file need."""
 RESTORE_CHUNK_BYTES = 4 << 20
@@ -74,6 +100,9 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _ASIDE = ".old-"
 """Infix of a finished checkpoint set aside while a rewrite of its step is renamed in."""
 _ASIDE_DIR = re.compile(r"^step-(\d+)\.old-[0-9a-f]+$")
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(NDPError):
@@ -154,6 +183,7 @@ def write_checkpoint(root: str | Path, state: EngineState, *, next_step: int, cf
             "tables": tables,
             "sha256": files,
         }
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         # every directory of the tree, deepest first (tables/ too, not only tables/<table>/)
         dirs = {d for rel in files for d in (tmp / rel).parents if d.is_relative_to(tmp)}
@@ -174,6 +204,69 @@ def write_checkpoint(root: str | Path, state: EngineState, *, next_step: int, cf
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of `manifest` as canonical JSON (sorted keys, no spaces), its digest left out.
+
+    Canonical rather than the file's bytes because the digest is a field of the file it covers.
+    """
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def read_manifest(checkpoint_dir: Path) -> dict:
+    """The verified manifest of `checkpoint_dir` (the digest checked, not yet its files).
+
+    Raises:
+        CheckpointError: missing, not JSON, of another format, failing its digest, or lacking
+            a field; the message names the manifest file.
+    """
+    path = checkpoint_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{checkpoint_dir} is not an ndp checkpoint (no {MANIFEST}); pass a step-<n> "
+            "directory or the checkpoint dir that holds them"
+        )
+    try:
+        manifest = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"checkpoint manifest {path} does not parse ({exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}): it is truncated or damaged; resume from another checkpoint"
+        ) from None
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            f"checkpoint manifest {path} is not text: it is damaged; resume from another checkpoint"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint manifest {path} is not a JSON object: it is damaged")
+    found_format = manifest.get("format")
+    if found_format == UNVERIFIED_FORMAT:
+        log.warning(
+            "checkpoint manifest %s predates manifest digests (%s): its files are checked, "
+            "the manifest itself (next_step, tables) cannot be",
+            path,
+            UNVERIFIED_FORMAT,
+        )
+    elif found_format != FORMAT:
+        raise CheckpointError(
+            f"checkpoint manifest {path}: format {found_format!r} is not {FORMAT}"
+        )
+    elif manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        raise CheckpointError(
+            f"checkpoint manifest {path} fails its digest check ({MANIFEST_DIGEST}): it was "
+            "edited or damaged after it was written; resume from another checkpoint"
+        )
+    for field, kind in _MANIFEST_FIELDS.items():
+        value = manifest.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"checkpoint manifest {path}: {field!r} is missing or not a JSON "
+                f"{'integer' if kind is int else kind.__name__}; the manifest is damaged"
+            )
+    return manifest
 
 
 def step_dir_name(step: int) -> str:
@@ -306,21 +399,12 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
 
 
 class Checkpoint:
-    """A verified checkpoint directory (every file's sha256 checked on open)."""
+    """A verified checkpoint directory (the manifest's digest and every file's sha256 checked
+    on open)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise CheckpointError(
-                f"{self.path} is not an ndp checkpoint (no {MANIFEST}); pass a step-<n> "
-                "directory or the checkpoint dir that holds them"
-            )
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{manifest_path}: format {self.manifest.get('format')!r} is not {FORMAT}"
-            )
+        self.manifest = read_manifest(self.path)
         for rel, digest in self.manifest["sha256"].items():
             file = self.path / rel
             if not file.is_file():
@@ -391,17 +475,44 @@ class Checkpoint:
 
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
-    """`path` is a checkpoint (`step-<n>/`) or a directory of them (the newest is taken)."""
+    """`path` is a checkpoint (`step-<n>/`) or a directory of them.
+
+    A checkpoint that fails verification is refused. In a directory of them the newest intact
+    one is taken: each newer one that fails is skipped with a warning naming it and why, so
+    a damaged last checkpoint costs the steps since the one before, never a wrong resume.
+
+    Raises:
+        CheckpointError: no checkpoint there, `path` is a broken one, or every one is broken.
+    """
     path = Path(path)
     if (path / MANIFEST).is_file():
         return Checkpoint(path)
-    latest = latest_checkpoint(path)
-    if latest is None:
+    found = list_checkpoints(path)
+    if not found:
         raise CheckpointError(
             f"no checkpoint in {path}: it holds no finished step-<n>/ directory (train with "
             "checkpoint.enabled=true, or pass --resume PATH to a checkpoint)"
         )
-    return Checkpoint(latest)
+    refusals: list[str] = []
+    for candidate in reversed(found):
+        try:
+            checkpoint = Checkpoint(candidate)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", candidate.name, exc)
+            refusals.append(str(exc))
+            continue
+        if refusals:
+            log.warning(
+                "resuming from %s, the newest intact checkpoint in %s (%d newer one(s) skipped)",
+                candidate.name,
+                path,
+                len(refusals),
+            )
+        return checkpoint
+    raise CheckpointError(
+        f"no intact checkpoint in {path}: all {len(found)} fail verification; the newest: "
+        f"{refusals[0]}"
+    )
 
 
 # --------------------------------------------------------------------------- schedule

@@ -2,8 +2,9 @@
 
 One frozen dataclass per section, each field documented once where it is declared (the
 string under it; `ndp.config_loader.field_docs` reads these for the README's reference).
-`load_config` is strict: unknown keys, wrong types and impossible values fail at load with
-the dotted path of the field and what is allowed.
+`load_config` is strict: unknown keys, keys given twice, wrong types, NaN or infinite
+floats and impossible values fail at load with the dotted path of the field and what is
+allowed (how the YAML is read: `ndp.config_loader`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ndp.config_loader import apply_overrides, from_dict, to_dict
+from ndp.config_loader import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from ndp.errors import ConfigError
 
 NUM_DENSE_FEATURES = 13
@@ -535,20 +536,33 @@ class CheckpointConfig:
     """Consistent checkpoints at a step barrier."""
 
     dir: str | None = None
-    """Checkpoint directory; unset: `<output-dir>/checkpoints`."""
+    """Checkpoint directory; unset: `<output-dir>/checkpoints`. Needs `enabled: true`."""
     interval_steps: int | None = None
-    """Checkpoint every this many steps; unset and no minutes: only at the end."""
+    """Checkpoint every this many steps; unset and no minutes: only at the end. Needs
+    `enabled: true`."""
     interval_minutes: float | None = None
-    """Checkpoint when this many minutes passed since the last one."""
+    """Checkpoint when this many minutes passed since the last one. Needs `enabled: true`."""
     keep_last: int = 3
     """Retention: keep the newest n checkpoints."""
     enabled: bool = False
-    """Write checkpoints at all."""
+    """Write checkpoints at all. While off (`false` or left out), setting `dir`,
+    `interval_steps` or `interval_minutes` is an error rather than ignored: it would write no
+    checkpoint and say nothing."""
     max_restarts: int = 3
     """Failure recovery: how many times a run restarts its actors and rolls back to the last
     checkpoint (after a storage node or GPU worker dies) before it gives up; 0: never."""
 
     def validate(self, path: str) -> None:
+        if not self.enabled:
+            for name in ("dir", "interval_steps", "interval_minutes"):
+                value = getattr(self, name)
+                if value is not None:
+                    _fail(
+                        _join(path, name),
+                        f"{value!r} is set but {_join(path, 'enabled')} is false, so no "
+                        f"checkpoint would be written; set {_join(path, 'enabled')}: true "
+                        f"(or remove {_join(path, name)})",
+                    )
         _positive(path, "interval_steps", self.interval_steps)
         _positive(path, "interval_minutes", self.interval_minutes)
         _positive(path, "keep_last", self.keep_last)
@@ -634,7 +648,7 @@ class Config:
             )
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(to_dict(self), sort_keys=False)
+        return dump_yaml(to_dict(self))
 
 
 def config_from_dict(raw: Any, base_dir: str | Path | None = None) -> Config:
@@ -660,7 +674,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), source=str(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     raw = apply_overrides(raw, overrides or [])

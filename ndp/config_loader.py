@@ -5,11 +5,25 @@ every mistake must fail at load with the dotted path of the field and what is al
 e.g. ``model.tables[3].embedding_dim: expected int, got str 'x'``. The loader walks the
 dataclass type hints; each dataclass may define ``validate(self, path)`` for rules that span
 fields, called after its fields are converted.
+
+Where PyYAML's YAML 1.1 reading would make a config mean something else than it says, the
+loader reads it differently (``load_yaml``, used for config files and ``--set`` values):
+
+- a key given twice in one mapping is a ``ConfigError`` naming its dotted path and both
+  lines (PyYAML keeps the last one silently); a key after a ``<<`` merge still overrides;
+- numbers are read in every YAML 1.2 spelling: ``1e-3``, ``-1e9``, ``1E5``, ``-.5`` are floats,
+  where YAML 1.1 wants a dot and a signed exponent and reads them as strings (quote a string
+  that looks like a number: ``name: '1e5'``; ``dump_yaml`` does so);
+- a float field refuses NaN and infinities (``.nan``, ``.inf``, ``1e999``), naming the field;
+- an int field takes a float only when it is a whole number exactly representable as one
+  (``1e6`` -> 1000000; ``2.5`` and ``1e20``, past 2**53, are refused).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +34,108 @@ import yaml
 from ndp.errors import ConfigError
 
 T = TypeVar("T")
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+"""YAML 1.1's float pattern (as PyYAML has it) plus YAML 1.2's spellings: no dot needed
+before an exponent, an unsigned exponent, a sign before a leading dot."""
+_MAX_EXACT_INT = 2**53
+"""Past this a float is no longer an exact integer (float64 has a 53-bit significand)."""
+
+
+def _with_yaml12_floats(resolvers: dict[Any, list]) -> dict[Any, list]:
+    """PyYAML's implicit resolvers with the float pattern swapped for `_FLOAT` in place
+    (same first characters, same order, so ints and timestamps resolve as before)."""
+    return {
+        first: [(tag, _FLOAT if tag == _FLOAT_TAG else regexp) for tag, regexp in entries]
+        for first, entries in resolvers.items()
+    }
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader reading YAML 1.2 number spellings as numbers."""
+
+    yaml_implicit_resolvers = _with_yaml12_floats(yaml.SafeLoader.yaml_implicit_resolvers)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string `_ConfigLoader` would read as a number."""
+
+    yaml_implicit_resolvers = _with_yaml12_floats(yaml.SafeDumper.yaml_implicit_resolvers)
+
+
+def load_yaml(text: str, source: str, path: str = "") -> Any:
+    """Parse one YAML document as the config reads it (see the module docstring).
+
+    Args:
+        text: the YAML text.
+        source: where it came from, for messages (a file name, ``--set KEY=VALUE``).
+        path: dotted config path of the document's root (the key of a ``--set``).
+
+    Raises:
+        ConfigError: a key appears twice in one mapping.
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path, source, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text that `load_yaml` reads back to `data` (keys in the order given)."""
+    return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, source: str, seen: set[int]) -> None:
+    """Walk the composed node tree (before construction, while line numbers are known)."""
+    if id(node) in seen:  # an alias points back at a node already walked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]", source, seen)
+    elif isinstance(node, yaml.MappingNode):
+        first_seen: dict[tuple[str, str], yaml.Node] = {}
+        for key, value in node.value:
+            if key.tag == _MERGE_TAG or not isinstance(key, yaml.ScalarNode):
+                continue
+            name = _join(path, str(key.value))
+            earlier = first_seen.setdefault((key.tag, key.value), key)
+            if earlier is not key:
+                raise ConfigError(
+                    f"{name}: duplicate key, {_lines(earlier, key)} of {source}; YAML would "
+                    "silently keep only the last one, so give it once"
+                )
+            _refuse_duplicate_keys(value, name, source, seen)
+
+
+def _problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error (PyYAML's own message spans several, with a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return problem if mark is None else f"{problem} at column {mark.column + 1}"
+
+
+def _lines(first: yaml.Node, second: yaml.Node) -> str:
+    """`lines 3 and 7` (1-based), or `line 1, columns 2 and 10` for a one-line flow mapping."""
+    a, b = first.start_mark, second.start_mark
+    if a.line != b.line:
+        return f"lines {a.line + 1} and {b.line + 1}"
+    return f"line {a.line + 1}, columns {a.column + 1} and {b.column + 1}"
 
 
 def from_dict(cls: type[T], raw: Any, path: str = "") -> T:
@@ -51,7 +167,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = [p for p in key.replace("[", ".").replace("]", "").split(".") if p]
         if not parts:
             raise ConfigError(f"--set {item!r}: empty key")
-        value = yaml.safe_load(text) if text.strip() else ""
+        try:
+            value = load_yaml(text, f"--set {item}", ".".join(parts)) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML: {_problem(exc)}"
+            ) from None
         node: Any = raw
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
@@ -155,16 +276,19 @@ def _convert(tp: Any, raw: Any, path: str) -> Any:
             if type(None) in options:
                 return None
             raise ConfigError(f"{where}: must not be null")
-        errors = []
+        errors = {}
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _convert(option, raw, path)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors[option] = str(exc)
+        # The one option of raw's shape (a number for `float | list[float]` given a number)
+        # says what is wrong with it better than "fits none".
+        fitting = [e for option, e in errors.items() if _same_shape(option, raw)]
         raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{where}: {_describe(raw)} fits none of {tp}"
+            fitting[0] if len(fitting) == 1 else f"{where}: {_describe(raw)} fits none of {tp}"
         )
 
     if origin in (list, tuple):
@@ -190,18 +314,40 @@ def _convert(tp: Any, raw: Any, path: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {_describe(raw)}")
         return raw
     if tp is int:
+        if isinstance(raw, float) and raw.is_integer() and abs(raw) <= _MAX_EXACT_INT:
+            return int(raw)  # `1e6`: YAML has no exponent spelling for integers
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise ConfigError(f"{where}: expected an integer, got {_describe(raw)}")
         return raw
     if tp is float:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ConfigError(f"{where}: expected a number, got {_describe(raw)}")
-        return float(raw)
+        try:
+            number = float(raw)
+        except OverflowError:  # an int past float's range
+            raise ConfigError(
+                f"{where}: an integer of {len(str(raw))} digits is not a finite "
+                "number; NaN and infinities are refused"
+            ) from None
+        if not math.isfinite(number):
+            raise ConfigError(
+                f"{where}: {raw!r} is not a finite number; NaN and infinities are refused"
+            )
+        return number
     if tp is str:
         if not isinstance(raw, str):
             raise ConfigError(f"{where}: expected a string, got {_describe(raw)}")
         return raw
     raise TypeError(f"config loader does not support type {tp!r} at {where}")
+
+
+def _same_shape(tp: Any, raw: Any) -> bool:
+    """Whether `raw` is a list for a list type, a mapping for a section or map, else a scalar."""
+    if get_origin(tp) in (list, tuple):
+        return isinstance(raw, list | tuple)
+    if dataclasses.is_dataclass(tp) or get_origin(tp) is dict:
+        return isinstance(raw, Mapping)
+    return not isinstance(raw, list | tuple | Mapping)
 
 
 def _join(path: str, name: str) -> str:

@@ -96,7 +96,9 @@ class NdpEngine:
             self._nodes.append(
                 launch_storage_node(self.cfg, node, shards, self._token, self.num_workers)
             )
-        ray.get([n.start.remote() for n in self._nodes])
+        # _get, not ray.get: a node's user error (a full or read-only flash_dir) must reach
+        # the CLI as its own one line, not wrapped in the actor's traceback
+        _get([n.start.remote() for n in self._nodes], component="storage-node")
         self.node_addresses = ray.get([n.addresses.remote() for n in self._nodes])
 
     def _start_gpu_workers(self) -> None:

@@ -1,7 +1,9 @@
 """Where a run writes its outputs: config.yaml, metrics.jsonl, summary.json (and checkpoints).
 
 Why refuse a directory that already holds a run: metrics.jsonl is appended to, so a second
-run into the same directory would silently interleave two runs' records.
+run into the same directory would silently interleave two runs' records. A run that is still
+going may not have written metrics.jsonl yet: `ndp.dir_lock` covers that case (ndp-train
+claims the directory, then checks it again).
 """
 
 from __future__ import annotations
@@ -22,18 +24,26 @@ def make_run_dir(output_dir: str | Path | None, *, root: str | Path = "runs") ->
         ConfigError: `output_dir` already holds a run, or is a file.
     """
     if output_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        candidate = Path(root) / stamp
-        suffix = 1
-        while candidate.exists():
-            candidate = Path(root) / f"{stamp}-{suffix}"
-            suffix += 1
-        path = candidate
-    else:
-        path = Path(output_dir)
-        check_output_dir(path)
+        return _new_timestamped_dir(Path(root))
+    path = Path(output_dir)
+    check_output_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _new_timestamped_dir(root: Path) -> Path:
+    """`root/<YYYYmmdd-HHMMSS>[-n]`, created by this call (an exclusive mkdir, so two runs
+    started in the same second never both take the same one)."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    suffix = 0
+    while True:
+        path = root / (f"{stamp}-{suffix}" if suffix else stamp)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            suffix += 1
 
 
 def check_output_dir(output_dir: str | Path | None) -> None:

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from ndp.config import Config
@@ -24,6 +25,7 @@ from storage_node.node import StorageNodeCore
 from storage_node.process_env import keep_wire_buffers_in_heap
 from storage_node.restore import RestoreDirWriter, RestoreHeader
 from storage_node.server import RunningServer, serve
+from storage_node.shard_files import creating_shard_files
 from storage_node.spec import ShardSpec
 from storage_node.tls import TlsFiles
 
@@ -105,18 +107,24 @@ class StorageNodeActor:
         self._runtime_dir = tempfile.mkdtemp(prefix=f"ndp-sn{self.node_id}-")
         storage = self.cfg.storage
         flash_dir = storage.flash_dir or os.path.join(self._runtime_dir, "flash")
-        os.makedirs(flash_dir, exist_ok=True)
         self._flash_dir = flash_dir
         try:
-            self._core = StorageNodeCore(
-                node_id=self.node_id,
-                shards=self.shards,
+            with creating_shard_files(
+                Path(flash_dir),
+                self.node_id,
+                self.shards,
+                optimizer=self.cfg.optimizer.sparse.name,
                 storage=storage,
-                optimizer=self.cfg.optimizer.sparse,
-                seed=self.cfg.train.seed,
-                num_workers=self.num_workers,
-                flash_dir=flash_dir,
-            )
+            ):
+                self._core = StorageNodeCore(
+                    node_id=self.node_id,
+                    shards=self.shards,
+                    storage=storage,
+                    optimizer=self.cfg.optimizer.sparse,
+                    seed=self.cfg.train.seed,
+                    num_workers=self.num_workers,
+                    flash_dir=flash_dir,
+                )
             self._server = serve(
                 self._core,
                 host=node_bind_host(self.bind_host),

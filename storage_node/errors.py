@@ -3,9 +3,11 @@
 All derive from `ndp.errors.StorageNodeError`, take only a message (they pickle across Ray
 actors and map one-to-one onto gRPC status codes in the wire layer):
 
-- `IndexOutOfRangeError`, `UnknownFeatureError`, `BadTensorError` -> INVALID_ARGUMENT
+- `IndexOutOfRangeError`, `UnknownFeatureError`, `BadTensorError`, `BadRequestError`
+  -> INVALID_ARGUMENT
 - `StepOrderError` (and `EarlyPoolMissingError`) -> FAILED_PRECONDITION
-- `ShardFileError` -> FAILED_PRECONDITION (a shard file or checkpoint does not fit this node)
+- `ShardFileError` -> FAILED_PRECONDITION (a shard file or checkpoint does not fit this node),
+  and so `CheckpointPathError` (a checkpoint directory the node cannot write or read)
 """
 
 from __future__ import annotations
@@ -37,8 +39,21 @@ class ShardFileError(StorageNodeError):
     """A shard file or checkpoint whose header/manifest does not match the node's shards."""
 
 
+class BadRequestError(StorageNodeError):
+    """A request that is no message of its RPC (bytes that do not parse) or lacks a field
+    it cannot do without; names the message type and what to send."""
+
+
+class CheckpointPathError(ShardFileError):
+    """A checkpoint directory the node cannot write or read (missing, not a directory, no
+    permission, disk full): the caller's path, not a node bug. Names the path and the
+    errno's text."""
+
+
 __all__ = [
+    "BadRequestError",
     "BadTensorError",
+    "CheckpointPathError",
     "EarlyPoolMissingError",
     "IndexOutOfRangeError",
     "ShardFileError",
@@ -46,3 +61,13 @@ __all__ = [
     "StorageNodeError",
     "UnknownFeatureError",
 ]
+
+
+class FlashDirError(ShardFileError):
+    """`storage.flash_dir` cannot hold the node's shard files: too little free space, a
+    read-only or unwritable directory, or another OSError while they are created. One line
+    naming the directory or file and the errno, so that it reaches the user (exit 2) as what
+    to change, not as a traceback; FAILED_PRECONDITION over the wire, like `ShardFileError`."""
+
+
+__all__ += ["FlashDirError"]

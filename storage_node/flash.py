@@ -42,12 +42,14 @@ written last when a new file is initialised, so an interrupted init is redone on
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +59,7 @@ import numpy as np
 
 from ndp.config import EmulationConfig, StorageConfig
 from ndp.model.init import init_rows
-from storage_node.errors import ShardFileError
+from storage_node.errors import FlashDirError, ShardFileError
 from storage_node.stats import FlashCounters, transfer_delay_s
 
 MAGIC = b"NDPSHRD1"
@@ -67,6 +69,59 @@ INIT_CHUNK_BYTES = 8 << 20
 """Bytes of blocks initialised per write when a new shard file is created."""
 MAX_RUN_BYTES = 1 << 20
 """Largest single pread/pwrite; longer runs of consecutive blocks are split."""
+
+
+_HINTS = {
+    errno.ENOSPC: "free space there or point storage.flash_dir at a larger file system",
+    errno.EDQUOT: "free space there or point storage.flash_dir at a larger file system",
+    errno.EROFS: "point storage.flash_dir at a writable directory",
+    errno.EACCES: "point storage.flash_dir at a writable directory",
+    errno.EPERM: "point storage.flash_dir at a writable directory",
+}
+
+
+def flash_dir_error(what: str, error: OSError, *, odirect: bool = False) -> FlashDirError:
+    """`error` as one line: `storage.flash_dir: cannot <what>: <strerror> (<ERRNO>); <fix>`.
+
+    Why: the bare OSError reached the user as a Ray traceback, and the old message blamed
+    O_DIRECT for every failed open; the O_DIRECT hint is only given for EINVAL from an open
+    with `odirect` (the file system refuses O_DIRECT).
+    """
+    name = errno.errorcode.get(error.errno or 0, f"errno {error.errno}")
+    hint = _HINTS.get(error.errno or 0)
+    if odirect and error.errno == errno.EINVAL:
+        hint = "storage.use_odirect needs a file system with O_DIRECT; set it to false"
+    reason = error.strerror or str(error)
+    return FlashDirError(
+        f"storage.flash_dir: cannot {what}: {reason} ({name})" + (f"; {hint}" if hint else "")
+    )
+
+
+def transfer_all(
+    op: Callable[[int, list, int], int],
+    fd: int,
+    chunk: memoryview | mmap.mmap,
+    offset: int,
+    path: Path,
+) -> None:
+    """`op` (os.preadv or os.pwritev) of all of `chunk` at `offset`.
+
+    Why: both may move fewer bytes than asked; a write short of a full disk returned a count
+    that was ignored, leaving a truncated shard marked complete. The rest is retried, so a
+    full disk raises ENOSPC; a read that reaches the end of the file is a `ShardFileError`.
+    """
+    done = op(fd, [chunk], offset)
+    if done == len(chunk):
+        return
+    with memoryview(chunk) as whole:
+        while done < len(whole):
+            moved = op(fd, [whole[done:]], offset + done)
+            if moved == 0:
+                raise ShardFileError(
+                    f"shard file {path} ends at byte {offset + done}, before its layout does; "
+                    "delete it to start fresh"
+                )
+            done += moved
 
 
 @dataclass(frozen=True)
@@ -255,16 +310,35 @@ class FlashStore:
                     "storage.use_odirect: this platform has no O_DIRECT; set it to false"
                 )
             flags |= os.O_DIRECT
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise flash_dir_error(f"create directory {self.path.parent}", exc) from None
+        created = not self.path.exists()
         try:
             self._fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
-            raise ShardFileError(
-                f"cannot open shard file {self.path} ({exc.strerror}); with storage.use_odirect "
-                "the flash_dir must be on a file system that supports O_DIRECT"
+            raise flash_dir_error(
+                f"open shard file {self.path}", exc, odirect=use_odirect
             ) from None
-        if not self._header_complete():
-            self._initialise(seed=seed, table_num_rows=table_num_rows)
+        try:
+            if not self._header_complete():
+                self._initialise(seed=seed, table_num_rows=table_num_rows)
+        except BaseException as exc:
+            self._abandon(remove=created)
+            if isinstance(exc, OSError):
+                raise flash_dir_error(f"write shard file {self.path}", exc) from None
+            raise
+
+    def _abandon(self, *, remove: bool) -> None:
+        """Close the file after a failed open; `remove` it if this open created it (a partial
+        file would otherwise hold disk space until someone deletes it)."""
+        os.close(self._fd)
+        self._fd = -1
+        self._pool.shutdown(wait=False)
+        if remove:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
     # ------------------------------------------------------------------ header / init
 
@@ -313,7 +387,7 @@ class FlashStore:
         os.ftruncate(self._fd, lay.file_bytes)
         header = self._aligned(lay.page_bytes)
         header[: _HEADER.size] = self._header_bytes(False)
-        os.pwritev(self._fd, [header], 0)
+        transfer_all(os.pwritev, self._fd, header, 0, self.path)
         blocks_per_chunk = max(1, INIT_CHUNK_BYTES // lay.block_bytes)
         for first_block in range(0, lay.num_blocks, blocks_per_chunk):
             n_blocks = min(blocks_per_chunk, lay.num_blocks - first_block)
@@ -330,9 +404,9 @@ class FlashStore:
             )
             buf = self._aligned(n_blocks * lay.block_bytes)
             self._pack(buf, np.arange(row_hi - row_lo), records, first_local_row=row_lo)
-            os.pwritev(self._fd, [buf], lay.block_offset(first_block))
+            transfer_all(os.pwritev, self._fd, buf, lay.block_offset(first_block), self.path)
         header[: _HEADER.size] = self._header_bytes(True)
-        os.pwritev(self._fd, [header], 0)
+        transfer_all(os.pwritev, self._fd, header, 0, self.path)
         os.fsync(self._fd)
 
     # ------------------------------------------------------------------ buffers
@@ -391,7 +465,7 @@ class FlashStore:
                 # every io_threads-th run: one task per thread, not one per run, because a
                 # future costs ~30 us of Python while a 4 KiB pread costs ~5 us of it
                 for k in range(share, len(chunks), self._io_threads):
-                    op(fd, [chunks[k]], offsets[k])
+                    transfer_all(op, fd, chunks[k], offsets[k], self.path)
 
             shares = min(self._io_threads, len(chunks))
             if shares == 1:

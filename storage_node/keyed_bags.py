@@ -13,6 +13,11 @@ so that pooling is one `embedding_bag` over the arena's slot tensor, a gradient 
 gather over `[sum B, D]`, and an early pool's correction is one `index_add_`. Validation runs
 on the flat tensors too (one range check for every feature, no host sync per feature); the
 error still names the feature, table and value.
+
+Besides shapes and row ranges, the floats a request brings are checked, because one bad value
+makes every row it touches non-finite for good (the optimizer writes it back): per-sample
+weights (`MAX_ABS_WEIGHT`), mean divisors (finite, >= 1 for a bag with values) and gradients
+(`MAX_ABS_GRADIENT`); NaN fails every bound.
 """
 
 from __future__ import annotations
@@ -26,6 +31,22 @@ import torch.nn.functional as F
 
 from storage_node.errors import BadTensorError, IndexOutOfRangeError
 from storage_node.spec import Bags, ShardSpec
+
+MAX_ABS_WEIGHT = 1e6
+"""Largest |per-sample weight| accepted. Why this bound: a pooled value is a sum of
+weight x row value over at most 2**31 values (int32 offsets), so with |w| <= 1e6 it stays
+finite in float32 (max 3.4e38) for every row whose values are below 1e23; a pushed gradient
+reaches a row multiplied by its weight (see `MAX_ABS_GRADIENT`). Weights in use (counts,
+scores, [0, 1] probabilities) are orders of magnitude smaller; 3e38 is an encoding bug."""
+
+MAX_ABS_GRADIENT = 1e9
+"""Largest |d(loss)/d(pooled)| element accepted. Why a bound beyond `isfinite`: Adagrad and
+Adam add the square of a row's summed gradient to their state, and a state that overflows
+to inf freezes the row for good (its step becomes g / sqrt(inf) = 0). One value adds at most
+MAX_ABS_WEIGHT x MAX_ABS_GRADIENT = 1e15 to its row's gradient, whose square 1e30 leaves a
+factor of 3e8 below float32's max: ~18,000 such extreme values of one row in one step. A
+gradient of 1e9 on a pooled vector means training diverged already (and an fp16 wire carries
+at most 65504)."""
 
 
 @dataclass(frozen=True)
@@ -102,14 +123,17 @@ class KeyedBags:
         """Join normalised per-feature `bags` into arena form; checks every value first.
 
         Raises:
-            BadTensorError: offsets that do not run from 0 to len(indices) or decrease.
+            BadTensorError: offsets that do not run from 0 to len(indices) or decrease; a
+                per-sample weight or mean divisor out of bounds (names feature and value).
             IndexOutOfRangeError: a row outside its piece (names feature, table, value).
         """
         nnz = [b.indices.numel() for b in bags]
         batch_sizes = [b.offsets.numel() - 1 for b in bags]
         # every rule on every feature, one host sync: offsets run from 0 to nnz without
-        # decreasing, rows lie in [0, piece rows); per-feature extremes, not per-value bounds
-        lengths = torch.cat([b.offsets[1:] - b.offsets[:-1] for b in bags])
+        # decreasing, rows lie in [0, piece rows), weights and divisors in bounds;
+        # per-feature extremes, not per-value bounds
+        bag_lengths = [b.offsets[1:] - b.offsets[:-1] for b in bags]
+        lengths = torch.cat(bag_lengths)
         ends = torch.stack([torch.stack([b.offsets[0], b.offsets[-1]]) for b in bags])
         extremes = torch.stack(
             [
@@ -124,7 +148,13 @@ class KeyedBags:
             | (extremes[:, 0] < 0)
             | (extremes[:, 1] >= limits[:, 2])
         )
-        if bool(bad.any() | (lengths < 0).any()):
+        refused = bad.any() | (lengths < 0).any()
+        weights = _flat_weights(bags)
+        if weights is not None:
+            refused |= _beyond(weights, MAX_ABS_WEIGHT)
+        if any(b.mean_divisor is not None for b in bags):
+            refused |= _divisors_refused(bags, lengths, bag_lengths)
+        if bool(refused):
             _raise_first_error(features, places, bags)
         values = torch.cat([b.indices for b in bags])
         start = 0
@@ -133,16 +163,6 @@ class KeyedBags:
                 values[start : start + n] += place.base
             start += n
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
-        weights = None
-        if any(b.per_sample_weights is not None for b in bags):
-            weights = torch.cat(
-                [
-                    b.per_sample_weights
-                    if b.per_sample_weights is not None
-                    else torch.ones(b.indices.numel())
-                    for b in bags
-                ]
-            )
         inv_divisor = None
         if any(p.spec.pooling == "mean" for p in places):
             parts = []
@@ -201,12 +221,17 @@ class KeyedBags:
         """{feature: [B, D]} row views of the flat `pooled` (no copy)."""
         return dict(zip(self.features, torch.split(pooled, self.batch_sizes), strict=True))
 
-    def pushed_gradients(self, grads: dict[str, torch.Tensor]) -> PushedGradients | None:
+    def pushed_gradients(self, grads: dict[str, torch.Tensor]) -> PushedGradients:
         """This request's part of a push: d(loss)/d(pooled) of every bag [sum B, D] beside the
-        rows, bags and scales of the values; None when a gradient holds NaN or Inf."""
+        rows, bags and scales of the values.
+
+        Raises:
+            BadTensorError: a gradient element NaN or beyond +-`MAX_ABS_GRADIENT` (names the
+                feature, the element and its value); one host sync for every feature.
+        """
         flat = torch.cat([grads[f] for f in self.features]).to(torch.float32)
-        if not bool(torch.isfinite(flat).all()):
-            return None
+        if bool(_beyond(flat, MAX_ABS_GRADIENT)):
+            _raise_bad_gradient(self.features, grads)
         bag_of_value = self.bag_of_value()
         return PushedGradients(self.values, bag_of_value, self.scale(bag_of_value), flat)
 
@@ -280,6 +305,61 @@ def merge_row_gradients(
     return matrix @ pushed.bag_grads
 
 
+def _beyond(values: torch.Tensor, bound: float) -> torch.Tensor:
+    """0-dim bool tensor (no host sync): some value is NaN or outside [-bound, bound].
+
+    One `aminmax` pass; NaN propagates into both extremes and fails both comparisons.
+    """
+    if values.numel() == 0:
+        return torch.tensor(False)
+    low, high = torch.aminmax(values)
+    return ~((low >= -bound) & (high <= bound))
+
+
+def _flat_weights(bags: list[Bags]) -> torch.Tensor | None:
+    """float32 [nnz]: every feature's per-sample weights (1 where it has none); None: all 1."""
+    if all(b.per_sample_weights is None for b in bags):
+        return None
+    return torch.cat(
+        [
+            b.per_sample_weights
+            if b.per_sample_weights is not None
+            else torch.ones(b.indices.numel())
+            for b in bags
+        ]
+    )
+
+
+def _divisor_floor(lengths: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: the least mean divisor of each bag: 1 for a bag with values (the whole
+    bag holds at least them), 0 for an empty one (the encoder sends its local length, 0)."""
+    return lengths.clamp(max=1)
+
+
+def _divisors_refused(
+    bags: list[Bags], lengths: torch.Tensor, bag_lengths: list[torch.Tensor]
+) -> torch.Tensor:
+    """0-dim bool tensor (no host sync): a given mean divisor (some feature has them) is NaN,
+    infinite or below its floor (`_divisor_floor`).
+
+    Why refused, not clamped: a NaN divisor pools NaN and the push then writes NaN into every
+    row of the bag, an infinite one silently pools zeros; one below 1 for a bag with values
+    is no bag length, and the clamp to 1 would silently pool a sum for a mean.
+
+    Args:
+        lengths: int64 [sum B] every feature's bag lengths; `bag_lengths` the same per feature.
+    """
+    given = [b.mean_divisor is not None for b in bags]
+    if not all(given):  # the wire sends all or none; a core caller may mix
+        lengths = torch.cat([n for n, g in zip(bag_lengths, given, strict=True) if g])
+    if lengths.numel() == 0:
+        return torch.tensor(False)
+    divisors = torch.cat([b.mean_divisor for b in bags if b.mean_divisor is not None])
+    # one pass: divisor - floor >= 0 and < inf; NaN fails both
+    low, high = torch.aminmax(divisors - _divisor_floor(lengths))
+    return ~((low >= 0) & (high < float("inf")))
+
+
 def _raise_first_error(features: list[str], places: list[FeaturePlace], bags: list[Bags]) -> None:
     """The clear error of the first feature whose bags are wrong (only on the error path)."""
     for feature, place, bag in zip(features, places, bags, strict=True):
@@ -291,7 +371,57 @@ def _raise_first_error(features: list[str], places: list[FeaturePlace], bags: li
         if bool((bag.offsets[1:] < bag.offsets[:-1]).any()):
             raise BadTensorError(f"feature {feature!r}: offsets must be non-decreasing")
         check_range(place, feature, bag.indices)
+        _check_weights(feature, bag.per_sample_weights)
+        _check_divisor(feature, bag)
     raise AssertionError("a flat check failed but no feature's did")
+
+
+def _first_refused(ok: torch.Tensor) -> int | None:
+    """Position of the first False in `ok`, or None (error path only)."""
+    refused = (~ok).nonzero()
+    return int(refused[0]) if refused.numel() else None
+
+
+def _check_weights(feature: str, weights: torch.Tensor | None) -> None:
+    if weights is None:
+        return
+    at = _first_refused(weights.abs() <= MAX_ABS_WEIGHT)
+    if at is not None:
+        raise BadTensorError(
+            f"feature {feature!r}: per_sample_weights[{at}] is {float(weights[at]):g}; weights "
+            f"must be finite with |w| <= {MAX_ABS_WEIGHT:g} (larger ones overflow float32 once "
+            "pooled, and in the optimizer's squared gradients)"
+        )
+
+
+def _check_divisor(feature: str, bag: Bags) -> None:
+    if bag.mean_divisor is None:
+        return
+    lengths = bag.offsets[1:] - bag.offsets[:-1]
+    divisor = bag.mean_divisor
+    at = _first_refused((divisor >= _divisor_floor(lengths)) & (divisor < float("inf")))
+    if at is not None:
+        raise BadTensorError(
+            f"feature {feature!r}: mean_divisor[{at}] is {float(divisor[at]):g} for a bag of "
+            f"{int(lengths[at])} values; send the whole bag's length: finite, >= 1 (0 only for "
+            "an empty bag)"
+        )
+
+
+def _raise_bad_gradient(features: list[str], grads: dict[str, torch.Tensor]) -> None:
+    """BadTensorError naming the first refused gradient element (error path only)."""
+    for feature in features:
+        grad = grads[feature].to(torch.float32)
+        at = _first_refused((grad.abs() <= MAX_ABS_GRADIENT).reshape(-1))
+        if at is not None:
+            bag, column = divmod(at, grad.shape[1])
+            raise BadTensorError(
+                f"gradient for feature {feature!r}: element [{bag}, {column}] is "
+                f"{float(grad[bag, column]):g}; gradients must be finite with |g| <= "
+                f"{MAX_ABS_GRADIENT:g} (beyond, the optimizer's squared gradients overflow "
+                "float32 and freeze the rows)"
+            )
+    raise AssertionError("the flat gradient check failed but no feature's did")
 
 
 def check_range(place: FeaturePlace, feature: str, indices: torch.Tensor) -> None:

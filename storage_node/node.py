@@ -306,13 +306,22 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
     # ------------------------------------------------------------------ lookup
 
     def lookup(
-        self, step: int, worker: int, bags: dict[str, Bags], *, train: bool = True
+        self,
+        step: int,
+        worker: int,
+        bags: dict[str, Bags],
+        *,
+        train: bool = True,
+        wait_timeout_s: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pooled vectors per feature: float32 [B, D].
 
-        With `train`, waits for `applied_step == step - 1` (up to
+        With `train`, waits for `applied_step == step - 1` (up to `wait_timeout_s`, default
         `storage.step_wait_timeout_s`) and records the bags for the push of (step, worker);
-        `train=False` pools the current rows and records nothing.
+        `train=False` pools the current rows and records nothing, after waiting for
+        `applied_step >= step - 1` only when given `wait_timeout_s` (the wire's lookups are).
+        The request is validated completely before any wait, so a malformed one is refused
+        at once instead of after the step barrier.
         """
         with self._lock:
             self._check_open()
@@ -320,8 +329,11 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
             started = time.perf_counter()
             request = self._validated_request(bags)
             busy = time.perf_counter() - started  # the wait for the step is not lookup work
-            if train:
-                self.wait_for_step(step, self.storage.step_wait_timeout_s)
+            if train or wait_timeout_s is not None:
+                timeout_s = self.storage.step_wait_timeout_s
+                self.wait_for_step(
+                    step, timeout_s if wait_timeout_s is None else wait_timeout_s, training=train
+                )
             started = time.perf_counter()
             early = self._take_early(step, worker, request) if train else None
             if early is not None:
@@ -354,8 +366,12 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
                 request = Request(earlier.groups + request.groups)
         pending.lookups[worker] = request
 
-    def lookup_early(self, step: int, worker: int) -> dict[str, torch.Tensor]:
-        """The training lookup of (step, worker) answered from its kept early pool.
+    def lookup_early(
+        self, step: int, worker: int, *, wait_timeout_s: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The training lookup of (step, worker) answered from its kept early pool, after
+        waiting for step - 1's update (up to `wait_timeout_s`, default
+        `storage.step_wait_timeout_s`; the worker is checked first).
 
         Why without bags: the worker sent exactly these bags in its `early_lookup` of this
         step (and checked that they are the step's), so sending, decoding, validating and
@@ -368,7 +384,8 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
         with self._lock:
             self._check_open()
             self._check_worker(worker)
-            self.wait_for_step(step, self.storage.step_wait_timeout_s)
+            timeout_s = self.storage.step_wait_timeout_s
+            self.wait_for_step(step, timeout_s if wait_timeout_s is None else wait_timeout_s)
             early = self._early.pop((step, worker), None)
             if early is None:
                 raise EarlyPoolMissingError(
@@ -497,14 +514,7 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
                 )
         pushed = []
         for arena, keyed in request.groups:
-            part = keyed.pushed_gradients(grads)
-            if part is None:
-                for feature in keyed.features:  # the error path only: name the feature
-                    if not bool(torch.isfinite(grads[feature]).all()):
-                        raise BadTensorError(
-                            f"gradient for feature {feature!r} contains NaN or Inf"
-                        )
-            pushed.append((arena, part))
+            pushed.append((arena, keyed.pushed_gradients(grads)))  # raises on NaN/Inf/huge
         return pushed
 
     def _apply_step(self, step: int, pending: _PendingStep) -> None:

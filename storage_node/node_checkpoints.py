@@ -161,7 +161,14 @@ class Checkpoints:
             raise ShardFileError(
                 f"no checkpoint of node {self.node_id!r} in {directory} ({path.name})"
             )
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ShardFileError(
+                f"{path} is not JSON ({error}); the checkpoint is damaged: restore from another one"
+            ) from None
+        if not isinstance(manifest, dict):
+            raise ShardFileError(f"{path} holds no manifest (a JSON object); restore another")
         if manifest.get("format") != CHECKPOINT_FORMAT:
             raise ShardFileError(
                 f"{path}: format {manifest.get('format')!r} is not {CHECKPOINT_FORMAT}"

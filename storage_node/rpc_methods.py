@@ -1,12 +1,16 @@
-"""The `StorageNode` service's methods for grpc, from the generated descriptor, with one
-change to the generated stubs: a message may be given already serialized.
+"""The `StorageNode` service's methods for grpc, from the generated descriptor, with two
+changes to the generated stubs: a message may be given already serialized, and a request
+whose bytes do not parse reaches the servicer as `Undecodable`.
 
-Why: requests and replies that carry megabytes of tensors are written by
+Why bytes: requests and replies that carry megabytes of tensors are written by
 `storage_node.wire_writer` (one copy) instead of being built as upb messages and serialized
 (two more copies into fresh memory); the generated stubs and servicer registration call
-`<Message>.SerializeToString` on whatever they get and would refuse bytes. Parsing is
-unchanged (the generated `FromString`), and so are the method paths on the wire, so a client
-built from the generated stub (tests do) talks to this server as before.
+`<Message>.SerializeToString` on whatever they get and would refuse bytes. Why `Undecodable`:
+grpc parses a request before any servicer code runs and answers a parse failure with
+INTERNAL "Exception deserializing request!", which reads as a node bug; the servicer refuses
+it with INVALID_ARGUMENT naming the message type instead. Parsing is otherwise unchanged (the
+generated `FromString`), and so are the method paths on the wire, so a client built from the
+generated stub (tests do) talks to this server as before.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos import storage_node_pb2 as pb
 
@@ -38,7 +43,7 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),
-            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            request_deserializer=_parser(getattr(pb, method.input_type.name)),
             response_serializer=serialize,
         )
         for method in SERVICE.methods
@@ -47,6 +52,37 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
     )
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are no message of its RPC's request type."""
+
+    message_type: str
+    """The request type's full name (`ndp.storage_node.LookupRequest`)."""
+    wire_bytes: int
+    reason: str
+    """protobuf's words (`Wire format was corrupt`, `String field had bad UTF-8`)."""
+
+    def __str__(self) -> str:
+        return (
+            f"the request's {self.wire_bytes} bytes are no {self.message_type} message "
+            f"({self.reason}); send one serialized from protos/storage_node.proto"
+        )
+
+
+def _parser(message_type: Any) -> Callable[[bytes], Any]:
+    """`message_type.FromString`, except that bytes that do not parse become `Undecodable`."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            reason = str(error).rpartition(": ")[2] or "does not parse"
+            return Undecodable(name, len(data), reason)
+
+    return parse
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ Nothing here decides anything about embeddings: decode (storage_node.codec), cal
 encode. Errors are translated once, in `_translate_errors`:
 
     IndexOutOfRangeError, UnknownFeatureError, BadTensorError,
+    BadRequestError (bytes that are no request message, a missing directory),
     any other StorageNodeError / NDPError      -> INVALID_ARGUMENT
     StepOrderError, a step that never became ready,
-    ShardFileError (checkpoint or file that does not fit) -> FAILED_PRECONDITION
+    ShardFileError (checkpoint or file that does not fit),
+    CheckpointPathError (an OSError on a Checkpoint/Restore path) -> FAILED_PRECONDITION
     anything else (a bug)                      -> INTERNAL
 
 with the exception's message as details and its class name in trailing metadata
@@ -15,10 +17,12 @@ with the exception's message as details and its class name in trailing metadata
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -28,10 +32,15 @@ from protos import storage_node_pb2 as pb
 from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node import codec
 from storage_node.auth import ERROR_METADATA_KEY
-from storage_node.errors import ShardFileError, StepOrderError
+from storage_node.errors import (
+    BadRequestError,
+    CheckpointPathError,
+    ShardFileError,
+    StepOrderError,
+)
 from storage_node.link import EmulatedLink
 from storage_node.node import StorageNodeCore
-from storage_node.rpc_methods import wire_size
+from storage_node.rpc_methods import Undecodable, wire_size
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,8 @@ def _translate_errors(
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Reply:
         try:
+            if isinstance(request, Undecodable):
+                raise BadRequestError(str(request))
             return method(self, request, context)
         except (NDPError, TimeoutError) as error:
             name = (
@@ -71,6 +82,36 @@ def _translate_errors(
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return handler
+
+
+def _checkpoint_directory(directory: str) -> str:
+    """`directory` if set: an empty one would be the node's working directory."""
+    if not directory:
+        raise BadRequestError(
+            "no checkpoint directory given; send the directory (on the node's machine) to "
+            "write the checkpoint to or restore it from"
+        )
+    return directory
+
+
+@contextmanager
+def _caller_path(action: str, directory: str) -> Iterator[None]:
+    """OSErrors inside become `CheckpointPathError` naming the path and the errno's text.
+
+    Why: the directory of a Checkpoint or Restore is the caller's choice; one that cannot be
+    created, read or written (not a directory, no permission, a file gone, a full disk) is
+    theirs to change, not a node bug (INTERNAL).
+    """
+    try:
+        yield
+    except OSError as error:
+        path = error.filename or directory
+        code = errno.errorcode.get(error.errno or 0, "")
+        reason = f"{error.strerror} ({code})" if error.strerror else str(error)
+        raise CheckpointPathError(
+            f"cannot {action} {directory}: {path}: {reason}; fix that path (it must exist "
+            "or be creatable, be writable, have free space) or choose another directory"
+        ) from None
 
 
 class StorageNodeServicer(pb_grpc.StorageNodeServicer):
@@ -109,15 +150,15 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         self._carry(request)
         bags, answer_dtype = codec.parse_lookup_request(request)
         # A training lookup reads weights that step s-1's update must already have changed;
-        # an evaluation lookup only needs them not to be older than that.
-        if request.train or self.core.applied_step < request.step - 1:
-            self.core.wait_for_step(
-                request.step, self._wait_timeout(context), training=request.train
-            )
+        # an evaluation lookup only needs them not to be older than that. The core checks
+        # the request before it waits, so a malformed one is refused at once.
+        wait_s = self._wait_timeout(context)
         if request.use_early:
-            pooled = self.core.lookup_early(request.step, request.worker)
+            pooled = self.core.lookup_early(request.step, request.worker, wait_timeout_s=wait_s)
         else:
-            pooled = self.core.lookup(request.step, request.worker, bags, train=request.train)
+            pooled = self.core.lookup(
+                request.step, request.worker, bags, train=request.train, wait_timeout_s=wait_s
+            )
         reply = codec.lookup_response_bytes(pooled, answer_dtype)
         self._carry(reply)
         return reply
@@ -152,14 +193,18 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
     def Checkpoint(
         self, request: pb.CheckpointRequest, context: grpc.ServicerContext
     ) -> pb.CheckpointResponse:
-        manifest = self.core.checkpoint(request.directory)
+        directory = _checkpoint_directory(request.directory)
+        with _caller_path("write a checkpoint to", directory):
+            manifest = self.core.checkpoint(directory)
         return pb.CheckpointResponse(manifest_json=json.dumps(manifest, default=str))
 
     @_translate_errors
     def Restore(
         self, request: pb.RestoreRequest, context: grpc.ServicerContext
     ) -> pb.RestoreResponse:
-        self.core.restore(request.directory)
+        directory = _checkpoint_directory(request.directory)
+        with _caller_path("restore from", directory):
+            self.core.restore(directory)
         return pb.RestoreResponse()
 
     @_translate_errors

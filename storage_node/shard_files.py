@@ -1,4 +1,7 @@
-"""A node's shard files: where each piece's file lives, and copying them with their sha256.
+"""A node's shard files: where each piece's file lives, creating them, copying them.
+
+A node creates its files inside `creating_shard_files`: free space is checked first (nothing
+is written when the pieces cannot fit), and a creation that fails removes the files it made.
 
 Checkpoints are a directory holding, per node, ``<node_id>.manifest.json`` and one copy of
 each shard file (``<node_id>.<table>.<start>-<end>.shard``, sha256 in the manifest), each
@@ -11,12 +14,14 @@ import errno
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ndp.config import StorageConfig
 from ndp.model.spec import optimizer_state_width
-from storage_node.errors import ShardFileError
-from storage_node.flash import FlashStore
+from storage_node.errors import FlashDirError, ShardFileError
+from storage_node.flash import FlashLayout, FlashStore, flash_dir_error
 from storage_node.spec import ShardSpec
 
 CHECKPOINT_FORMAT = "ndp-storage-node-checkpoint/1"
@@ -59,6 +64,115 @@ def open_shard_file(
         merge_gap_bytes=storage.io_merge_gap_bytes,
         emulation=storage.emulation if device_like else None,
     )
+
+
+def shard_file_bytes(spec: ShardSpec, *, optimizer: str, storage: StorageConfig) -> int:
+    """Size of the piece's flash file (header page + blocks)."""
+    return FlashLayout(
+        num_rows=spec.row_end - spec.row_start,
+        embedding_dim=spec.embedding_dim,
+        state_width=optimizer_state_width(optimizer, spec.embedding_dim),
+        page_bytes=storage.page_bytes,
+    ).file_bytes
+
+
+def bytes_to_create(
+    directory: Path,
+    node_id: str,
+    shards: list[ShardSpec],
+    *,
+    optimizer: str,
+    storage: StorageConfig,
+) -> int:
+    """Disk bytes the node's shard files still need: a file already there (a restart on the
+    same flash_dir) counts the blocks it holds, so reopening it needs nothing new."""
+    needed = 0
+    for spec in shards:
+        try:
+            held = (directory / file_stem(node_id, spec)).stat().st_blocks * 512
+        except FileNotFoundError:
+            held = 0
+        needed += max(0, shard_file_bytes(spec, optimizer=optimizer, storage=storage) - held)
+    return needed
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_flash_dir(
+    directory: Path,
+    node_id: str,
+    shards: list[ShardSpec],
+    *,
+    optimizer: str,
+    storage: StorageConfig,
+) -> None:
+    """Refuse a flash dir that cannot take the node's files before anything is written.
+
+    Why: a full disk used to surface mid-write as a Ray traceback with partial files left
+    behind. `directory` may not exist yet; its nearest existing parent is checked.
+
+    Raises:
+        FlashDirError: read-only, fewer bytes free than the files need (both named), or
+            the directory cannot be examined.
+    """
+    try:
+        stat = os.statvfs(_nearest_existing(directory))
+        needed = bytes_to_create(directory, node_id, shards, optimizer=optimizer, storage=storage)
+    except OSError as error:
+        raise flash_dir_error(f"examine {directory}", error) from None
+    if stat.f_flag & os.ST_RDONLY:
+        raise flash_dir_error(
+            f"create shard files in {directory}", OSError(errno.EROFS, os.strerror(errno.EROFS))
+        )
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        raise FlashDirError(
+            f"storage.flash_dir {directory}: node {node_id}'s {len(shards)} shard files need "
+            f"{needed:,} bytes, only {free:,} bytes free; free space there or point "
+            "storage.flash_dir at a larger file system"
+        )
+
+
+@contextmanager
+def creating_shard_files(
+    directory: Path,
+    node_id: str,
+    shards: list[ShardSpec],
+    *,
+    optimizer: str,
+    storage: StorageConfig,
+) -> Iterator[None]:
+    """Check `directory` (`check_flash_dir`), create it, and run the block that opens the
+    node's shard files; if the block fails, remove the files (and directory) it created.
+
+    Files that were there before are kept: they hold a previous run's rows.
+
+    Raises:
+        FlashDirError: the check failed, or `directory` could not be created.
+    """
+    check_flash_dir(directory, node_id, shards, optimizer=optimizer, storage=storage)
+    made_directory = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise flash_dir_error(f"create directory {directory}", error) from None
+    paths = [directory / file_stem(node_id, spec) for spec in shards]
+    existing = {path for path in paths if path.exists()}
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if path not in existing:
+                with suppress(OSError):
+                    path.unlink()
+        if made_directory:
+            with suppress(OSError):
+                directory.rmdir()  # only if empty
+        raise
 
 
 def copy_with_sha256(src: Path, dst: Path) -> str:

@@ -3,8 +3,11 @@
     ndp-data preprocess --input PATH... --output DIR [--config PATH] [--val-fraction F]
     ndp-data synth --config PATH --output DIR
 
-`preprocess` takes `data.bad_line_policy` / `data.nan_policy` / `data.val_fraction` from the
-config when one is given (defaults otherwise); `--val-fraction` overrides the config.
+`preprocess` reads Criteo TSV files, plain or gzip-compressed (`day_0.gz`), or directories of
+them (`ndp.data.inputs` says which files a directory may hold). It takes
+`data.bad_line_policy` / `data.nan_policy` / `data.val_fraction` from the config when one is
+given (defaults otherwise); `--val-fraction` overrides the config, and `--input` stands in for
+the config's `data.path` / `data.val_path`, which need not exist here.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from ndp.cli import run_cli
 from ndp.config import DataConfig, load_config
 from ndp.data.preprocess import prepare_output_dir, preprocess_criteo
 from ndp.data.synthetic import write_synthetic
+from ndp.errors import DataError
 
 PROG = "ndp-data"
 
@@ -26,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     pre = commands.add_parser("preprocess", help="Criteo TSV -> columnar .npy splits")
-    pre.add_argument("--input", nargs="+", required=True, help="TSV files or directories")
+    pre.add_argument(
+        "--input", nargs="+", required=True, help="TSV files (plain or .gz) or directories"
+    )
     pre.add_argument("--output", required=True, help="new or empty output directory")
     pre.add_argument("--config", help="YAML config (data.* policies and val_fraction)")
     pre.add_argument("--val-fraction", type=float, help="last fraction of lines -> val/")
@@ -36,8 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _preprocess_data_config(args: argparse.Namespace) -> DataConfig:
+    """`data` of --config, with --input standing in for `data.path` before validation.
+
+    Why: the config only lends its policies and `val_fraction`; its `data.path` and
+    `data.val_path` may name files of another machine, and must not refuse a run that
+    reads --input.
+    """
+    if not args.config:
+        return DataConfig()
+    for path in args.input:  # named as --input, not as the data.path it stands in for
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file or directory")
+    first_input = json.dumps(str(Path(args.input[0]).resolve()))  # quoted YAML scalar
+    overrides = [f"data.path={first_input}", "data.val_path=null"]
+    return load_config(args.config, overrides).data
+
+
 def _preprocess(args: argparse.Namespace) -> None:
-    data = load_config(args.config).data if args.config else DataConfig()
+    data = _preprocess_data_config(args)
     val_fraction = data.val_fraction if args.val_fraction is None else args.val_fraction
     meta = preprocess_criteo(args.input, args.output, data=data, val_fraction=val_fraction)
     counts = {split: info["num_samples"] for split, info in meta["splits"].items()}

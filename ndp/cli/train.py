@@ -6,6 +6,10 @@
 A run writes DIR/config.yaml (the resolved config), DIR/metrics.jsonl and DIR/summary.json
 (DIR defaults to runs/<timestamp>). Exit status: 0 success, 2 user error (one line on
 stderr, no traceback), 1 a bug, 130 interrupted by Ctrl-C (the summary is still written).
+
+A run owns the directories it writes: DIR, its checkpoint dir and `storage.flash_dir` are
+claimed (`ndp.dir_lock`) before anything is written into them and released when the run
+ends, however it ends; a second run naming one of them exits 2 naming the run that holds it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import ndp
 from ndp.cli import run_cli
 from ndp.config import Config, load_config
+from ndp.dir_lock import claim_dirs
 from ndp.errors import ConfigError, NotAvailableError
 from ndp.run_dir import check_output_dir, make_run_dir
 
@@ -121,7 +126,6 @@ def train(args: argparse.Namespace) -> int:
     # torch, torchrec and Ray load only once the arguments are known to be good: a typo in
     # --set is answered in a fraction of a second.
     from ndp.data.loader import build_datasets
-    from ndp.train_loop import run_training
 
     train_data, val_data = build_datasets(cfg)
     if resuming and args.output_dir is not None:
@@ -129,6 +133,43 @@ def train(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         run_dir = make_run_dir(args.output_dir)
+    with claim_dirs(owned_dirs(args, cfg, run_dir)):
+        if not resuming:  # again: a run that held the directory may have finished meanwhile
+            check_output_dir(run_dir)
+        return _train_in(args, cfg, run_dir, make_engine, train_data, val_data, resume_from)
+
+
+def owned_dirs(args: argparse.Namespace, cfg: Config, run_dir: Path) -> list[tuple[str, Path]]:
+    """(setting, directory) of each directory the run writes, for `claim_dirs`.
+
+    The checkpoint dir is claimed when checkpoints are written or it exists (the schedule
+    cleans up partial checkpoints there); the flash dir only when set (else each node makes
+    a private temporary one).
+    """
+    dirs = [("--output-dir" if args.output_dir else "run directory", run_dir)]
+    if args.mode == "ndp":
+        from ndp.checkpoint import checkpoint_root
+
+        root = checkpoint_root(cfg, run_dir)
+        if cfg.checkpoint.enabled or root.is_dir():
+            dirs.append(("checkpoint.dir" if cfg.checkpoint.dir else "checkpoint dir", root))
+        if cfg.storage.flash_dir:
+            dirs.append(("storage.flash_dir", Path(cfg.storage.flash_dir)))
+    return dirs
+
+
+def _train_in(
+    args: argparse.Namespace,
+    cfg: Config,
+    run_dir: Path,
+    make_engine: Callable[..., StepEngine],
+    train_data: Any,
+    val_data: Any,
+    resume_from: Any,
+) -> int:
+    """Build the engine and train into `run_dir` (whose directories this run holds)."""
+    from ndp.train_loop import run_training
+
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     if args.mode == "ndp":
         engine = make_engine(cfg, plan=plan_for_run(cfg, train_data))

@@ -23,12 +23,16 @@ format (which keeps raw ids), and easy to check by hand.
 
 Malformed lines (wrong field count, a non-integer dense value, a non-hex categorical, a label
 other than 0/1, binary garbage, NaN/Inf under `nan_policy=fail`) raise `DataError` naming
-`file:line` (1-based) and what is wrong; with `data.bad_line_policy=skip` they are dropped and
-counted (`CriteoReader.skipped_lines`, and a log line).
+`file:line` (1-based, counted in the decompressed text) and what is wrong; with
+`data.bad_line_policy=skip` they are dropped and counted (`CriteoReader.skipped_lines`, and a
+log line).
 
 Parsing is vectorised per chunk of lines: tab and newline positions of the joined chunk are
 found with numpy, fields are gathered into a bytes array `[lines, 40]`, and digits are decoded
 with lookup tables. Python code runs per line only to describe a malformed one.
+
+Which files a data path reads (plain or gzip-compressed, what a directory may hold) and how
+they are opened is `ndp.data.inputs`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import Literal
 import numpy as np
 
 from ndp.config import NUM_DENSE_FEATURES, ModelConfig
+from ndp.data.inputs import data_files, open_input, scan_input
 from ndp.errors import ConfigError, DataError
 
 log = logging.getLogger("ndp.data")
@@ -335,34 +340,21 @@ def parse_lines(
 
 
 def tsv_files(path: str | Path) -> list[Path]:
-    """A TSV file, or the sorted `*.tsv` / `*.txt` files of a directory."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".tsv", ".txt"))
-        if not files:
-            raise DataError(f"{path}: directory holds no *.tsv or *.txt files")
-        return files
-    raise DataError(f"{path}: no such file or directory")
-
-
-def count_lines(path: Path) -> int:
-    """Lines in a file (a last line without newline counts), read in 16 MiB blocks."""
-    lines = 0
-    last = b"\n"
-    with open(path, "rb") as handle:
-        while block := handle.read(16 << 20):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return lines + (last != b"\n")
+    """A TSV file, or the files a data directory reads (rules: `ndp.data.inputs`)."""
+    return data_files(path)
 
 
 class CriteoReader:
     """Streams parsed rows from TSV files, treated as one sequence of lines.
 
     Lines are addressed by a global 0-based index over the files in order, so that a
-    train/validation split is a pair of line ranges (`line_start`, `line_end`).
+    train/validation split is a pair of line ranges (`line_start`, `line_end`). Files are
+    opened by `ndp.data.inputs.open_input` (plain or gzip, streamed; a BOM skipped); each is
+    read once at construction to count its lines.
+
+    Attributes:
+        line_counts: lines of each file (decompressed).
+        text_bytes: decompressed bytes of all files, what parsing them in memory is sized by.
     """
 
     def __init__(
@@ -377,7 +369,9 @@ class CriteoReader:
         self.bad_line_policy = bad_line_policy
         self.nan_policy = nan_policy
         self.chunk_lines = chunk_lines
-        self.line_counts = [count_lines(f) for f in self.files]
+        scans = [scan_input(f) for f in self.files]
+        self.line_counts = [lines for lines, _ in scans]
+        self.text_bytes = sum(text_bytes for _, text_bytes in scans)
         self._skipped: dict[tuple[str, int], str] = {}
 
     @property
@@ -404,7 +398,7 @@ class CriteoReader:
             offset += count
             if lo >= hi:
                 continue
-            with open(path, "rb") as handle:
+            with open_input(path) as handle:
                 for _ in islice(handle, lo):
                     pass
                 position = lo
@@ -433,6 +427,31 @@ class CriteoReader:
     def read_all(self, line_start: int = 0, line_end: int | None = None) -> CriteoRows:
         """All rows of a line range in memory (small inputs)."""
         return CriteoRows.concat(list(self.rows(line_start, line_end)))
+
+
+def require_samples(source: str, reader: CriteoReader) -> None:
+    """Refuse input that holds no sample after a full read.
+
+    Why: an empty file, or one whose every line `bad_line_policy=skip` dropped, would
+    otherwise train nothing or write an empty preprocessed copy. Training and `ndp-data
+    preprocess` both refuse it with this one message.
+
+    Args:
+        source: the input as the user named it (data.path, --input).
+        reader: a reader whose lines have all been parsed (so `skipped` is complete).
+
+    Raises:
+        DataError: naming `source`, and the first malformed line if all were skipped.
+    """
+    if reader.total_lines == 0:
+        raise DataError(f"{source}: holds no lines (empty input); there is nothing to read")
+    if reader.skipped_lines < reader.total_lines:
+        return
+    (file, line), problem = next(iter(reader.skipped.items()))
+    raise DataError(
+        f"{source}: all {reader.total_lines} lines are malformed and were skipped "
+        f"(data.bad_line_policy=skip), leaving no samples; the first: {file}:{line}: {problem}"
+    )
 
 
 def split_line(total_lines: int, val_fraction: float) -> int:

@@ -4,10 +4,14 @@ Sources:
 
 - `data.source: synthetic`: `SyntheticDataset`s for the `train` and `val` streams.
 - `data.source: criteo` with `data.path` one of
-    * a TSV file or a directory of *.tsv / *.txt files: without `data.val_path` the last
+    * a TSV file (plain or gzip-compressed, e.g. Criteo 1TB's `day_0.gz`) or a directory of
+      them (which files it may hold: `ndp.data.inputs`): without `data.val_path` the last
       `data.val_fraction` of the lines are the validation split (`criteo.split_line`), else
-      all lines train. Inputs up to `IN_MEMORY_TSV_BYTES` are parsed once into memory; larger
-      ones are streamed chunk by chunk on every pass.
+      all lines train. Inputs up to `IN_MEMORY_TSV_BYTES` of (decompressed) text are parsed
+      once into memory; larger ones are streamed chunk by chunk on every pass. An empty
+      input, or one whose every line `data.bad_line_policy=skip` dropped, is a `DataError`
+      naming it (`criteo.require_samples`; streamed input is only parsed while training,
+      where the training loop's "fewer than one batch" refuses it).
     * a directory made by `ndp-data preprocess` / `ndp-data synth` (has meta.json): its
       `train/` split trains and its `val/` split validates (the split was fixed when it was
       written; `data.val_fraction` does not re-split it).
@@ -25,7 +29,13 @@ import numpy as np
 
 from ndp.config import Config
 from ndp.data.columnar import SPLITS, is_columnar_dir, load_array, read_meta
-from ndp.data.criteo import CriteoReader, criteo_features, split_line, tsv_files
+from ndp.data.criteo import (
+    CriteoReader,
+    criteo_features,
+    require_samples,
+    split_line,
+    tsv_files,
+)
 from ndp.data.dataset import (
     CriteoArrayDataset,
     CriteoStreamDataset,
@@ -41,7 +51,8 @@ __all__ = ["Dataset", "build_datasets", "open_columnar", "open_tsv"]
 log = logging.getLogger("ndp.data")
 
 IN_MEMORY_TSV_BYTES = 256 << 20
-"""TSV input up to this size is parsed once at build time; larger input is streamed."""
+"""TSV input up to this much text (decompressed) is parsed once at build time; larger input
+is streamed."""
 
 
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
@@ -87,8 +98,9 @@ def open_tsv(
     total = reader.total_lines
     first_val_line = split_line(total, cfg.data.val_fraction) if holdout else total
     ranges = [(0, first_val_line), (first_val_line, total)]
-    if sum(f.stat().st_size for f in files) <= in_memory_max_bytes:
+    if reader.text_bytes <= in_memory_max_bytes:  # empty input included: 0 bytes
         rows = [reader.read_all(lo, hi) for lo, hi in ranges]
+        require_samples(str(path), reader)
         first, second = (CriteoArrayDataset(r, features) for r in rows)
         first.skipped_lines = second.skipped_lines = reader.skipped_lines
     else:

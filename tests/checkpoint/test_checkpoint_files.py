@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -233,8 +234,12 @@ def test_steps_and_minutes_together_checkpoint_at_whichever_comes_first(tmp_path
 
 def test_a_disabled_schedule_is_never_due(tmp_path):
     now = [0.0]
+    # the config refuses intervals without `enabled` (tests/faults/test_strict_config.py);
+    # the schedule must still never fire on a config built past that check
+    job = tiny_job(enabled=True, interval_steps=1, interval_minutes=1)
+    job = replace(job, checkpoint=replace(job.checkpoint, enabled=False))
     schedule = CheckpointSchedule(
-        tiny_job(enabled=False, interval_steps=1, interval_minutes=1),
+        job,
         tmp_path,
         clock=lambda: now[0],
     )
