@@ -12,11 +12,13 @@ setup:
 train: setup
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(VENV)/bin/ndp-train --config $(CONFIG) $(ARGS)
 
+# the import-layer contracts (pyproject.toml [tool.importlinter], under a second) before the tests
 test: setup
+	$(VENV)/bin/lint-imports
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m pytest $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
@@ -28,4 +30,4 @@ bench: setup
 	$(VENV)/bin/ndp-bench train --quick
 
 clean:
-	rm -rf runs/ .pytest_cache
+	rm -rf runs/ .pytest_cache .import_linter_cache

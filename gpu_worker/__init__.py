@@ -1,1 +1,2 @@
-"""The dense half of ndp: the GPU worker, its gRPC client to storage nodes, its Ray actor."""
+"""The dense half of ndp: the GPU worker and its Ray actor (storage nodes are reached with
+`storage_node.client`)."""

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from gpu_worker.worker import DenseWorker
 from ndp.config import Config
+from storage_node.client import connect
 from storage_node.process_env import keep_wire_buffers_in_heap
 
 
 class GpuWorkerActor(DenseWorker):
-    """A `DenseWorker` plus what only makes sense inside an actor (rendezvous address)."""
+    """A `DenseWorker` plus what only makes sense inside an actor: gRPC clients of the
+    storage nodes, connected in the worker's own process, and the rendezvous address.
 
-    def __init__(self, **kwargs: Any) -> None:
+    Args:
+        node_addresses: per storage node, an address accepted by `connect` (`pick_address`
+            dials the unix socket when the node shares this machine).
+        token: the job's token for storage-node RPCs.
+        **kwargs: `DenseWorker`'s other arguments (rank, world_size, cfg, plan).
+    """
+
+    def __init__(self, *, node_addresses: Sequence[Any], token: str, **kwargs: Any) -> None:
         keep_wire_buffers_in_heap()  # storage_node/process_env.py says why
-        super().__init__(**kwargs)
+        cfg: Config = kwargs["cfg"]
+        clients = [connect(address, cfg, token=token) for address in node_addresses]
+        super().__init__(clients=clients, **kwargs)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address and free port on this worker's node for the torch.distributed store."""

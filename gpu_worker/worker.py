@@ -29,7 +29,6 @@ reference's gradients.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,16 +36,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from gpu_worker.storage_client import connect, link_bytes
+from gpu_worker.node_api import NodeApi, Reply
 from ndp.config import Config
 from ndp.data.batch import Batch
-from ndp.model.dense import build_dense_half
-from ndp.planner import ShardingPlan
-from ndp.reference import build_dense_optimizer, resolve_device
+from ndp.errors import CollectiveError
+from ndp.model.dense_step import DenseStep
+from ndp.plan import Bags, ShardingPlan
 from ndp.routing import reassemble, route_gradients, route_lookup
-from storage_node.spec import Bags
+from storage_node.client import link_bytes
 
 RoutedBags = Mapping[int, Mapping[str, Bags]]
 """{node: {feature: Bags}} for one worker's share of a batch (from `ndp.routing.route_lookup`)."""
@@ -60,8 +58,10 @@ class DenseWorker:
         world_size: number of GPU workers M.
         cfg: the run's config.
         plan: the sharding plan (as `ShardingPlan.to_dict()` or the object).
-        node_addresses: per storage node, an address accepted by `StorageClient`.
-        token: the job's token for storage-node RPCs.
+        clients: per storage node, in node order, its `NodeApi`: a
+            `storage_node.client.StorageClient` (the actor, `gpu_worker.actor`, connects
+            them), or an `InProcessNode` over a core in this process (tests). The worker
+            closes them.
     """
 
     def __init__(
@@ -71,28 +71,23 @@ class DenseWorker:
         world_size: int,
         cfg: Config,
         plan: ShardingPlan | dict,
-        node_addresses: Sequence[Any],
-        token: str,
+        clients: Sequence[NodeApi],
     ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.cfg = cfg
         self.plan = plan if isinstance(plan, ShardingPlan) else ShardingPlan.from_dict(plan)
         self.tables = cfg.model.effective_tables()
-        self.device = resolve_device(cfg.train.device)
-        self.dense_half = build_dense_half(cfg.model, seed=cfg.train.seed).to(self.device)
-        self.optimizer = build_dense_optimizer(
-            cfg.optimizer.dense, list(self.dense_half.parameters())
-        )
-        self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
-        self.clients = [connect(address, cfg, token=token) for address in node_addresses]
-        self._seconds: dict[str, float] = defaultdict(float)
+        self.dense = DenseStep(cfg)
+        self.device = self.dense.device
+        self.clients = list(clients)
+        self._clock = self.dense.clock
         self._counters: dict[str, float] = defaultdict(float)
         self._wire_total: dict[str, int] = defaultdict(int)
         """Bytes on the wire since start, per `<Rpc>.<sent|received>[.float_data]`."""
         self._wire_at_timings: dict[str, int] = {}
         self._group_ready = world_size == 1
-        self._pushes_in_flight: list[Any] = []
+        self._pushes_in_flight: list[Reply[bool]] = []
         self._early_in_flight: list[_EarlySent] = []
         self._early_kept: dict[tuple[int, int], Mapping[str, Bags]] = {}
         """(step, node) -> bags of an early lookup the node kept: its lookup sends no bags."""
@@ -133,7 +128,7 @@ class DenseWorker:
             DataError: an index outside its table (in `batch` or `early`), before anything
                 of this step is sent.
         """
-        with self._phase("route_s"):
+        with self._clock.phase("route_s"):
             routed = route_lookup(batch.sparse, self.plan, self.tables)
             early_routed = None
             if early is not None:
@@ -141,7 +136,7 @@ class DenseWorker:
         self._resolve_early_lookups(keep=True)
         pooled = self._lookup(step, routed, train=True)
         if early_routed is not None:
-            with self._phase("early_lookup_s"):
+            with self._clock.phase("early_lookup_s"):
                 self._early_in_flight = [
                     _EarlySent(
                         step + 1,
@@ -153,35 +148,25 @@ class DenseWorker:
                     )
                     for node, bags in early_routed.items()
                 ]
-        pushed_before = self._seconds["gradient_push_s"]
-        started = time.perf_counter()
-        leaves = {f: t.to(self.device).requires_grad_() for f, t in pooled.items()}
+        leaves = self.dense.leaves(pooled)
         early_push = _PushOnceReady(lambda grads: self._push_gradients(step, grads), leaves)
-        logits = self.dense_half(batch.dense.to(self.device), leaves)
-        loss = self.loss_fn(logits, batch.labels.to(self.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss / self.world_size).backward()
+        # the push leaves from inside backward: `gradient_push_s`, not `dense_compute_s`
+        loss = self.dense.forward_backward(
+            batch.dense, leaves, batch.labels, loss_divisor=self.world_size
+        )
         early_push.finish()
-        pushing = self._seconds["gradient_push_s"] - pushed_before  # inside backward
-        self._seconds["dense_compute_s"] += time.perf_counter() - started - pushing
-        with self._phase("allreduce_s"):
+        with self._clock.phase("allreduce_s"):
             self._sum_dense_gradients()
-        with self._phase("dense_optimizer_s"):
-            self.optimizer.step()
-        return float(loss.detach())
+        self.dense.optimizer_step()
+        return float(loss)
 
     @torch.no_grad()
     def predict(self, step: int, batch: Batch) -> torch.Tensor:
         """Logits [B/M] on CPU through the same lookup path, without any update."""
         self.flush()
         routed = route_lookup(batch.sparse, self.plan, self.tables)
-        self.dense_half.eval()
         pooled = self._lookup(step, routed, train=False)
-        logits = self.dense_half(
-            batch.dense.to(self.device), {f: t.to(self.device) for f, t in pooled.items()}
-        )
-        self.dense_half.train()
-        return logits.float().cpu()
+        return self.dense.predict(batch.dense, pooled).float().cpu()
 
     def flush(self) -> None:
         """Wait for every gradient push and early lookup in flight; raise the first refusal.
@@ -189,7 +174,7 @@ class DenseWorker:
         Call before anything that must see the state after the last step (the coordinator
         does: predict, table rows, checkpoints, close).
         """
-        with self._phase("push_wait_s"):
+        with self._clock.phase("push_wait_s"):
             _resolve_all(self._take_pushes())
         # forget the kept pools: what runs after a flush may drop them on the nodes (restore,
         # write_rows), so the next lookup sends its bags (a node still holding the pool
@@ -208,8 +193,7 @@ class DenseWorker:
         self._counters["link_bytes_in"] += in_bytes - last_in
         self._counters["link_bytes_out"] += out_bytes - last_out
         self._wire_at_timings = total
-        out = {**self._seconds, **self._counters}
-        self._seconds = defaultdict(float)
+        out = {**self._clock.take(), **self._counters}
         self._counters = defaultdict(float)
         return out
 
@@ -224,15 +208,16 @@ class DenseWorker:
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """The dense half's parameters, on CPU."""
-        return {k: v.detach().cpu().clone() for k, v in self.dense_half.state_dict().items()}
+        state = self.dense.dense_half.state_dict()
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def optimizer_state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        return self.dense.optimizer.state_dict()
 
     def load_dense_state(self, model_state: dict, optimizer_state: dict | None) -> None:
-        self.dense_half.load_state_dict(model_state)
+        self.dense.dense_half.load_state_dict(model_state)
         if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+            self.dense.optimizer.load_state_dict(optimizer_state)
 
     def close(self) -> None:
         for client in self.clients:
@@ -243,14 +228,14 @@ class DenseWorker:
 
     # ----------------------------------------------------------------- internals
 
-    def _take_pushes(self) -> list[Any]:
+    def _take_pushes(self) -> list[Reply[bool]]:
         futures, self._pushes_in_flight = self._pushes_in_flight, []
         return futures
 
     def _resolve_early_lookups(self, *, keep: bool) -> None:
         """Collect the early lookups in flight; with `keep`, remember the pools nodes kept."""
         sent, self._early_in_flight = self._early_in_flight, []
-        with self._phase("early_lookup_s"):
+        with self._clock.phase("early_lookup_s"):
             _resolve_all([early.reply for early in sent])
         self._early_kept = {
             (early.step, early.node): early.bags for early in sent if keep and early.reply.result()
@@ -266,7 +251,7 @@ class DenseWorker:
         )
 
     def _lookup(self, step: int, routed: RoutedBags, *, train: bool) -> dict[str, torch.Tensor]:
-        with self._phase("lookup_wait_s"):
+        with self._clock.phase("lookup_wait_s"):
             futures = {
                 node: self.clients[node].lookup_async(
                     step,
@@ -280,33 +265,43 @@ class DenseWorker:
             self._early_kept = {}
         # The previous step's push acknowledgements: the nodes answer this lookup only after
         # that update anyway, so waiting here costs nothing the barrier does not.
-        with self._phase("push_wait_s"):
+        with self._clock.phase("push_wait_s"):
             _resolve_all(self._take_pushes())
-        with self._phase("lookup_wait_s"):
+        with self._clock.phase("lookup_wait_s"):
             partials = {node: future.result() for node, future in futures.items()}
         return reassemble(partials, self.plan)
 
     def _push_gradients(self, step: int, grads: dict[str, torch.Tensor]) -> None:
         routed = route_gradients(grads, self.plan)
-        with self._phase("gradient_push_s"):  # sending only; acknowledged in the next step
+        with self._clock.phase("gradient_push_s"):  # sending only; acknowledged in the next step
             self._pushes_in_flight = [
                 self.clients[node].push_gradients_async(step, self.rank, node_grads)
                 for node, node_grads in routed.items()
             ]
 
     def _sum_dense_gradients(self) -> None:
+        """All-reduce (sum) the dense gradients, flattened into one tensor.
+
+        Raises:
+            CollectiveError: the all-reduce failed (a peer died or cannot be reached; gloo
+                says so with a bare RuntimeError, so it is named here, where it is known).
+        """
         if self.world_size == 1:
             return
-        grads = [p.grad for p in self.dense_half.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.dense.dense_half.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        try:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        except RuntimeError as error:
+            raise CollectiveError(
+                f"gpu-worker-{self.rank}: the dense all-reduce of {self.world_size} GPU workers "
+                f"failed (a peer died or cannot be reached): {_first_line(error)}",
+                component="gpu-worker",
+            ) from error
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
-
-    def _phase(self, name: str) -> _Phase:
-        return _Phase(self._seconds, name)
 
 
 @dataclass
@@ -316,8 +311,8 @@ class _EarlySent:
     step: int
     node: int
     bags: Mapping[str, Bags]
-    reply: Any
-    """ReplyFuture[bool]: True when the node kept the pooled vectors."""
+    reply: Reply[bool]
+    """True when the node kept the pooled vectors."""
 
 
 class _PushOnceReady:
@@ -363,7 +358,7 @@ class _PushOnceReady:
         self._push({feature: self._grads[feature] for feature in self._leaves})
 
 
-def _resolve_all(futures: Sequence[Any]) -> None:
+def _resolve_all(futures: Sequence[Reply[Any]]) -> None:
     """Wait for every future (none left behind), then raise the first error, if any."""
     first: BaseException | None = None
     for future in futures:
@@ -375,12 +370,6 @@ def _resolve_all(futures: Sequence[Any]) -> None:
         raise first
 
 
-class _Phase:
-    def __init__(self, seconds: dict[str, float], name: str) -> None:
-        self.seconds, self.name = seconds, name
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self.name] += time.perf_counter() - self.start
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__

@@ -72,8 +72,8 @@ from ndp.config import Config
 from ndp.errors import NDPError
 
 if TYPE_CHECKING:
+    from ndp.plan import ShardSpec
     from storage_node.restore import RestoreHeader
-    from storage_node.spec import ShardSpec
 
 FORMAT = "ndp-checkpoint/2"
 """Format written; format 2 manifests carry `manifest_sha256`."""

@@ -32,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gpu_worker.actor import launch_gpu_worker
-from gpu_worker.storage_client import link_bytes
 from ndp.config import Config
 from ndp.data.batch import Batch
-from ndp.errors import ComponentTimeoutError, NDPError
-from ndp.planner import ShardingPlan, plan_shards
+from ndp.errors import ComponentDiedError, ComponentKind, ComponentTimeoutError, NDPError
+from ndp.plan import ShardingPlan
+from ndp.planner import plan_shards
 from ndp.ray_local import init_local_ray
 from ndp.routing import route_indices
 from storage_node.actor import launch_storage_node
+from storage_node.client import link_bytes
 
 if TYPE_CHECKING:
     from ndp.checkpoint import Checkpoint, EngineState
@@ -113,6 +114,7 @@ class NdpEngine:
             host, port = ray.get(self._workers[0].rendezvous_address.remote())
             _get(
                 [w.init_process_group.remote(host, port) for w in self._workers],
+                component="gpu-worker",
             )
         else:
             ray.get(self._workers[0].ping.remote())
@@ -156,7 +158,7 @@ class NdpEngine:
         flash into its cache while the current step runs (see `ndp.pipeline`). A refused
         prefetch (bad index) surfaces at a later `train_step` or `prefetch`.
         """
-        from gpu_worker.storage_client import connect
+        from storage_node.client import connect
 
         self._raise_prefetch_errors(wait=False)
         if self._early_pooling:
@@ -251,7 +253,7 @@ class NdpEngine:
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """The dense half's parameters (all workers hold the same replica; rank 0's)."""
-        return self._wait(self._workers[0].dense_state_dict.remote(), "gpu-worker-0")
+        return self._wait(self._workers[0].dense_state_dict.remote(), "gpu-worker", 0)
 
     def table_rows(self, table_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole table's weights [rows, D] and optimizer state [rows, S], gathered from its pieces."""
@@ -334,11 +336,11 @@ class NdpEngine:
         from ndp.checkpoint import RESTORE_CALLS_IN_FLIGHT, node_restore_header, node_restore_rows
         from storage_node.restore import RowsDigest
 
-        actor, component = self._nodes[node], f"storage-node-{node}"
+        actor = self._nodes[node]
         header = node_restore_header(
             checkpoint, self.plan.shards_for_node(node, self.tables), self.cfg
         )
-        self._wait(actor.restore_begin.remote(header), component)
+        self._wait(actor.restore_begin.remote(header), "storage-node", node)
         digest, in_flight = RowsDigest(), deque()
         for chunk in node_restore_rows(checkpoint, header):
             digest.update(chunk.table_name, chunk.records)
@@ -346,10 +348,10 @@ class NdpEngine:
                 actor.restore_rows.remote(chunk.table_name, chunk.row_start, chunk.records)
             )
             if len(in_flight) > RESTORE_CALLS_IN_FLIGHT:
-                self._wait(in_flight.popleft(), component)
+                self._wait(in_flight.popleft(), "storage-node", node)
         while in_flight:
-            self._wait(in_flight.popleft(), component)
-        self._wait(actor.restore_finish.remote(digest.hexdigests()), component)
+            self._wait(in_flight.popleft(), "storage-node", node)
+        self._wait(actor.restore_finish.remote(digest.hexdigests()), "storage-node", node)
 
     def restart(self) -> None:
         """Kill every storage-node and GPU-worker actor (dead or alive) and start fresh ones.
@@ -387,9 +389,13 @@ class NdpEngine:
         pids = _get([a.__ray_call__.remote(lambda _self: os.getpid()) for a in actors.values()])
         return dict(zip(actors, pids, strict=True))
 
-    def _wait(self, refs: Any, component: str = "gpu-worker") -> Any:
+    def _wait(
+        self, refs: Any, component: ComponentKind = "gpu-worker", index: int | None = None
+    ) -> Any:
         """`_get` with the job's deadline (`cluster.step_timeout_s`): a hung actor is named."""
-        return _get(refs, timeout_s=self.cfg.cluster.step_timeout_s, component=component)
+        return _get(
+            refs, timeout_s=self.cfg.cluster.step_timeout_s, component=component, index=index
+        )
 
     # ----------------------------------------------------------------- tear-down
 
@@ -421,22 +427,36 @@ class NdpEngine:
         self.close()
 
 
-def _get(refs: Any, *, timeout_s: float | None = None, component: str = "actor") -> Any:
+def _get(
+    refs: Any,
+    *,
+    timeout_s: float | None = None,
+    component: ComponentKind = "actor",
+    index: int | None = None,
+) -> Any:
     """ray.get that re-raises a user error (NDPError) from an actor as itself.
 
     Args:
         refs: one ObjectRef or a list (element i from actor `<component>-<i>`).
         timeout_s: deadline for all of them (`cluster.step_timeout_s`); None: wait forever.
-        component: names the actors in the timeout error (`gpu-worker`, `storage-node`).
+        component: the kind of actor the refs come from (names them in errors).
+        index: for one ref, its actor's index (`<component>-<index>`).
 
     Raises:
         ComponentTimeoutError: some refs were not ready in time; names their actors. An actor
             that hangs without dying (stopped, deadlocked) is only noticed this way.
+        ComponentDiedError: an actor died or is unreachable (Ray's `RayActorError`); names it.
     """
     import ray
 
     many = isinstance(refs, list)
     refs_list = list(refs) if many else [refs]
+    positions = {ref: i for i, ref in enumerate(refs_list)} if many else {refs: index}
+
+    def actor_name(ref: Any) -> str:
+        position = positions[ref]
+        return component if position is None else f"{component}-{position}"
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         pending = refs_list  # fail on the first error, not behind a blocked peer
@@ -444,16 +464,20 @@ def _get(refs: Any, *, timeout_s: float | None = None, component: str = "actor")
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not ready:
-                index = {ref: i for i, ref in enumerate(refs_list)}
-                silent = ", ".join(
-                    f"{component}-{index[ref]}" if many else component for ref in pending
-                )
                 raise ComponentTimeoutError(
-                    f"{silent} did not answer within cluster.step_timeout_s={timeout_s:g}s "
-                    "(hung or stopped without dying); raise cluster.step_timeout_s if its "
-                    "steps are legitimately slower"
+                    f"{', '.join(map(actor_name, pending))} did not answer within "
+                    f"cluster.step_timeout_s={timeout_s:g}s (hung or stopped without dying); "
+                    "raise cluster.step_timeout_s if its steps are legitimately slower",
+                    component=component,
                 )
-            ray.get(ready)
+            try:
+                ray.get(ready)
+            except ray.exceptions.RayActorError as exc:
+                raise ComponentDiedError(
+                    f"{actor_name(ready[0])} died or cannot be reached "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                    component=component,
+                ) from exc
         values = ray.get(refs_list)
         return values if many else values[0]
     except ray.exceptions.RayTaskError as exc:

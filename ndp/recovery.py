@@ -5,8 +5,8 @@
 not change. Per training step:
 
     loss = engine.train_step(step, batch)
-    on a component failure (an actor died, a storage node stopped answering, an actor
-    stayed silent past cluster.step_timeout_s: hung or stopped without dying):
+    on a component failure (`ndp.failure_policy`, by exception type: an actor died, a
+    storage node stopped answering, an actor stayed silent past cluster.step_timeout_s):
         restarts += 1; past checkpoint.max_restarts -> RecoveryError (component, cause, last ckpt)
         engine.restart()                         fresh actors
         roll back to the newest checkpoint       (or to the initial model when there is none)
@@ -21,52 +21,21 @@ state the steps depend on, the data order is a pure function of the step
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ndp.checkpoint import Checkpoint, CheckpointSchedule, latest_checkpoint, restore_rng_state
 from ndp.config import Config
 from ndp.data.batch import Batch
-from ndp.errors import ComponentTimeoutError, NDPError, NotAvailableError
+from ndp.errors import NDPError, NotAvailableError
+from ndp.failure_policy import ComponentFailure, classify_failure
 
 log = logging.getLogger(__name__)
 
 
 class RecoveryError(NDPError):
     """A run lost a component more often than `checkpoint.max_restarts` allows."""
-
-
-def is_component_failure(exc: BaseException) -> bool:
-    """True for a dead, unreachable or hung actor; False for a user error or a bug in a step."""
-    import ray
-
-    from gpu_worker.storage_client import StorageNodeUnavailableError
-
-    if isinstance(exc, StorageNodeUnavailableError | ComponentTimeoutError):
-        return True
-    if isinstance(exc, NDPError):
-        return False
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = getattr(exc, "cause", None)
-        return cause is not None and is_component_failure(cause)
-    return (
-        isinstance(
-            exc,
-            ray.exceptions.RayActorError | ray.exceptions.GetTimeoutError | ConnectionError,
-        )
-        or "torch.distributed" in type(exc).__module__
-        or "Gloo" in str(exc)[:2000]
-    )
-
-
-def describe_component(exc: BaseException) -> str:
-    """Which kind of component a failure names (best effort, for the error message)."""
-    text = f"{type(exc).__name__} {exc}"
-    if "StorageNode" in text or "storage node" in text or "storage-node" in text:
-        return "a storage node"
-    if "GpuWorker" in text or "gpu-worker" in text:
-        return "a GPU worker"
-    return "an actor"
 
 
 def resume(engine: Any, checkpoint: Checkpoint) -> int:
@@ -91,6 +60,8 @@ class ResilientEngine:
         train_data: the training split (replayed after a roll-back).
         total_steps: the run's planned steps (a final checkpoint follows the last one).
         schedule: injectable for tests; default `CheckpointSchedule(cfg, checkpoint_root)`.
+        failure_policy: which exceptions are component failures (restart, roll back,
+            replay); default `ndp.failure_policy.classify_failure`. Others are raised.
     """
 
     def __init__(
@@ -102,6 +73,7 @@ class ResilientEngine:
         train_data: Any,
         total_steps: int,
         schedule: CheckpointSchedule | None = None,
+        failure_policy: Callable[[BaseException], ComponentFailure | None] = classify_failure,
     ) -> None:
         self.engine = engine
         self.cfg = cfg
@@ -109,6 +81,7 @@ class ResilientEngine:
         self.train_data = train_data
         self.total_steps = total_steps
         self.schedule = schedule or CheckpointSchedule(cfg, self.root)
+        self.failure_policy = failure_policy
         self.restarts = 0
         if cfg.checkpoint.enabled and not hasattr(engine, "export_state"):
             raise NotAvailableError(
@@ -134,21 +107,23 @@ class ResilientEngine:
                     self.schedule.save(self.engine, steps_done)
                 break
             except Exception as exc:
-                if not is_component_failure(exc):
+                failure = self.failure_policy(exc)
+                if failure is None:
                     raise
-                self._recover(step, exc)
+                self._recover(step, failure)
         return loss
 
-    def _recover(self, failed_step: int, cause: BaseException) -> None:
+    def _recover(self, failed_step: int, failure: ComponentFailure) -> None:
         """Restart, roll back and replay up to `failed_step` (retried on further failures)."""
         from ndp.train_loop import training_batches
 
         while True:
             last = latest_checkpoint(self.root)
             self.restarts += 1
+            cause = failure.cause
             if self.restarts > self.cfg.checkpoint.max_restarts:
                 raise RecoveryError(
-                    f"{describe_component(cause)} failed at step {failed_step} "
+                    f"{failure.describe()} failed at step {failed_step} "
                     f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}) "
                     f"and the run already restarted {self.restarts - 1} time(s) "
                     f"(checkpoint.max_restarts={self.cfg.checkpoint.max_restarts}); last good "
@@ -156,7 +131,7 @@ class ResilientEngine:
                 ) from cause
             log.warning(
                 "%s failed at step %d (%s); restart %d/%d from %s",
-                describe_component(cause),
+                failure.describe(),
                 failed_step,
                 type(cause).__name__,
                 self.restarts,
@@ -173,6 +148,7 @@ class ResilientEngine:
                     self.engine.train_step(step, batch)
                 return
             except Exception as exc:
-                if not is_component_failure(exc):
+                further = self.failure_policy(exc)
+                if further is None:
                     raise
-                cause = exc
+                failure = further

@@ -27,9 +27,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ndp.config import TableConfig
 from ndp.errors import DataError, PlanError
-from ndp.planner import Placement, ShardingPlan
-from storage_node.cache import distinct_below
-from storage_node.spec import Bags
+from ndp.plan import Bags, Placement, ShardingPlan
+from ndp.rows import distinct_below
 
 
 def route_lookup(

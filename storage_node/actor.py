@@ -2,7 +2,7 @@
 
 Ray places and supervises the node; the training data path never goes through Ray. `start()`
 builds the core and a gRPC server on the node's own address and reports where it listens; GPU
-workers then talk to it directly with `gpu_worker.storage_client.StorageClient`.
+workers then talk to it directly with `storage_node.client.StorageClient`.
 
 Restores come through Ray, streamed by the coordinator (`restore_begin`, `restore_rows` ...,
 `restore_finish` to verify, `restore_commit` once every node verified; see
@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ndp.config import Config
+from ndp.plan import ShardSpec
 from storage_node.node import StorageNodeCore
 from storage_node.process_env import keep_wire_buffers_in_heap
 from storage_node.restore import RestoreDirWriter, RestoreHeader
 from storage_node.server import RunningServer, serve
 from storage_node.shard_files import creating_shard_files
-from storage_node.spec import ShardSpec
 from storage_node.tls import TlsFiles
 
 LOOPBACK = "127.0.0.1"
@@ -145,7 +145,7 @@ class StorageNodeActor:
 
     def addresses(self) -> dict[str, Any]:
         """{"tcp": "host:port", "unix": "unix:PATH" | None, "hostname": str}; see
-        `gpu_worker.storage_client.pick_address`."""
+        `storage_node.client.pick_address`."""
         if self._server is None:
             raise RuntimeError("storage node not started; call start() first")
         return {

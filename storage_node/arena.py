@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ndp.plan import ShardSpec
 from storage_node.cache import RowCache
 from storage_node.flash import DetachedRead, FlashStore
 from storage_node.keyed_bags import FeaturePlace
-from storage_node.spec import ShardSpec
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,9 @@ class ArenaFlash:
                 yield 0, np.arange(rows.size), rows
             return
         piece = np.searchsorted(self.bases, rows, side="right") - 1
-        order = np.argsort(piece, kind="stable")
+        # piece ids are few: as int16 numpy's stable sort is a radix sort, O(n)
+        small = piece.astype(np.int16) if len(self.stores) < 2**15 else piece
+        order = np.argsort(small, kind="stable")
         counts = np.bincount(piece, minlength=len(self.stores))
         start = 0
         for index in np.flatnonzero(counts):

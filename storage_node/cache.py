@@ -41,6 +41,7 @@ from typing import Literal
 
 import numpy as np
 
+from ndp.rows import distinct_below
 from storage_node.flash import FlashStore
 from storage_node.stats import CacheCounters
 
@@ -546,23 +547,3 @@ class RowCache:
 
     def cached_rows(self) -> np.ndarray:
         return self.slot_rows[self.slot_rows >= 0]
-
-
-def distinct_below(values: np.ndarray, bound: int) -> np.ndarray:
-    """Sorted distinct values of an int array whose values lie in [0, bound).
-
-    Why not `np.unique`: numpy 2's hash-based unique costs ~2.5 ms per 65k values here (it
-    dominated a pooled lookup at pooling 32); a mask over the bound is O(n + bound), and a
-    sort is used when the bound is much larger than the input.
-    """
-    if values.size == 0:
-        return values.astype(np.int64)
-    if bound <= 8 * values.size:
-        seen = np.zeros(bound, dtype=bool)
-        seen[values] = True
-        return np.flatnonzero(seen)
-    ordered = np.sort(values)
-    keep = np.empty(ordered.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
-    return ordered[keep]

@@ -57,15 +57,14 @@ import math
 import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ndp.plan import Bags, KeyedJagged
 from protos import storage_node_pb2 as pb
 from storage_node.errors import BadTensorError
-from storage_node.spec import Bags
 from storage_node.wire_writer import serialize
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
@@ -352,22 +351,6 @@ def float_data_bytes(message: pb.KeyedTensor) -> int:
 # --------------------------------------------------------------------------- jagged
 
 
-@dataclass(frozen=True)
-class _Jagged:
-    """A decoded, checked `KeyedJaggedTensor`."""
-
-    keys: list[str]
-    lengths: torch.Tensor
-    """int64 [K, B]."""
-    values: torch.Tensor
-    """int64 [nnz]."""
-    weights: torch.Tensor | None
-    """float32 [nnz]."""
-    mean_divisor: torch.Tensor | None
-    """float32 [K, B]."""
-    nnz_per_key: list[int]
-
-
 def _empty_or_decoded(
     message: Any, field: str, *, name: str, allowed: tuple[torch.dtype, ...]
 ) -> torch.Tensor:
@@ -377,7 +360,8 @@ def _empty_or_decoded(
     return decode_tensor(getattr(message, field), name=name, allowed=allowed, ndim=1)
 
 
-def _decode_jagged(message: pb.KeyedJaggedTensor, *, what: str) -> _Jagged:
+def decode_jagged(message: pb.KeyedJaggedTensor, *, what: str) -> KeyedJagged:
+    """The checked flat bags of a `KeyedJaggedTensor` (shapes, counts, dtypes)."""
     keys = _unique_keys(message.keys, what)
     stride = int(message.stride)
     if stride < 0:
@@ -427,7 +411,7 @@ def _decode_jagged(message: pb.KeyedJaggedTensor, *, what: str) -> _Jagged:
                 f"({len(keys)}) x stride ({stride}) = {num_bags}; send one per bag"
             )
         mean_divisor = mean_divisor.reshape(len(keys), stride)
-    return _Jagged(keys, lengths, values, weights, mean_divisor, nnz_per_key.tolist())
+    return KeyedJagged(keys, lengths, values, weights, mean_divisor)
 
 
 # --------------------------------------------------------------------------- bags
@@ -500,23 +484,7 @@ def encode_bags(bags: Mapping[str, Bags]) -> pb.KeyedJaggedTensor:
 
 def decode_bags(message: pb.KeyedJaggedTensor, *, what: str = "bags") -> dict[str, Bags]:
     """{feature: Bags} of a `KeyedJaggedTensor`, every tensor a view of the decoded ones."""
-    jagged = _decode_jagged(message, what=what)
-    if not jagged.keys:
-        return {}
-    num_keys, stride = jagged.lengths.shape
-    offsets = torch.zeros(num_keys, stride + 1, dtype=torch.int64)
-    offsets[:, 1:] = jagged.lengths.cumsum(dim=1)
-    indices = torch.split(jagged.values, jagged.nnz_per_key)
-    weights: Sequence[torch.Tensor | None] = [None] * num_keys
-    if jagged.weights is not None:
-        weights = torch.split(jagged.weights, jagged.nnz_per_key)
-    divisors: Sequence[torch.Tensor | None] = [None] * num_keys
-    if jagged.mean_divisor is not None:
-        divisors = jagged.mean_divisor.unbind()
-    return {
-        key: Bags(indices[k], offsets[k], weights[k], divisors[k])
-        for k, key in enumerate(jagged.keys)
-    }
+    return decode_jagged(message, what=what).to_bags()
 
 
 def rows_fields(indices: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -537,10 +505,11 @@ def decode_rows(message: pb.KeyedJaggedTensor, *, what: str) -> dict[str, torch.
         raise BadTensorError(
             f"{what}: stride {message.stride}; send one bag (stride 1) of rows per feature"
         )
-    jagged = _decode_jagged(message, what=what)
+    jagged = decode_jagged(message, what=what)
     if not jagged.keys:
         return {}
-    return dict(zip(jagged.keys, torch.split(jagged.values, jagged.nnz_per_key), strict=True))
+    nnz_per_key = jagged.lengths.sum(dim=1).tolist()
+    return dict(zip(jagged.keys, torch.split(jagged.values, nnz_per_key), strict=True))
 
 
 # --------------------------------------------------------------------------- requests
@@ -577,8 +546,8 @@ def lookup_request(*args: Any, **kwargs: Any) -> pb.LookupRequest:
 
 def parse_lookup_request(
     request: pb.LookupRequest,
-) -> tuple[dict[str, Bags], torch.dtype]:
-    """The bags of a lookup request and the dtype the answer must use."""
+) -> tuple[KeyedJagged, torch.dtype]:
+    """The bags of a lookup request (flat, as they came) and the dtype the answer must use."""
     if request.use_early and (not request.train or len(request.bags.keys)):
         raise BadTensorError(
             "a use_early lookup is a training lookup without bags (the node answers the "
@@ -590,7 +559,7 @@ def parse_lookup_request(
             f"lookup wire_dtype {request.wire_dtype!r} is not accepted; send "
             + ", ".join(DTYPE_NAMES[d] for d in _FLOAT_DTYPES)
         )
-    return decode_bags(request.bags, what="lookup bags"), answer_dtype
+    return decode_jagged(request.bags, what="lookup bags"), answer_dtype
 
 
 def early_lookup_request_bytes(
@@ -602,9 +571,9 @@ def early_lookup_request_bytes(
     return serialize(pb.EarlyLookupRequest.DESCRIPTOR, fields)
 
 
-def parse_early_lookup_request(request: pb.EarlyLookupRequest) -> dict[str, Bags]:
-    """The bags of an early lookup request."""
-    return decode_bags(request.bags, what="early lookup bags")
+def parse_early_lookup_request(request: pb.EarlyLookupRequest) -> KeyedJagged:
+    """The bags of an early lookup request (flat, as they came)."""
+    return decode_jagged(request.bags, what="early lookup bags")
 
 
 def prefetch_request_bytes(step: int, indices: Mapping[str, torch.Tensor]) -> bytes:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ndp.rows import distinct_below, unique_inverse
 from storage_node.arena import Arena
-from storage_node.cache import distinct_below
 from storage_node.keyed_bags import KeyedBags
 
 
@@ -53,13 +53,20 @@ class UpdatedRows:
     """int64 [n]: the position in `rows` of each input row."""
     _position_of_row: np.ndarray | None
     """int64 [piece rows]: position in `rows`, -1 if not updated (dense case only)."""
+    order: torch.Tensor | None = None
+    """int64 [n]: the input rows' stable sort order, when it was computed (sparse case):
+    `merge_row_gradients` groups the values by row in exactly this order, so one sort
+    serves both the dedupe and the merge."""
 
     @classmethod
     def of(cls, rows: torch.Tensor, num_rows: int) -> UpdatedRows:
         """`rows`: int64 [n] local rows in [0, num_rows), repeats allowed."""
         if num_rows > 8 * rows.numel():
-            unique, inverse = torch.unique(rows, return_inverse=True)
-            return cls(unique, inverse, None)
+            # one sort for the dedupe and the merge (`ndp.rows.unique_inverse`)
+            unique, inverse, order = unique_inverse(rows.numpy(), num_rows)
+            return cls(
+                torch.from_numpy(unique), torch.from_numpy(inverse), None, torch.from_numpy(order)
+            )
         values = rows.numpy()
         unique = distinct_below(values, num_rows)
         position_of_row = np.full(num_rows, -1, dtype=np.int64)

@@ -59,6 +59,7 @@ import numpy as np
 
 from ndp.config import EmulationConfig, StorageConfig
 from ndp.model.init import init_rows
+from ndp.rows import unique_inverse
 from storage_node.errors import FlashDirError, ShardFileError
 from storage_node.stats import FlashCounters, transfer_delay_s
 
@@ -556,7 +557,9 @@ class FlashStore:
 
     def _gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, mmap.mmap]:
         """Records of `rows` (a copy), the blocks read for them (gaps filled) and their buffer."""
-        blocks, block_pos = np.unique(rows // self.layout.rows_per_block, return_inverse=True)
+        blocks, block_pos, _ = unique_inverse(
+            rows // self.layout.rows_per_block, self.layout.num_blocks
+        )
         span = fill_gaps(blocks, self._max_gap_blocks)
         buf = self._read_blocks(span)
         view = np.frombuffer(buf, dtype=np.float32)
@@ -578,7 +581,7 @@ class FlashStore:
         if rows.size == 0:
             return
         lay = self.layout
-        blocks, block_pos = np.unique(rows // lay.rows_per_block, return_inverse=True)
+        blocks, block_pos, _ = unique_inverse(rows // lay.rows_per_block, self.layout.num_blocks)
         span = fill_gaps(blocks, self._max_gap_blocks)
         buf = self._held_copy(span)
         if buf is None:

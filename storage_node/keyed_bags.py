@@ -1,8 +1,11 @@
 """One request's bags of every feature of an arena, flat: what one pooling call reads.
 
-The wire (and `StorageNodeCore.lookup`) gives a node one `Bags` per feature. Before any
-row is touched they are joined, per arena (`storage_node.arena`), into the flat form of a
-torchrec KeyedJaggedTensor, with each feature's local rows moved to arena rows:
+The wire gives a node one KeyedJaggedTensor (`ndp.plan.KeyedJagged`: one lengths and one
+values tensor for every feature); an in-process caller may give one `Bags` per feature.
+Before any row is touched they become, per arena (`storage_node.arena`), the flat form below,
+with each feature's local rows moved to arena rows. Flat bags whose features share one arena
+are taken as they came (`KeyedBags.from_jagged`: no split, no join); per-feature bags are
+joined (`KeyedBags.build`):
 
     features:  f0            f1                 f2
     values:    [r r r | r r r r r r | r r]          int64 [nnz], arena rows
@@ -29,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ndp.plan import Bags, KeyedJagged, ShardSpec
+from ndp.rows import stable_order
 from storage_node.errors import BadTensorError, IndexOutOfRangeError
-from storage_node.spec import Bags, ShardSpec
 
 MAX_ABS_WEIGHT = 1e6
 """Largest |per-sample weight| accepted. Why this bound: a pooled value is a sum of
@@ -105,8 +109,6 @@ class KeyedBags:
     """The bags of several features of one arena, flat (see the module docstring)."""
 
     features: list[str]
-    bags: list[Bags]
-    """The normalised bags as they came, per feature (an early pool compares them)."""
     batch_sizes: list[int]
     values: torch.Tensor
     """int64 [nnz]: arena rows."""
@@ -175,7 +177,46 @@ class KeyedBags:
                     divisor = (bag.offsets[1:] - bag.offsets[:-1]).to(torch.float32)
                 parts.append(1.0 / divisor.clamp(min=1.0))
             inv_divisor = torch.cat(parts)
-        return cls(features, bags, batch_sizes, values, offsets, weights, inv_divisor)
+        return cls(features, batch_sizes, values, offsets, weights, inv_divisor)
+
+    @classmethod
+    def from_jagged(cls, places: list[FeaturePlace], jagged: KeyedJagged) -> KeyedBags:
+        """`build`'s result for the wire's flat bags of one arena's features, without
+        splitting them per feature: every check and the move to arena rows are one tensor
+        operation over all values (the piece of each value found by `repeat_interleave`).
+
+        Raises: as `build` (the same messages).
+        """
+        num_keys, batch = jagged.lengths.shape
+        lengths = jagged.lengths.reshape(-1)
+        key_of_value = torch.repeat_interleave(torch.arange(num_keys), jagged.lengths.sum(dim=1))
+        rows = torch.tensor([p.num_rows for p in places], dtype=torch.int64)[key_of_value]
+        local = jagged.values
+        refused = ~((local >= 0) & (local < rows)).all() if local.numel() else torch.tensor(False)
+        if jagged.weights is not None:
+            refused |= _beyond(jagged.weights, MAX_ABS_WEIGHT)
+        if jagged.mean_divisor is not None and lengths.numel():
+            low, high = torch.aminmax(jagged.mean_divisor.reshape(-1) - _divisor_floor(lengths))
+            refused |= ~((low >= 0) & (high < float("inf")))
+        if bool(refused):
+            bags = jagged.to_bags()
+            _raise_first_error(jagged.keys, places, [bags[k] for k in jagged.keys])
+        bases = torch.tensor([p.base for p in places], dtype=torch.int64)
+        values = local + bases[key_of_value] if bool(bases.any()) else local
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        inv_divisor = None
+        mean = torch.tensor([p.spec.pooling == "mean" for p in places])
+        if bool(mean.any()):
+            divisor = jagged.mean_divisor
+            if divisor is None:
+                divisor = jagged.lengths.to(torch.float32)
+            inv = 1.0 / divisor.clamp(min=1.0)
+            inv[~mean] = 1.0
+            inv_divisor = inv.reshape(-1)
+        return cls(
+            list(jagged.keys), [batch] * num_keys, values, offsets, jagged.weights, inv_divisor
+        )
 
     @property
     def total_bags(self) -> int:
@@ -229,16 +270,34 @@ class KeyedBags:
             BadTensorError: a gradient element NaN or beyond +-`MAX_ABS_GRADIENT` (names the
                 feature, the element and its value); one host sync for every feature.
         """
-        flat = torch.cat([grads[f] for f in self.features]).to(torch.float32)
+        bag_of_value = self.bag_of_value()
+        shared = _shared_rows([grads[f] for f in self.features], self.batch_sizes)
+        if shared is None:
+            flat = torch.cat([grads[f] for f in self.features]).to(torch.float32)
+        else:  # the wire's KeyedTensor read in place: bag (f, b) is row first[f] + b * step
+            flat, first, step = shared
+            batch = self.batch_sizes[0]
+            bag_of_value = first[bag_of_value // batch] + (bag_of_value % batch) * step
         if bool(_beyond(flat, MAX_ABS_GRADIENT)):
             _raise_bad_gradient(self.features, grads)
-        bag_of_value = self.bag_of_value()
-        return PushedGradients(self.values, bag_of_value, self.scale(bag_of_value), flat)
+        return PushedGradients(self.values, bag_of_value, self.scale(self.bag_of_value()), flat)
 
     def same_as(self, other: KeyedBags) -> bool:
-        """The same features with equal bags (an early pool answers only its own bags)."""
-        return self.features == other.features and all(
-            a.same_as(b) for a, b in zip(self.bags, other.bags, strict=True)
+        """The same features with equal bags (an early pool answers only its own bags): the
+        same rows, bags, weights and divisors, compared flat."""
+
+        def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+            if x is None or y is None:
+                return x is None and y is None
+            return x.shape == y.shape and bool(torch.equal(x, y))
+
+        return (
+            self.features == other.features
+            and self.batch_sizes == other.batch_sizes
+            and same(self.values, other.values)
+            and same(self.offsets, other.offsets)
+            and same(self.weights, other.weights)
+            and same(self.inv_divisor, other.inv_divisor)
         )
 
 
@@ -277,7 +336,10 @@ class PushedGradients:
 
 
 def merge_row_gradients(
-    pushed: PushedGradients, inverse: torch.Tensor, num_unique: int
+    pushed: PushedGradients,
+    inverse: torch.Tensor,
+    num_unique: int,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 [u, D]: the summed gradient of each distinct row, as one sparse product.
 
@@ -289,12 +351,15 @@ def merge_row_gradients(
 
     Args:
         inverse: int64 [nnz] each value's distinct row in [0, num_unique).
+        order: the stable sort order of `inverse` if the caller has it (`UpdatedRows`),
+            else sorted here.
     """
     num_bags = pushed.bag_grads.shape[0]
     # 32-bit keys and column ids where they fit: the sort and the gathers move half the bytes
     small = max(num_unique, num_bags, inverse.numel()) < 2**31
     index_dtype = torch.int32 if small else torch.int64
-    order = torch.argsort(inverse.to(index_dtype), stable=True)
+    if order is None:
+        order = torch.from_numpy(stable_order(inverse.numpy(), num_unique))
     crow = torch.zeros(num_unique + 1, dtype=index_dtype)
     torch.cumsum(torch.bincount(inverse, minlength=num_unique), 0, out=crow[1:])
     scale = pushed.scale[order] if pushed.scale is not None else torch.ones(order.numel())
@@ -303,6 +368,47 @@ def merge_row_gradients(
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         matrix = torch.sparse_csr_tensor(crow, columns, scale, (num_unique, num_bags))
     return matrix @ pushed.bag_grads
+
+
+def _shared_rows(
+    grads: list[torch.Tensor], batch_sizes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The features' gradients as rows of the one tensor they are column views of, or None.
+
+    Why: a push arrives as one KeyedTensor [B, sum of dims] (torchrec's layout) and is
+    decoded into column views of it; joining them into [sum B, D] copied every gradient
+    once more. When every view is float32 [B, D] over the same buffer, with the same row
+    stride S and column starts that are multiples of D, the buffer read as rows of D floats
+    holds bag b of feature f at row `first[f] + b * (S / D)`, so the merge reads it in place.
+
+    Returns:
+        (float32 [R, D] rows view, int64 [F] first row per feature, rows per sample) or None
+        (fp16 wire, mixed dims, unequal batches: the caller copies).
+    """
+    if not grads or len(set(batch_sizes)) != 1 or batch_sizes[0] == 0:
+        return None
+    head = grads[0]
+    batch, dim = head.shape
+    row_stride = head.stride(0)
+    buffer = head.untyped_storage().data_ptr()
+    for grad in grads:
+        if (
+            grad.dtype != torch.float32
+            or grad.shape != head.shape
+            or grad.stride() != (row_stride, 1)
+            or grad.untyped_storage().data_ptr() != buffer
+        ):
+            return None
+    if dim == 0 or row_stride % dim:
+        return None
+    starts = [grad.storage_offset() for grad in grads]
+    base = min(starts)
+    if any((start - base) % dim for start in starts):
+        return None
+    rows = (max(starts) - base + (batch - 1) * row_stride) // dim + 1
+    view = head.as_strided((rows, dim), (dim, 1), base)
+    first = torch.tensor([(start - base) // dim for start in starts], dtype=torch.int64)
+    return view, first, row_stride // dim
 
 
 def _beyond(values: torch.Tensor, bound: float) -> torch.Tensor:
@@ -421,7 +527,7 @@ def _raise_bad_gradient(features: list[str], grads: dict[str, torch.Tensor]) -> 
                 f"{MAX_ABS_GRADIENT:g} (beyond, the optimizer's squared gradients overflow "
                 "float32 and freeze the rows)"
             )
-    raise AssertionError("the flat gradient check failed but no feature's did")
+    # the rows view also spans columns of other arenas' features: theirs to name
 
 
 def check_range(place: FeaturePlace, feature: str, indices: torch.Tensor) -> None:

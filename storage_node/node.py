@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ import torch
 from ndp.config import SparseOptimizerConfig, StorageConfig
 from ndp.errors import StorageNodeError
 from ndp.model.spec import optimizer_state_width
+from ndp.plan import Bags, KeyedJagged, ShardSpec
+from ndp.rows import unique_inverse
 from storage_node.arena import Arena, ArenaFlash, Piece
 from storage_node.cache import SLOT_METADATA_BYTES, RowCache, split_budget
 from storage_node.early_pools import EarlyPool, Request, UpdatedRows, correct_early_pools
@@ -77,7 +80,6 @@ from storage_node.node_inspection import Inspection
 from storage_node.node_prefetch import PrefetchPins
 from storage_node.optimizers import apply_update, apply_update_at
 from storage_node.shard_files import CHECKPOINT_FORMAT, open_shard_file
-from storage_node.spec import Bags, ShardSpec
 from storage_node.stats import CacheCounters
 
 __all__ = ["CHECKPOINT_FORMAT", "StorageNodeCore", "open_shard_file"]
@@ -244,9 +246,20 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
             )
         return piece
 
-    def _validated_request(self, bags: dict[str, Bags]) -> Request:
+    def _validated_request(self, bags: Mapping[str, Bags] | KeyedJagged) -> Request:
         """The request's bags checked (every rule, before anything changes) and joined per
-        arena, features in the order they came."""
+        arena, features in the order they came.
+
+        The wire's flat bags (`KeyedJagged`) of features that all live in one arena (the
+        usual node: one embedding dim) are taken as they are; otherwise they are viewed per
+        feature and joined per arena.
+        """
+        if isinstance(bags, KeyedJagged):
+            pieces = [self._piece_for(feature) for feature in bags.keys]
+            if pieces and all(piece.arena is pieces[0].arena for piece in pieces):
+                keyed = KeyedBags.from_jagged([piece.place for piece in pieces], bags)
+                return Request([(pieces[0].arena, keyed)])
+            bags = bags.to_bags()
         per_arena: dict[int, tuple[Arena, list[str], list[FeaturePlace], list[Bags]]] = {}
         for feature, feature_bags in bags.items():
             piece = self._piece_for(feature)
@@ -309,7 +322,7 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
         self,
         step: int,
         worker: int,
-        bags: dict[str, Bags],
+        bags: Mapping[str, Bags] | KeyedJagged,
         *,
         train: bool = True,
         wait_timeout_s: float | None = None,
@@ -398,7 +411,12 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
             return early.answer()
 
     def early_lookup(
-        self, step: int, worker: int, bags: dict[str, Bags], *, correct: bool = True
+        self,
+        step: int,
+        worker: int,
+        bags: Mapping[str, Bags] | KeyedJagged,
+        *,
+        correct: bool = True,
     ) -> bool:
         """Pool the training bags of a future `step` now, to answer its lookup without pooling.
 
@@ -444,9 +462,11 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
             # Pool the whole record width: a column slice of the slot tensor would make
             # embedding_bag copy the entire cache; the extra state columns are dropped.
             return keyed.pool(torch.from_numpy(cache.records), torch.from_numpy(slots), arena.dim)
-        unique_rows, inverse = torch.unique(keyed.values, return_inverse=True)
-        records = cache.fetch(unique_rows.numpy())
-        return keyed.pool(torch.from_numpy(records[:, : arena.dim]), inverse, arena.dim)
+        unique_rows, inverse, _ = unique_inverse(keyed.values.numpy(), arena.flash.layout.num_rows)
+        records = cache.fetch(unique_rows)
+        return keyed.pool(
+            torch.from_numpy(records[:, : arena.dim]), torch.from_numpy(inverse), arena.dim
+        )
 
     # ------------------------------------------------------------------ push / update
 
@@ -557,7 +577,7 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
         if pushed.rows.numel() == 0:
             return
         updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
-        merged = merge_row_gradients(pushed, updated.inverse, updated.rows.numel())
+        merged = merge_row_gradients(pushed, updated.inverse, updated.rows.numel(), updated.order)
         unique_np = updated.rows.numpy()
         dim = arena.dim
         slots = arena.cache.resident_for_update(unique_np)

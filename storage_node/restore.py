@@ -34,10 +34,10 @@ import numpy as np
 
 from ndp.config import StorageConfig
 from ndp.model.spec import optimizer_state_width
+from ndp.plan import ShardSpec
 from storage_node.errors import ShardFileError
 from storage_node.flash import FlashStore
 from storage_node.shard_files import CHECKPOINT_FORMAT, open_shard_file, sha256_of
-from storage_node.spec import ShardSpec
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,14 @@ from protos import storage_node_pb2 as pb
 SERVICE = pb.DESCRIPTOR.services_by_name["StorageNode"]
 
 
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options shared by server and client: message limits in both directions."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
 def serialize(message: Any) -> bytes:
     """Bytes pass through; messages are serialized."""
     return message if isinstance(message, bytes) else message.SerializeToString()

@@ -18,7 +18,7 @@ import grpc
 
 from ndp.errors import ConfigError
 from storage_node.auth import TokenInterceptor
-from storage_node.rpc_methods import add_servicer
+from storage_node.rpc_methods import add_servicer, channel_options
 from storage_node.service import StorageNodeServicer
 from storage_node.tls import TlsFiles, server_credentials
 
@@ -27,14 +27,6 @@ if TYPE_CHECKING:
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 """Hosts that would bind every interface; refused so a node is never exposed by accident."""
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """gRPC options shared by server and client: message limits in both directions."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
 
 
 def tcp_address(host: str, port: int) -> str:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from ndp.config import StorageConfig
 from ndp.model.spec import optimizer_state_width
+from ndp.plan import ShardSpec
 from storage_node.errors import FlashDirError, ShardFileError
 from storage_node.flash import FlashLayout, FlashStore, flash_dir_error
-from storage_node.spec import ShardSpec
 
 CHECKPOINT_FORMAT = "ndp-storage-node-checkpoint/1"
 _COPY_CHUNK_BYTES = 8 << 20

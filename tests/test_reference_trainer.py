@@ -27,7 +27,7 @@ from ndp.train_loop import run_training, training_batches
 PHASES = {
     "data_to_device_s",
     "embedding_forward_s",
-    "dense_forward_backward_s",
+    "dense_compute_s",
     "embedding_backward_update_s",
     "dense_optimizer_s",
 }

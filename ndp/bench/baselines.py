@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,8 @@ from torch import nn
 from ndp.bench.memory_limit import MemoryCgroup
 from ndp.config import Config, config_from_dict
 from ndp.data.batch import Batch
-from ndp.model.dense import build_dense_half
+from ndp.model.dense_step import DenseStep
 from ndp.model.init import init_rows
-from ndp.reference import build_dense_optimizer, resolve_device
 
 _INIT_CHUNK_ROWS = 1 << 18
 
@@ -63,36 +60,6 @@ def _init_table(cfg: Config, name: str, num_rows: int, dim: int, out: np.ndarray
         )
 
 
-class _DenseStep:
-    """The dense half, its optimizer and phase clocks, shared by both baselines."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.device = resolve_device(cfg.train.device)
-        self.dense_half = build_dense_half(cfg.model, seed=cfg.train.seed).to(self.device)
-        self.optimizer = build_dense_optimizer(
-            cfg.optimizer.dense, list(self.dense_half.parameters())
-        )
-        self.loss_fn = nn.BCEWithLogitsLoss()
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def run(self, batch: Batch, pooled: dict[str, torch.Tensor]) -> tuple[float, dict]:
-        """Forward/backward/step on `pooled` {feature: [B, D]} (CPU leaves); their grads."""
-        start = time.perf_counter()
-        leaves = {f: t.detach().to(self.device).requires_grad_() for f, t in pooled.items()}
-        logits = self.dense_half(batch.dense.to(self.device), leaves)
-        loss = self.loss_fn(logits, batch.labels.to(self.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        grads = {f: leaf.grad.detach().cpu() for f, leaf in leaves.items()}
-        self.seconds["dense_compute_s"] += time.perf_counter() - start
-        return float(loss.detach()), grads
-
-    def timings(self) -> dict[str, float]:
-        out, self.seconds = dict(self.seconds), defaultdict(float)
-        return out
-
-
 class HybridEngine:
     """Tables in host memory (EmbeddingBag, sparse SGD on CPU), dense half on the device."""
 
@@ -115,25 +82,23 @@ class HybridEngine:
                 )
             self.bags[table.name] = bag
         self.sparse_optimizer = torch.optim.SGD(self.bags.parameters(), lr=cfg.optimizer.sparse.lr)
-        self.dense = _DenseStep(cfg)
+        self.dense = DenseStep(cfg)
 
     def train_step(self, step: int, batch: Batch) -> float:
-        start = time.perf_counter()
-        pooled = {}
-        for feature, jagged in batch.sparse.to_dict().items():
-            table, _ = self.features[feature]
-            pooled[feature] = self.bags[table](jagged.values(), jagged.offsets())
-        self.dense.seconds["embedding_forward_s"] += time.perf_counter() - start
-        loss, grads = self.dense.run(batch, pooled)
-        start = time.perf_counter()
-        self.sparse_optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(list(pooled.values()), list(grads.values()))
-        self.sparse_optimizer.step()
-        self.dense.seconds["embedding_update_s"] += time.perf_counter() - start
+        with self.dense.clock.phase("embedding_forward_s"):
+            pooled = {}
+            for feature, jagged in batch.sparse.to_dict().items():
+                table, _ = self.features[feature]
+                pooled[feature] = self.bags[table](jagged.values(), jagged.offsets())
+        loss, grads = self.dense.train_on(batch.dense, pooled, batch.labels)
+        with self.dense.clock.phase("embedding_update_s"):
+            self.sparse_optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(list(pooled.values()), list(grads.values()))
+            self.sparse_optimizer.step()
         return loss
 
     def timings(self) -> dict[str, float]:
-        return self.dense.timings()
+        return self.dense.clock.take()
 
     def close(self) -> None:
         self.bags = nn.ModuleDict()
@@ -157,43 +122,41 @@ class OsPagedEngine:
             _init_table(cfg, table.name, table.num_rows, table.embedding_dim, rows)
             rows.flush()
             self.tables[table.name] = rows
-        self.dense = _DenseStep(cfg)
+        self.dense = DenseStep(cfg)
 
     def train_step(self, step: int, batch: Batch) -> float:
-        start = time.perf_counter()
-        pooled, gathered = {}, {}
-        for feature, jagged in batch.sparse.to_dict().items():
-            table, pooling = self.features[feature]
-            unique_rows, inverse = np.unique(jagged.values().numpy(), return_inverse=True)
-            rows = torch.from_numpy(np.ascontiguousarray(self.tables[table][unique_rows]))
-            pooled[feature] = F.embedding_bag(
-                torch.from_numpy(inverse.reshape(-1)),
-                rows,
-                jagged.offsets(),
-                mode=pooling,
-                include_last_offset=True,
-            )
-            gathered[feature] = (table, unique_rows, torch.from_numpy(inverse.reshape(-1)))
-        self.dense.seconds["embedding_forward_s"] += time.perf_counter() - start
-        loss, grads = self.dense.run(batch, pooled)
-        start = time.perf_counter()
-        for feature, (table, unique_rows, inverse) in gathered.items():
-            jagged = batch.sparse[feature]
-            weights = torch.zeros(unique_rows.size, grads[feature].shape[1], requires_grad=True)
-            F.embedding_bag(
-                inverse,
-                weights,
-                jagged.offsets(),
-                mode=self.features[feature][1],
-                include_last_offset=True,
-            ).backward(grads[feature])
-            rows = self.tables[table]
-            rows[unique_rows] -= self.lr * weights.grad.numpy()
-        self.dense.seconds["embedding_update_s"] += time.perf_counter() - start
+        with self.dense.clock.phase("embedding_forward_s"):
+            pooled, gathered = {}, {}
+            for feature, jagged in batch.sparse.to_dict().items():
+                table, pooling = self.features[feature]
+                unique_rows, inverse = np.unique(jagged.values().numpy(), return_inverse=True)
+                rows = torch.from_numpy(np.ascontiguousarray(self.tables[table][unique_rows]))
+                pooled[feature] = F.embedding_bag(
+                    torch.from_numpy(inverse.reshape(-1)),
+                    rows,
+                    jagged.offsets(),
+                    mode=pooling,
+                    include_last_offset=True,
+                )
+                gathered[feature] = (table, unique_rows, torch.from_numpy(inverse.reshape(-1)))
+        loss, grads = self.dense.train_on(batch.dense, pooled, batch.labels)
+        with self.dense.clock.phase("embedding_update_s"):
+            for feature, (table, unique_rows, inverse) in gathered.items():
+                jagged = batch.sparse[feature]
+                weights = torch.zeros(unique_rows.size, grads[feature].shape[1], requires_grad=True)
+                F.embedding_bag(
+                    inverse,
+                    weights,
+                    jagged.offsets(),
+                    mode=self.features[feature][1],
+                    include_last_offset=True,
+                ).backward(grads[feature])
+                rows = self.tables[table]
+                rows[unique_rows] -= self.lr * weights.grad.numpy()
         return loss
 
     def timings(self) -> dict[str, float]:
-        return self.dense.timings()
+        return self.dense.clock.take()
 
     def close(self) -> None:
         self.tables = {}
@@ -372,7 +335,7 @@ def _main(argv: list[str]) -> int:
     With a cgroup (this process already in it), the warm-up runs unlimited and the timed
     steps with the page cache held to the budget. Flash bytes count the timed steps only.
     """
-    from ndp.bench.train import measure_engine
+    from ndp.bench.measure import measure_engine
     from ndp.data.loader import build_datasets
 
     config_path, out_path, warmup, steps = argv[0], argv[1], int(argv[2]), int(argv[3])

@@ -131,11 +131,11 @@ def expected_row_sums(options: LoadOptions) -> torch.Tensor:
 
 def run_load(options: LoadOptions, *, log: Callable[[str], None] = lambda line: None) -> LoadResult:
     """Serve a fresh node, drive it with `num_clients` concurrent clients, check the result."""
-    from gpu_worker.storage_client import StorageClient
-    from storage_node.cli import shards_for
+    from ndp.plan import Bags
+    from ndp.planner import shards_for
+    from storage_node.client import StorageClient
     from storage_node.node import StorageNodeCore
     from storage_node.server import serve
-    from storage_node.spec import Bags
 
     cfg = load_config(options)
     token = secrets.token_urlsafe(32)

@@ -50,12 +50,12 @@ import grpc
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.storage_client import StorageClient
 from ndp.config import SparseOptimizerConfig, StorageConfig
 from ndp.model.init import init_rows
+from ndp.plan import Bags, ShardSpec
 from storage_node.cache import SLOT_METADATA_BYTES
-from storage_node.server import channel_options
-from storage_node.spec import Bags, ShardSpec
+from storage_node.client import StorageClient
+from storage_node.rpc_methods import channel_options
 
 SEED = 0
 MAX_MESSAGE_BYTES = 1 << 30

@@ -25,8 +25,8 @@ import torch
 
 from ndp.bench.train import CRITEO_ROWS
 from ndp.config import SparseOptimizerConfig, StorageConfig
+from ndp.plan import Bags, ShardSpec
 from storage_node.node import StorageNodeCore
-from storage_node.spec import Bags, ShardSpec
 
 DIM, BATCH = 16, 1024
 

@@ -43,18 +43,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ndp.bench.baselines import HybridEngine, peak_rss_bytes
-from ndp.bench.cpu import CpuMeter
+from ndp.bench.measure import measure_engine
 from ndp.bench.memory_limit import make_memory_cgroup
 from ndp.bench.report import machine_info, timestamp
 from ndp.config import Config, config_from_dict
 from ndp.data.loader import build_datasets
-from ndp.pipeline import with_lookahead
 
 CRITEO_ROWS = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
@@ -167,70 +166,6 @@ def scenario_config(options: BenchOptions, scenario: str) -> dict:
         },
         "pipeline": {"lookahead_depth": options.lookahead_depth},
         "logging": {"progress_bar": False},
-    }
-
-
-def measure_engine(
-    engine: Any,
-    batches: list[Any],
-    batch_size: int,
-    warmup: int,
-    steps: int,
-    *,
-    cfg: Config | None = None,
-    at_timed_start: Callable[[], None] = lambda: None,
-    cpu_pids: Mapping[str, int | str] | None = None,
-) -> dict[str, Any]:
-    """Train `warmup` untimed then `steps` timed steps on `batches[0 : warmup + steps]`;
-    samples/s, per-step phase seconds and per-step CPU seconds (`ndp.bench.cpu`).
-
-    Every system is measured by this one function, on a fresh engine and the same batches,
-    and its clock stops only once the last step's update is applied: an engine that returns
-    from `train_step` before its update is done (ndp sends the gradient push and goes on)
-    is flushed inside the timed window, so no system's last update falls outside it.
-
-    Args:
-        batches: the scenario's batches, in training order.
-        cfg: with a lookahead depth > 0, batches go through `with_lookahead` (ndp only).
-        at_timed_start: called between the warm-up and the timed steps (counters reset).
-        cpu_pids: {name: pid} of the processes doing the work; None: this process only.
-    """
-    meter = CpuMeter(cpu_pids) if cpu_pids is not None else CpuMeter()
-    total = warmup + steps
-    assert len(batches) >= total, f"{len(batches)} batches for {total} steps"
-    stream: Any = ((i, batches[i]) for i in range(total))
-    if cfg is not None:
-        stream = with_lookahead(stream, engine, cfg.pipeline)
-    flush = getattr(engine, "flush", lambda: None)
-    start = time.perf_counter()
-    for step, batch in stream:
-        if step == warmup:
-            flush()  # the warm-up's last update is not the timed window's work
-            at_timed_start()
-            engine.timings()
-            meter.start()
-            start = time.perf_counter()
-        engine.train_step(step, batch)
-    flush()
-    elapsed = time.perf_counter() - start
-    cpu = meter.stop(steps)
-    timings = engine.timings()
-    per_step = {k: v / steps for k, v in timings.items() if k.endswith("_s")}
-    beside = {"storage_update_s"}  # the nodes' clocks: beside the workers' phases
-    per_step["unaccounted_s"] = elapsed / steps - sum(
-        v for k, v in per_step.items() if k not in beside
-    )
-    samples = steps * batch_size
-    busy = cpu.get("machine_busy_s")
-    return {
-        "samples_per_s": samples / elapsed,
-        "step_s": elapsed / steps,
-        "per_step": per_step,
-        "cpu_per_step": cpu,
-        "machine_cpu_us_per_sample": None if busy is None else busy * steps / samples * 1e6,
-        "link_bytes_per_sample": {
-            k: v / samples for k, v in timings.items() if k.startswith("link_bytes")
-        },
     }
 
 

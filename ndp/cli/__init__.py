@@ -1,4 +1,5 @@
-"""Command-line entry points (`ndp-train`, `ndp-bench`, `ndp-data`) and their shared exit rules.
+"""Command-line entry points (`ndp-train`, `ndp-bench`, `ndp-data`, `ndp-storage-node`) and
+their shared exit rules.
 
 Every ndp command exits 0 on success, 2 on a user error (`NDPError`: bad config, bad data)
 with a one-line message on stderr and no traceback, and 1 on anything else (a bug: the

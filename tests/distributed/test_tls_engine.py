@@ -10,10 +10,10 @@ import torch
 from test_equivalence import BATCH, tiny_config
 from tls_certs import make_client_cert
 
-from gpu_worker.storage_client import StorageClient, StorageNodeUnavailableError
 from ndp.coordinator import NdpEngine
 from ndp.data.loader import build_datasets
 from ndp.reference import ReferenceEngine
+from storage_node.client import StorageClient, StorageNodeUnavailableError
 from storage_node.tls import TlsFiles
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -49,8 +49,8 @@ def test_the_job_token_reaches_no_log_record_output_or_ray_log_file(
 
 
 def test_every_job_gets_its_own_token_and_another_job_s_token_is_refused(ray_session):
-    from gpu_worker.storage_client import connect
     from storage_node.auth import UnauthenticatedError
+    from storage_node.client import connect
 
     cfg = tiny_job(enabled=False)
     with NdpEngine(cfg) as first:

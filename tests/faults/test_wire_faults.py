@@ -16,8 +16,8 @@ import torch
 from wire.conftest import cfg, make_core, serve_node  # noqa: F401  (fixtures)
 from wire.tiny_node import random_bags, random_grads
 
-from gpu_worker.storage_client import StorageClient
 from storage_node.auth import UnauthenticatedError
+from storage_node.client import StorageClient
 from storage_node.server import serve
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ndp.config import SparseOptimizerConfig, StorageConfig
+from ndp.plan import Bags, ShardSpec
 from storage_node.errors import BadTensorError, IndexOutOfRangeError, StepOrderError
 from storage_node.node import StorageNodeCore
-from storage_node.spec import Bags, ShardSpec
 
 DIM = 4
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ndp.config import SparseOptimizerConfig, StorageConfig
+from ndp.plan import Bags, ShardSpec
 from storage_node.errors import EarlyPoolMissingError
 from storage_node.node import StorageNodeCore
-from storage_node.spec import Bags, ShardSpec
 
 DIM = 8
 ROWS = 40

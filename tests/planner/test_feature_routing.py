@@ -14,9 +14,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ndp.errors import DataError
 from ndp.model.init import init_table
+from ndp.plan import Bags
 from ndp.planner import plan_shards
 from ndp.routing import reassemble, route_gradients, route_indices, route_lookup
-from storage_node.spec import Bags
 
 BATCH = 6
 DIM = 4

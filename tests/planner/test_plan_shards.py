@@ -9,7 +9,8 @@ import pytest
 
 from ndp.config import SparseOptimizerConfig
 from ndp.errors import PlanError
-from ndp.planner import ShardingPlan, plan_shards
+from ndp.plan import ShardingPlan
+from ndp.planner import plan_shards
 
 SGD_ROW_BYTES = 16  # sgd rows of dim 4 (see conftest.build_config)
 

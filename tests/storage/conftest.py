@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from ndp.config import SparseOptimizerConfig, StorageConfig
+from ndp.plan import ShardSpec
 from storage_node.node import StorageNodeCore
-from storage_node.spec import ShardSpec
 
 SEED = 7
 

@@ -157,7 +157,7 @@ def test_a_pin_reads_from_flash_only_the_rows_it_can_place(tmp_path):
 
 @pytest.mark.parametrize("bound", [7, 50, 100_000])
 def test_distinct_slots_equal_numpy_unique_for_dense_and_sparse_bounds(bound):
-    from storage_node.cache import distinct_below
+    from ndp.rows import distinct_below
 
     rng = np.random.default_rng(bound)
     for size in (0, 1, 5, 300):

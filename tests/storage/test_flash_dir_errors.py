@@ -20,11 +20,11 @@ from tmpfs_mounts import tmpfs_mounts
 
 from ndp.config import Config, config_from_dict
 from ndp.errors import NDPError
+from ndp.plan import ShardSpec
 from storage_node import flash as flash_module
 from storage_node.actor import StorageNodeActor
 from storage_node.errors import FlashDirError
 from storage_node.flash import FlashStore
-from storage_node.spec import ShardSpec
 
 from .conftest import shard
 

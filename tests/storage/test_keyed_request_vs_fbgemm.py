@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ndp.model.init import init_table
-from storage_node.spec import Bags
+from ndp.plan import Bags
 
 from .conftest import SEED, shard
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ndp.config import EnergyConfig
+from ndp.plan import Bags
 from storage_node.errors import ShardFileError
-from storage_node.spec import Bags
 
 from .conftest import shard
 

@@ -7,13 +7,13 @@ import threading
 import pytest
 import torch
 
+from ndp.plan import Bags
 from storage_node.errors import (
     BadTensorError,
     IndexOutOfRangeError,
     StepOrderError,
     UnknownFeatureError,
 )
-from storage_node.spec import Bags
 
 from .conftest import shard
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ndp.model.init import init_table
-from storage_node.spec import Bags
+from ndp.plan import Bags
 
 from .conftest import SEED, shard
 

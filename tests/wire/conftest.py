@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from gpu_worker.storage_client import StorageClient
 from ndp.config import Config
-from storage_node.cli import shards_for
+from ndp.planner import shards_for
+from storage_node.client import StorageClient
 from storage_node.node import StorageNodeCore
 from storage_node.server import RunningServer, serve
 from wire.tiny_node import TOKEN, tiny_config

@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gpu_worker.storage_client import StorageClient, pick_address
+from ndp.planner import shards_for
 from storage_node.actor import launch_storage_node, node_bind_host
-from storage_node.cli import shards_for
+from storage_node.client import StorageClient, pick_address
 from wire.tiny_node import TOKEN, random_bags, tiny_config
 
 pytestmark = pytest.mark.ray

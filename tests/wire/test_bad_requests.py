@@ -17,6 +17,7 @@ import grpc
 import pytest
 import torch
 
+from ndp.plan import Bags
 from protos import storage_node_pb2 as pb
 from storage_node import codec
 from storage_node.auth import ERROR_METADATA_KEY
@@ -28,7 +29,6 @@ from storage_node.errors import (
     StepOrderError,
 )
 from storage_node.rpc_methods import SERVICE
-from storage_node.spec import Bags
 from wire.test_errors import AUTH, assert_unchanged, raw_call, snapshot
 from wire.tiny_node import random_bags, random_grads
 

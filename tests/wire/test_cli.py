@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from gpu_worker.storage_client import StorageClient
+from ndp.cli import storage_node as cli
 from ndp.errors import ConfigError
-from storage_node import cli
+from ndp.planner import shards_for
+from storage_node.client import StorageClient
 from wire.tiny_node import tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tables_flag_serves_whole_tables():
-    shards = cli.shards_for(tiny_config(), 0, ["t1"])
+    shards = shards_for(tiny_config(), 0, ["t1"])
     assert [(s.table_name, s.row_start, s.row_end, s.features) for s in shards] == [
         ("t1", 0, 25, ("f2",))
     ]
@@ -29,12 +30,12 @@ def test_tables_flag_serves_whole_tables():
 
 def test_unknown_table_names_the_valid_ones():
     with pytest.raises(ConfigError, match="unknown table.*nope.*tables: t0, t1"):
-        cli.shards_for(tiny_config(), 0, ["nope"])
+        shards_for(tiny_config(), 0, ["nope"])
 
 
 def test_without_tables_the_plan_decides():
     cfg = tiny_config()
-    pieces = cli.shards_for(cfg, 0, None) + cli.shards_for(cfg, 1, None)
+    pieces = shards_for(cfg, 0, None) + shards_for(cfg, 1, None)
     assert sorted(s.table_name for s in pieces) == ["t0", "t1"]
 
 
@@ -63,7 +64,7 @@ def test_cli_serves_until_sigterm_and_removes_its_socket(tmp_path):
     config.write_text(tiny_config().to_yaml())
     token_file = tmp_path / "token"
     token_file.write_text("cli-token\n")
-    command = [sys.executable, "-m", "storage_node.cli", "--config", str(config)]
+    command = [sys.executable, "-m", "ndp.cli.storage_node", "--config", str(config)]
     command += ["--tables", "t0,t1", "--token-file", str(token_file)]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:

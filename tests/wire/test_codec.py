@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ndp.plan import Bags
 from protos import storage_node_pb2 as pb
 from storage_node import codec
 from storage_node.errors import BadTensorError
-from storage_node.spec import Bags
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def round_trip(bags: dict[str, Bags]) -> dict[str, Bags]:
         pb.LookupRequest.FromString(request.SerializeToString())
     )
     assert answer_dtype is torch.float16
-    return decoded
+    return decoded.to_bags()
 
 
 def test_bags_travel_as_one_keyed_jagged_tensor_in_torchrec_layout():

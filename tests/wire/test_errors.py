@@ -9,12 +9,13 @@ import grpc
 import pytest
 import torch
 
-from gpu_worker.storage_client import StorageNodeUnavailableError, error_from_rpc
 from ndp.errors import ConfigError
+from ndp.plan import Bags
 from protos import storage_node_pb2 as pb
 from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node import codec
 from storage_node.auth import TOKEN_METADATA_KEY, UnauthenticatedError, token_metadata
+from storage_node.client import StorageNodeUnavailableError, error_from_rpc
 from storage_node.errors import (
     BadTensorError,
     IndexOutOfRangeError,
@@ -22,7 +23,6 @@ from storage_node.errors import (
     UnknownFeatureError,
 )
 from storage_node.server import serve
-from storage_node.spec import Bags
 from wire.tiny_node import DIM, TOKEN, random_bags, random_grads
 
 AUTH = token_metadata(TOKEN)
@@ -304,7 +304,7 @@ def test_client_with_wrong_token_raises_unauthenticated_error(cfg, serve_node):
 
 
 def test_unreachable_node_raises_unavailable_error():
-    from gpu_worker.storage_client import StorageClient
+    from storage_node.client import StorageClient
 
     with StorageClient("unix:/nonexistent/ndp.sock", token=TOKEN, timeout_s=5.0) as client:
         with pytest.raises(StorageNodeUnavailableError, match="UNAVAILABLE"):

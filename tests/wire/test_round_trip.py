@@ -6,13 +6,13 @@ import grpc
 import pytest
 import torch
 
-from gpu_worker.storage_client import connect
 from ndp.errors import StorageNodeError
+from ndp.plan import Bags
 from protos import storage_node_pb2 as pb
 from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node import codec
 from storage_node.auth import token_metadata
-from storage_node.spec import Bags
+from storage_node.client import connect
 from wire.tiny_node import DIM, TOKEN, random_bags, random_grads, tiny_config
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from tls_certs import make_ca, make_client_cert
 
-from gpu_worker.storage_client import StorageClient, StorageNodeUnavailableError
 from ndp.config import config_from_dict
 from ndp.errors import ConfigError
+from storage_node.client import StorageClient, StorageNodeUnavailableError
 from storage_node.server import serve
 from storage_node.tls import TlsFiles
 from wire.tiny_node import TOKEN, random_bags, random_grads

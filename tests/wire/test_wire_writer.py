@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from ndp.plan import Bags
 from protos import storage_node_pb2 as pb
 from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node import codec
 from storage_node.auth import token_metadata
-from storage_node.spec import Bags
 from storage_node.wire_writer import serialize, varint
 from wire.tiny_node import TOKEN, random_bags
 

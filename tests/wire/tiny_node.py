@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ndp.config import Config, config_from_dict
-from storage_node.spec import Bags
+from ndp.plan import Bags
 
 TOKEN = "test-token-7f3a"
 DIM = 16

@@ -20,39 +20,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ndp.config import Config, load_config
+from ndp.config import load_config
 from ndp.errors import ConfigError, NDPError
+from ndp.planner import shards_for
 from storage_node.actor import LOOPBACK, StorageNodeActor
-from storage_node.spec import ShardSpec
 
 TOKEN_ENV = "NDP_TOKEN"
-
-
-def shards_for(cfg: Config, node_id: int, tables: Sequence[str] | None) -> list[ShardSpec]:
-    """What this node serves: the named whole tables, or its pieces of the sharding plan."""
-    effective = cfg.model.effective_tables()
-    if tables is None:
-        from ndp.planner import plan_shards
-
-        return plan_shards(cfg).shards_for_node(node_id, effective)
-    by_name = {t.name: t for t in effective}
-    unknown = [name for name in tables if name not in by_name]
-    if unknown:
-        raise ConfigError(
-            f"--tables: unknown table(s) {', '.join(unknown)}; tables: {', '.join(by_name)}"
-        )
-    return [
-        ShardSpec(
-            table_name=t.name,
-            table_num_rows=t.num_rows,
-            embedding_dim=t.embedding_dim,
-            row_start=0,
-            row_end=t.num_rows,
-            pooling=t.pooling,
-            features=tuple(t.features),
-        )
-        for t in (by_name[name] for name in tables)
-    ]
 
 
 def read_token(token_file: str | None) -> str:

@@ -1,4 +1,8 @@
-"""A GPU worker's client of one storage node: the core's operations, over gRPC.
+"""The storage node's client: the core's operations on one node, over gRPC.
+
+Shipped with the node (GPU workers, the coordinator, recovery and the benchmarks import it),
+so the wire's two halves live in one package; it needs only the wire modules (`codec`,
+`rpc_methods`, `auth`, `tls`, `errors`), never the node's internals.
 
 Every operation has a blocking form (`lookup`) and an `*_async` form returning a future
 (`lookup_async(...).result()`), so a worker can send one request to every node at once and
@@ -21,13 +25,12 @@ import grpc
 import torch
 
 from ndp.errors import StorageNodeError
+from ndp.plan import Bags
 from protos import storage_node_pb2 as pb
 from storage_node import codec
 from storage_node import errors as node_errors
 from storage_node.auth import ERROR_METADATA_KEY, UnauthenticatedError, token_metadata
-from storage_node.rpc_methods import Received, client_methods, wire_size
-from storage_node.server import channel_options
-from storage_node.spec import Bags
+from storage_node.rpc_methods import Received, channel_options, client_methods, wire_size
 from storage_node.tls import TlsFiles, channel_credentials
 
 T = TypeVar("T")

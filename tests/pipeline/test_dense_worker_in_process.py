@@ -1,0 +1,168 @@
+"""A GPU worker over storage-node cores in this process: no Ray, no gRPC.
+
+`DenseWorker` takes its nodes as `NodeApi`s; `InProcessNode` serves one over a
+`StorageNodeCore`. One worker on two nodes (a table split row-wise across them, caches small
+enough to evict) trains like the single-process reference, with and without early pooling.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from model.tiny import tiny_config
+
+from gpu_worker.node_api import InProcessNode, NodeApi, NodeCore
+from gpu_worker.worker import DenseWorker
+from ndp.config import Config
+from ndp.data.loader import build_datasets
+from ndp.plan import Bags
+from ndp.planner import plan_shards
+from ndp.reference import ReferenceEngine
+from storage_node.client import StorageClient
+from storage_node.errors import IndexOutOfRangeError
+from storage_node.node import StorageNodeCore
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STEPS = 8
+BATCH = 16
+
+
+def _config(**pipeline) -> Config:
+    """`model.tiny`'s three tables; the mean-pooled `t1` split row-wise over both nodes (the
+    whole-bag divisor crosses pieces), caches of a few rows (rows go to flash and back)."""
+    return tiny_config(
+        data={"synthetic": {"num_samples": STEPS * BATCH, "num_val_samples": 32, "seed": 7}},
+        optimizer={
+            "dense": {"name": "adagrad", "lr": 0.05},
+            "sparse": {"name": "rowwise_adagrad", "lr": 0.05},
+        },
+        train={"batch_size": BATCH, "seed": 3, "device": "cpu"},
+        cluster={
+            "num_storage_nodes": 2,
+            "num_gpu_workers": 1,
+            "constraints": {"t1": {"sharding_type": "row_wise"}},
+        },
+        storage={"cache_bytes": 2048},
+        pipeline=pipeline,
+    )
+
+
+def _cores(cfg: Config, plan, tmp_path) -> list[StorageNodeCore]:
+    tables = cfg.model.effective_tables()
+    return [
+        StorageNodeCore(
+            node_id=str(node),
+            shards=plan.shards_for_node(node, tables),
+            storage=cfg.storage,
+            optimizer=cfg.optimizer.sparse,
+            seed=cfg.train.seed,
+            flash_dir=tmp_path / f"node-{node}",
+        )
+        for node in range(plan.num_nodes)
+    ]
+
+
+@pytest.mark.parametrize("early_pooling", [False, True], ids=["plain", "early-pooling"])
+def test_a_worker_over_in_process_cores_trains_like_the_reference(tmp_path, early_pooling):
+    cfg = _config(lookahead_depth=1 if early_pooling else 0, early_pooling=early_pooling)
+    batches = list(build_datasets(cfg)[0].batches(BATCH))[:STEPS]
+    plan = plan_shards(cfg)
+    assert {p.node for p in plan.pieces_of("t1")} == {0, 1}
+    cores = _cores(cfg, plan, tmp_path)
+    worker = DenseWorker(
+        rank=0, world_size=1, cfg=cfg, plan=plan, clients=[InProcessNode(c) for c in cores]
+    )
+    reference = ReferenceEngine(cfg)
+    try:
+        losses = [
+            worker.train_step(
+                step, batch, early=batches[step + 1] if early_pooling and step + 1 < STEPS else None
+            )
+            for step, batch in enumerate(batches)
+        ]
+        worker.flush()
+        expected = [reference.train_step(step, batch) for step, batch in enumerate(batches)]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+        reference_dense = reference.dense_half.state_dict()
+        for name, value in worker.dense_state_dict().items():
+            torch.testing.assert_close(value, reference_dense[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            worker.predict(STEPS, batches[0]),
+            reference.predict(STEPS, batches[0]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        hits = sum(core.early_counters["early_hits_without_bags"] for core in cores)
+        assert (hits > 0) == early_pooling  # the kept pools answered lookups sent without bags
+        timings = worker.timings()
+        assert {"lookup_wait_s", "dense_compute_s", "dense_optimizer_s"} <= set(timings)
+        assert timings["link_bytes_in"] == timings["link_bytes_out"] == 0
+    finally:
+        worker.close()
+        for core in cores:
+            core.close()
+
+
+def test_a_node_refusal_reaches_the_worker_when_collected(tmp_path):
+    """In process as over gRPC: the node's typed error, raised when the reply is collected."""
+    cfg = _config()
+    batch = next(build_datasets(cfg)[0].batches(BATCH))
+    plan = plan_shards(cfg)
+    cores = _cores(cfg, plan, tmp_path)
+    node = InProcessNode(cores[0])
+    feature = plan.shards_for_node(0, cfg.model.effective_tables())[0].features[0]
+    bags = {feature: Bags(torch.tensor([10_000]), torch.tensor([0, 1]))}  # row out of range
+    try:
+        reply = node.lookup_async(0, 0, bags)
+        with pytest.raises(IndexOutOfRangeError):
+            reply.result()
+        worker = DenseWorker(
+            rank=0, world_size=1, cfg=cfg, plan=plan, clients=[InProcessNode(c) for c in cores]
+        )
+        worker.train_step(0, batch)  # the refused lookup left the nodes able to train
+        worker.flush()
+    finally:
+        for core in cores:
+            core.close()
+
+
+def _parameters(function) -> dict[str, inspect.Parameter]:
+    return {
+        name: param
+        for name, param in inspect.signature(function).parameters.items()
+        if name != "self"
+    }
+
+
+@pytest.mark.parametrize(
+    ("protocol", "implementation"),
+    [(NodeApi, StorageClient), (NodeApi, InProcessNode), (NodeCore, StorageNodeCore)],
+    ids=["grpc-client", "in-process", "core"],
+)
+def test_each_node_api_implementation_takes_every_argument_the_protocol_names(
+    protocol, implementation
+):
+    """The worker calls only what `NodeApi` declares; each implementation accepts it (a
+    keyword with the same default, a positional in the same place)."""
+    methods = [
+        name
+        for name, value in vars(protocol).items()
+        if inspect.isfunction(value) and not name.startswith("_")
+    ]
+    assert methods
+    for method in methods:
+        wanted = _parameters(getattr(protocol, method))
+        offered = _parameters(getattr(implementation, method))
+        for position, (name, param) in enumerate(wanted.items()):
+            assert name in offered, f"{implementation.__name__}.{method} lacks {name}"
+            assert offered[name].kind == param.kind, f"{implementation.__name__}.{method}({name})"
+            assert offered[name].default == param.default, f"{implementation.__name__}.{method}"
+            if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+                assert list(offered).index(name) == position
+        extra = [p for n, p in offered.items() if n not in wanted]
+        assert all(p.default is not inspect.Parameter.empty for p in extra), (
+            f"{implementation.__name__}.{method} needs arguments the worker does not send"
+        )
