@@ -189,10 +189,13 @@ class KeyedBags:
         """
         num_keys, batch = jagged.lengths.shape
         lengths = jagged.lengths.reshape(-1)
-        key_of_value = torch.repeat_interleave(torch.arange(num_keys), jagged.lengths.sum(dim=1))
-        rows = torch.tensor([p.num_rows for p in places], dtype=torch.int64)[key_of_value]
+        nnz_per_key = jagged.lengths.sum(dim=1)
         local = jagged.values
-        refused = ~((local >= 0) & (local < rows)).all() if local.numel() else torch.tensor(False)
+        refused = torch.tensor(False)
+        if local.numel():  # rows in [0, piece rows): min >= 0 and max(row - piece rows) < 0
+            piece_rows = torch.tensor([p.num_rows for p in places], dtype=torch.int64)
+            beyond = (local - torch.repeat_interleave(piece_rows, nnz_per_key)).max()
+            refused = (local.min() < 0) | (beyond >= 0)
         if jagged.weights is not None:
             refused |= _beyond(jagged.weights, MAX_ABS_WEIGHT)
         if jagged.mean_divisor is not None and lengths.numel():
@@ -201,8 +204,10 @@ class KeyedBags:
         if bool(refused):
             bags = jagged.to_bags()
             _raise_first_error(jagged.keys, places, [bags[k] for k in jagged.keys])
-        bases = torch.tensor([p.base for p in places], dtype=torch.int64)
-        values = local + bases[key_of_value] if bool(bases.any()) else local
+        bases = [p.base for p in places]
+        values = local
+        if any(bases):  # to arena rows
+            values = local + torch.repeat_interleave(torch.tensor(bases), nnz_per_key)
         offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
         torch.cumsum(lengths, 0, out=offsets[1:])
         inv_divisor = None
