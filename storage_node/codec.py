@@ -360,6 +360,21 @@ def _empty_or_decoded(
     return decode_tensor(getattr(message, field), name=name, allowed=allowed, ndim=1)
 
 
+def _optional_floats(
+    message: pb.KeyedJaggedTensor, field: str, what: str, count: int, counted: str, fix: str
+) -> torch.Tensor | None:
+    """An optional float32 [count] field of a `KeyedJaggedTensor` (weights, mean divisors),
+    None when unset; BadTensorError naming the field when its length is not `count`."""
+    if not message.HasField(field):
+        return None
+    tensor = decode_tensor(
+        getattr(message, field), name=f"{what} {field}", allowed=(torch.float32,), ndim=1
+    )
+    if tensor.numel() != count:
+        raise BadTensorError(f"{what}: {field} has {tensor.numel()} entries, but {counted}; {fix}")
+    return tensor
+
+
 def decode_jagged(message: pb.KeyedJaggedTensor, *, what: str) -> KeyedJagged:
     """The checked flat bags of a `KeyedJaggedTensor` (shapes, counts, dtypes)."""
     keys = _unique_keys(message.keys, what)
@@ -390,26 +405,18 @@ def decode_jagged(message: pb.KeyedJaggedTensor, *, what: str) -> KeyedJagged:
             f"{what}: values has {values.numel()} entries, but lengths sum to {total}; "
             "send every bag's rows, feature after feature"
         )
-    weights = None
-    if message.HasField("weights"):
-        weights = decode_tensor(
-            message.weights, name=f"{what} weights", allowed=(torch.float32,), ndim=1
-        )
-        if weights.numel() != total:
-            raise BadTensorError(
-                f"{what}: weights has {weights.numel()} entries, but values has {total}; "
-                "send one weight per value"
-            )
-    mean_divisor = None
-    if message.HasField("mean_divisor"):
-        mean_divisor = decode_tensor(
-            message.mean_divisor, name=f"{what} mean_divisor", allowed=(torch.float32,), ndim=1
-        )
-        if mean_divisor.numel() != num_bags:
-            raise BadTensorError(
-                f"{what}: mean_divisor has {mean_divisor.numel()} entries, but keys "
-                f"({len(keys)}) x stride ({stride}) = {num_bags}; send one per bag"
-            )
+    weights = _optional_floats(
+        message, "weights", what, total, f"values has {total}", "send one weight per value"
+    )
+    mean_divisor = _optional_floats(
+        message,
+        "mean_divisor",
+        what,
+        num_bags,
+        f"keys ({len(keys)}) x stride ({stride}) = {num_bags}",
+        "send one per bag",
+    )
+    if mean_divisor is not None:
         mean_divisor = mean_divisor.reshape(len(keys), stride)
     return KeyedJagged(keys, lengths, values, weights, mean_divisor)
 
