@@ -434,7 +434,7 @@ def require_samples(source: str, reader: CriteoReader) -> None:
 
     Why: an empty file, or one whose every line `bad_line_policy=skip` dropped, would
     otherwise train nothing or write an empty preprocessed copy. Training and `ndp-data
-    preprocess` both refuse it with this one message.
+    preprocess` both refuse it with this one message (`require_lines_kept`).
 
     Args:
         source: the input as the user named it (data.path, --input).
@@ -443,13 +443,25 @@ def require_samples(source: str, reader: CriteoReader) -> None:
     Raises:
         DataError: naming `source`, and the first malformed line if all were skipped.
     """
-    if reader.total_lines == 0:
+    first_skipped = next(iter(reader.skipped.items()), None)
+    require_lines_kept(source, reader.total_lines, reader.skipped_lines, first_skipped)
+
+
+def require_lines_kept(
+    source: str,
+    total_lines: int,
+    skipped_lines: int,
+    first_skipped: tuple[tuple[str, int], str] | None,
+) -> None:
+    """`require_samples` from counts: `first_skipped` is ((file, line), problem) or None."""
+    if total_lines == 0:
         raise DataError(f"{source}: holds no lines (empty input); there is nothing to read")
-    if reader.skipped_lines < reader.total_lines:
+    if skipped_lines < total_lines:
         return
-    (file, line), problem = next(iter(reader.skipped.items()))
+    assert first_skipped is not None, "every line skipped, so one was"
+    (file, line), problem = first_skipped
     raise DataError(
-        f"{source}: all {reader.total_lines} lines are malformed and were skipped "
+        f"{source}: all {total_lines} lines are malformed and were skipped "
         f"(data.bad_line_policy=skip), leaving no samples; the first: {file}:{line}: {problem}"
     )
 

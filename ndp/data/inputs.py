@@ -124,7 +124,7 @@ def data_files(path: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- opening
 
 
-def _is_gzip(path: Path) -> bool:
+def is_gzip(path: Path) -> bool:
     """Whether a file is gzip, by its first bytes; other compressions are refused."""
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -149,7 +149,7 @@ def open_input(path: Path) -> Iterator[io.BufferedIOBase]:
         DataError: the file is compressed other than with gzip, or its gzip stream is
             corrupt or truncated (also when found while the caller reads).
     """
-    compressed = _is_gzip(path)
+    compressed = is_gzip(path)
     handle: io.BufferedIOBase = gzip.GzipFile(path, "rb") if compressed else open(path, "rb")
     with handle:
         try:
