@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from ndp.config_loader import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from ndp.device_profiles import apply_device_profile
 from ndp.errors import ConfigError
 
 NUM_DENSE_FEATURES = 13
@@ -418,12 +419,16 @@ class EmulationConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EnergyConfig:
-    """Per-access and per-byte energy constants for the energy estimate (picojoules).
+    """Per-access and per-byte energy constants of the energy model (`ndp.energy`).
 
     Defaults are order-of-magnitude figures from the literature: DRAM access ~ 20 pJ/bit
     (Horowitz, ISSCC 2014, "Computing's energy problem") -> 160 pJ/byte; NAND flash read
     ~ 1-2 nJ/byte at the device interface and program ~ 5-10 nJ/byte (Grupp et al., MICRO
-    2009); one 4 KiB page access ~ 10 uJ for the controller.
+    2009); one 4 KiB page access ~ 10 uJ for the controller; a board-level serial link
+    ~ 1.4-1.9 pJ/bit per PHY (IBM, 32nm SOI source-synchronous I/O, ISSCC 2012), both ends
+    plus controller and protocol assumed 5 pJ/bit -> 40 pJ/byte; a busy server core ~ 7.5 W
+    (Intel Xeon Gold 6248: 150 W TDP over 20 cores, Intel ARK). docs/energy.md explains
+    the model and which figures transfer to real hardware.
     """
 
     dram_pj_per_byte: float = 160.0
@@ -434,6 +439,13 @@ class EnergyConfig:
     """Flash program."""
     flash_pj_per_page: float = 10_000_000.0
     """Fixed cost per flash page touched."""
+    link_pj_per_byte: float = 40.0
+    """Byte over the host link or network (PCIe, CXL, loopback gRPC standing in for them)."""
+    cpu_busy_watts: float = 7.5
+    """Power of one busy host core (package power / cores); times busy CPU-seconds."""
+    device_busy_watts: float = 7.5
+    """Power of one busy core of the storage nodes' processes, i.e. of the device's compute
+    (default: a host core's, what the emulation runs on; a profile may set its device's)."""
 
     def validate(self, path: str) -> None:
         for name in (
@@ -441,6 +453,9 @@ class EnergyConfig:
             "flash_read_pj_per_byte",
             "flash_write_pj_per_byte",
             "flash_pj_per_page",
+            "link_pj_per_byte",
+            "cpu_busy_watts",
+            "device_busy_watts",
         ):
             if getattr(self, name) < 0:
                 _fail(_join(path, name), f"{getattr(self, name)} must be >= 0")
@@ -483,7 +498,10 @@ class StorageConfig:
     emulation: EmulationConfig = field(default_factory=EmulationConfig)
     """Device emulation throttles."""
     energy: EnergyConfig = field(default_factory=EnergyConfig)
-    """Energy estimate constants."""
+    """Energy model constants (`ndp.energy`)."""
+    device_profile: str | None = None
+    """Named device of `configs/devices/` (e.g. `pcie_gen3_x4_csd`) whose `emulation`,
+    `energy` and `cache_bytes` apply under the keys this config sets itself; unset: none."""
 
     def validate(self, path: str) -> None:
         _positive(path, "page_bytes", self.page_bytes)
@@ -657,7 +675,7 @@ def config_from_dict(raw: Any, base_dir: str | Path | None = None) -> Config:
         raise ConfigError(
             f"<config>: expected a mapping at the top level, got {type(raw).__name__}"
         )
-    cfg = from_dict(Config, raw)
+    cfg = from_dict(Config, apply_device_profile(raw))
     if base_dir is not None:
         cfg = _resolve_paths(cfg, Path(base_dir))
     return cfg

@@ -49,6 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from ndp.bench.baselines import HybridEngine, peak_rss_bytes
+from ndp.bench.energy import (
+    baseline_counters,
+    energy_lines,
+    energy_model_record,
+    energy_plot,
+    energy_table,
+    ndp_counters,
+    price_runs,
+)
 from ndp.bench.measure import measure_engine
 from ndp.bench.memory_limit import make_memory_cgroup
 from ndp.bench.report import machine_info, timestamp
@@ -81,6 +90,8 @@ class BenchOptions:
     multihot_pooling: float = 20.0
     lookahead_depth: int = 2
     device: str = "auto"
+    device_profile: str | None = None
+    """`configs/devices/` profile every scenario's storage uses (`storage.device_profile`)."""
     scenarios: tuple[str, ...] = SCENARIOS
     """Which scenarios to run (the targets of the missing ones are reported as not measured)."""
     fp16_wire: bool = True
@@ -165,6 +176,7 @@ def scenario_config(options: BenchOptions, scenario: str) -> dict:
             "cache_bytes": max(per_node, 4096),
             "cache_policy": "hot+lfu",
             "use_odirect": True,  # the node's DRAM for rows is its cache, no page cache
+            **({"device_profile": options.device_profile} if options.device_profile else {}),
         },
         "pipeline": {"lookahead_depth": options.lookahead_depth},
         "logging": {"progress_bar": False},
@@ -184,6 +196,9 @@ def _node_counters(engine: Any) -> list[dict[str, int]]:
             "staged_hits": n["cache"]["staged_hits"],
             "flash_bytes_read": n["flash"]["bytes_read"],
             "flash_bytes_written": n["flash"]["bytes_written"],
+            "flash_pages_read": n["flash"]["pages_read"],
+            "flash_pages_written": n["flash"]["pages_written"],
+            "dram_bytes": n["cache"]["bytes_read"] + n["cache"]["bytes_written"],
         }
         for n in engine.node_stats()
     ]
@@ -238,6 +253,8 @@ def _measure_ndp(
         sum(d["flash_bytes_written"] for d in delta) / samples
     )
     result["flash_bytes_source"] = "storage node flash counters (O_DIRECT preads/pwrites)"
+    wire_delta = {k: v - before["wire"].get(k, 0) for k, v in wire.items()}
+    result["energy_counters"] = asdict(ndp_counters(delta, wire_delta, result, options.steps))
     result["memory_limit"] = {
         "applied": True,
         "kind": "storage.cache_bytes per node (row cache; flash read with O_DIRECT)",
@@ -327,6 +344,12 @@ def run_train_bench(
         _wire_table(systems),
     ]
     results["plots"] = [_throughput_plot(systems)]
+    energy = config_from_dict(scenario_config(options, options.scenarios[0])).storage.energy
+    price_runs(systems, energy, steps=options.steps, batch_size=options.batch_size)
+    results["energy_model"] = energy_model_record(energy, options.device_profile)
+    results["summary"] += energy_lines(systems)
+    results["tables"].append(energy_table(systems))
+    results["plots"].append(energy_plot(systems))
     return results
 
 
@@ -345,6 +368,9 @@ def _run_all(options: BenchOptions, log: Callable[[str], None]) -> dict[str, dic
                 continue
             log(f"{scenario}: {system}")
             result = _run_baseline(system, raw, cfg, batches, options, budget)
+            timed = batches[options.warmup_steps : options.warmup_steps + options.steps]
+            counters = baseline_counters(system, result, timed, cfg, options.steps)
+            result["energy_counters"] = asdict(counters)
             systems[system][scenario] = {**info, **result}
         for system in ("ndp", "ndp_lookahead"):
             log(f"{scenario}: {system}")

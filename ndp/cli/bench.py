@@ -3,6 +3,7 @@
     ndp-bench storage [--config PATH] [--output-dir DIR] [--quick]
     ndp-bench load    [--output-dir DIR] [--quick]
     ndp-bench train   [--config PATH] [--output-dir DIR] [--quick] [--scenarios A,B]
+                      [--device-profile NAME]
 
 `storage` measures pooled lookups/s of a storage node over gRPC against in-process
 `embedding_bag` (pooling 1, 8, 32) and the hit rate of each cache policy against Belady's
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quick", action="store_true", help="smaller sizes, a few minutes")
         sub.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
         if name == "train":
+            sub.add_argument(
+                "--device-profile",
+                metavar="NAME",
+                help="emulate a device of configs/devices/ on every storage node and price "
+                "energy with its constants (default: the config's storage.device_profile)",
+            )
             sub.add_argument(
                 "--scenarios",
                 help="comma-separated subset of fits_in_dram,large_zipf,cache_5pct,cache_full,"
@@ -83,6 +90,9 @@ def _train(args: argparse.Namespace, command_line: str) -> int:
     if args.config:
         cfg = load_config(args.config)
         options = replace(options, device=cfg.train.device, batch_size=cfg.train.batch_size)
+        options = replace(options, device_profile=cfg.storage.device_profile)
+    if args.device_profile:
+        options = replace(options, device_profile=args.device_profile)
     if args.scale != 1.0:
         options = options.scaled(args.scale)
     if args.scenarios:
