@@ -315,6 +315,31 @@ class RowCache:
         self.counters.bytes_written += int(slots.size) * self.row_bytes
         return slots
 
+    def resident_values_for_update(self, values: np.ndarray) -> np.ndarray | None:
+        """Slots of `values` (repeats allowed: one per value) if every row is cached, with
+        the distinct rows counted and marked dirty as `resident_for_update` does; else None
+        (nothing changed or counted).
+
+        Why per value: FBGEMM's backward kernel (`storage_node.fused_update`) dedupes the
+        values itself, so the caller needs no sorted distinct rows of its own.
+        """
+        slots = self.index.find(np.asarray(values, dtype=np.int64))
+        if slots.size and int(slots.min()) < 0:
+            return None
+        unique_slots = distinct_below(slots, self.records.shape[0])
+        self._count(self.slot_rows[unique_slots], unique_slots)
+        self.dirty[unique_slots] = True
+        self.counters.bytes_written += int(unique_slots.size) * self.row_bytes
+        return slots
+
+    def kernel_weights(self, dim: int) -> np.ndarray | None:
+        """The slot tensor as FBGEMM's `host_weights` [C, dim] (the array itself, to update
+        in place), or None where a slot's record holds optimizer state beside its weights
+        (row stride != dim, which FBGEMM's kernels cannot read)."""
+        if self.records.shape[1] != dim:
+            return None
+        return self.records
+
     @property
     def holds_all(self) -> bool:
         """Every row of the row space has a slot: nothing is ever evicted, so the policy's

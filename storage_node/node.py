@@ -68,6 +68,7 @@ from storage_node.errors import (
     UnknownFeatureError,
 )
 from storage_node.flash import FlashStore
+from storage_node.fused_update import FUSED_OPTIMIZERS, fused_backward
 from storage_node.keyed_bags import (
     FeaturePlace,
     KeyedBags,
@@ -144,6 +145,9 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
         }
         """Early pools kept; answered by a lookup (of them: by a `lookup_early` that sent no
         bags); dropped because the lookup's bags differed."""
+        self.update_paths = {"fbgemm_kernel": 0, "node_kernels": 0}
+        """Arena updates applied by FBGEMM's backward kernel (`storage_node.fused_update`) and
+        by the node's own dedupe/merge/optimizer path."""
         self._closed = False
         self._pieces: dict[str, Piece] = {}
         self._piece_of_feature: dict[str, Piece] = {}
@@ -576,6 +580,10 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
         pushed = PushedGradients.join(parts)
         if pushed.rows.numel() == 0:
             return
+        if self._update_fused(arena, pushed):
+            self.update_paths["fbgemm_kernel"] += 1
+            return
+        self.update_paths["node_kernels"] += 1
         updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
         merged = merge_row_gradients(pushed, updated.inverse, updated.rows.numel(), updated.order)
         unique_np = updated.rows.numpy()
@@ -603,6 +611,33 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
             arena.cache.store(unique_np, records.numpy())
         if old is not None:
             correct_early_pools(self._early.values(), arena, updated, records[:, :dim] - old)
+
+    def _update_fused(self, arena: Arena, pushed: PushedGradients) -> bool:
+        """`_update_arena` by FBGEMM's backward kernel on the slot tensor
+        (`storage_node.fused_update`) where it applies: an optimizer it has, a slot record
+        that is the weights alone, one batch size, every row cache-resident. False: nothing
+        done (the node's own path runs)."""
+        weights_np = arena.cache.kernel_weights(arena.dim)
+        if (
+            self.optimizer.name not in FUSED_OPTIMIZERS
+            or pushed.keyed is None
+            or weights_np is None
+        ):
+            return False
+        slots_np = arena.cache.resident_values_for_update(pushed.keyed.values.numpy())
+        if slots_np is None:
+            return False
+        weights, slots = torch.from_numpy(weights_np), torch.from_numpy(slots_np)
+        updated = old = None
+        if self._early:  # kept early pools take each updated row's change
+            updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
+            updated_slots = torch.from_numpy(arena.cache.index.find(updated.rows.numpy()))
+            old = weights[updated_slots]
+        fused_backward(self.optimizer, weights, slots, pushed.keyed)
+        if updated is not None and old is not None:
+            delta = weights[updated_slots] - old
+            correct_early_pools(self._early.values(), arena, updated, delta)
+        return True
 
     # ------------------------------------------------------------------ shutdown
 

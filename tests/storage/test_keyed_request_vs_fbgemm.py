@@ -139,5 +139,14 @@ def test_one_request_of_many_tables_matches_fbgemm_table_batched(make_node, opti
                 if states is not None:
                     fb_state = states[i][0].reshape(len(rows), -1)
                     torch.testing.assert_close(node_state, fb_state, rtol=1e-6, atol=1e-6)
-    evictions = node.stats()["cache"]["evictions"]
+    stats = node.stats()
+    evictions = stats["cache"]["evictions"]
     assert evictions > 0 if cache_rows == 3 else evictions == 0
+    # sgd on resident rows runs FBGEMM's own backward kernel on the slot tensor; the rest
+    # (an evicting cache, optimizer state beside the weights) the node's own path
+    fused = optimizer == "sgd" and cache_rows == 1000
+    paths = stats["update_paths"]
+    assert paths == {
+        "fbgemm_kernel": 2 * STEPS if fused else 0,
+        "node_kernels": 0 if fused else 2 * STEPS,
+    }
