@@ -21,10 +21,10 @@ needs a sort for the dedupe, a sparse product for the merge and an `index_add_`:
 pooling 8 (`ndp-bench`'s fits shape, one thread). It is also the reference trainer's own
 arithmetic, so the node and the reference agree to the last bits FBGEMM's order gives.
 
-The kernel needs the weights of a slot contiguous (row stride D): it runs where the arena's
-record is the weights alone (`sgd`, no optimizer state). fbgemm-gpu-cpu has kernels for sgd,
-adagrad and rowwise_adagrad; the cache keeps weights and state in one record per slot, so
-the two Adagrads (and Adam, which has no CPU kernel) take the node's own path.
+The cache keeps a slot's weights [C, D] and optimizer state [C, S] in two arrays
+(`cache.RowCache`), so they are FBGEMM's `host_weights` and `momentum1_host` as they are.
+fbgemm-gpu-cpu has kernels for sgd, adagrad and rowwise_adagrad; Adam (no CPU kernel) keeps
+the node's own vectorised path.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 
 from ndp.config import SparseOptimizerConfig
 
-FUSED_OPTIMIZERS = frozenset({"sgd"})
-"""Optimizers updated by FBGEMM's kernel (those whose slot record is the weights alone)."""
+FUSED_OPTIMIZERS = frozenset({"sgd", "adagrad", "rowwise_adagrad"})
+"""Optimizers that fbgemm-gpu-cpu has a backward kernel for."""
 
 
 def _load_kernels() -> None:
@@ -122,13 +122,16 @@ def keyed_grad_output(grads: list[torch.Tensor]) -> torch.Tensor:
 def fused_backward(
     cfg: SparseOptimizerConfig,
     weights: torch.Tensor,
+    state: torch.Tensor,
     slots: torch.Tensor,
     grads: KeyedGradients,
 ) -> None:
     """Apply one step of `cfg` to the slots `grads` touch, in place, in one FBGEMM call.
 
     Args:
-        weights: float32 [C, D] contiguous slot tensor (FBGEMM's `host_weights`).
+        weights: float32 [C, D] contiguous slot weights (FBGEMM's `host_weights`).
+        state: float32 [C, S] contiguous slot optimizer state (`momentum1_host`: S = D for
+            adagrad, 1 for rowwise_adagrad, 0 for sgd).
         slots: int64 [nnz] the slot of each of `grads.values`.
         grads: the step's gradients (every worker's, joined).
     """
@@ -142,10 +145,11 @@ def fused_backward(
     hash_size_cumsum = torch.zeros(tables + 1, dtype=torch.int64)
     hash_size_cumsum[-1] = num_slots
     scale = grads.scale if grads.scale is not None else torch.ones(slots.numel())
-    torch.ops.fbgemm.split_embedding_backward_codegen_sgd_cpu(
+    host = torch.zeros(tables, dtype=torch.int32)  # placements: host memory
+    common = (
         grads.grad_output,
         weights.view(-1),
-        torch.zeros(tables, dtype=torch.int32),  # placements: host
+        host,
         zeros,  # weights_offsets: every pseudo-table is the whole slot tensor
         torch.arange(0, (tables + 1) * dim, dim, dtype=torch.int32),  # D_offsets
         dim,
@@ -156,5 +160,17 @@ def fused_backward(
         0,  # SUM pooling: mean divisors are in the per-value scale
         scale.to(torch.float32),
         False,  # no stochastic rounding (fp32 weights)
-        torch.tensor(cfg.lr, dtype=torch.float32),
     )
+    lr = torch.tensor(cfg.lr, dtype=torch.float32)
+    if cfg.name == "sgd":
+        torch.ops.fbgemm.split_embedding_backward_codegen_sgd_cpu(*common, lr)
+        return
+    momentum = (state.view(-1), host, zeros)  # one state array for every pseudo-table
+    if cfg.name == "adagrad":
+        torch.ops.fbgemm.split_embedding_backward_codegen_adagrad_cpu(
+            *common, *momentum, lr, eps=cfg.eps
+        )
+    else:  # rowwise_adagrad, without weight decay (FBGEMM's default mode NONE)
+        torch.ops.fbgemm.split_embedding_backward_codegen_rowwise_adagrad_cpu(
+            *common, *momentum, lr, eps=cfg.eps
+        )

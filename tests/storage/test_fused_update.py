@@ -69,19 +69,22 @@ def train(node, *, workers: int, early: bool, batch_of_worker=lambda w: BATCH) -
     return [node.read_rows(t, torch.arange(rows))[0] for t, (rows, _) in TABLES.items()]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("early", [False, True], ids=["plain", "early_pools"])
-def test_fbgemm_kernel_trains_what_the_node_path_trains(make_node, tmp_path, workers, early):
+def test_fbgemm_kernel_trains_what_the_node_path_trains(
+    make_node, tmp_path, optimizer, workers, early
+):
     fused = make_node(
         shards(),
-        optimizer="sgd",
+        optimizer=optimizer,
         cache_rows=1000,
         num_workers=workers,
         flash_dir=tmp_path / "fused",
     )
     own = make_node(
         shards(),
-        optimizer="sgd",
+        optimizer=optimizer,
         cache_rows=3,
         num_workers=workers,
         flash_dir=tmp_path / "own",
@@ -93,6 +96,9 @@ def test_fbgemm_kernel_trains_what_the_node_path_trains(make_node, tmp_path, wor
     )
     for got_rows, expected_rows in zip(got, expected, strict=True):
         torch.testing.assert_close(got_rows, expected_rows, rtol=1e-6, atol=1e-6)
+    for table, (rows, _) in TABLES.items():  # and the optimizer state
+        got_state = fused.read_rows(table, torch.arange(rows))[1]
+        torch.testing.assert_close(got_state, own.read_rows(table, torch.arange(rows))[1])
     assert fused.stats()["update_paths"] == {"fbgemm_kernel": STEPS, "node_kernels": 0}
     assert own.stats()["update_paths"] == {"fbgemm_kernel": 0, "node_kernels": STEPS}
     if early:
@@ -119,3 +125,9 @@ def test_workers_with_different_batch_sizes_take_the_node_path(make_node, tmp_pa
     for got_rows, expected_rows in zip(got, expected, strict=True):
         torch.testing.assert_close(got_rows, expected_rows, rtol=1e-6, atol=1e-6)
     assert fused.stats()["update_paths"]["fbgemm_kernel"] == 0
+
+
+def test_adam_has_no_fbgemm_cpu_kernel_and_takes_the_node_path(make_node):
+    node = make_node(shards(), optimizer="adam", cache_rows=1000)
+    train(node, workers=1, early=False)
+    assert node.stats()["update_paths"] == {"fbgemm_kernel": 0, "node_kernels": STEPS}

@@ -99,7 +99,8 @@ def fbgemm_forward(module, features: list[str], bags: dict[str, Bags]) -> torch.
 @pytest.mark.parametrize("cache_rows", [3, 1000], ids=["evicting", "holds_all"])
 def test_one_request_of_many_tables_matches_fbgemm_table_batched(make_node, optimizer, cache_rows):
     """With a 3-slot cache the update goes through fetch/store and flash; with one that holds
-    every row it runs in place on the slot tensor (`apply_update_at`): both equal FBGEMM."""
+    every row FBGEMM's own backward kernel runs in place on the slot tensors
+    (`storage_node.fused_update`): both equal FBGEMM."""
     shards = [
         shard(
             t,
@@ -142,9 +143,9 @@ def test_one_request_of_many_tables_matches_fbgemm_table_batched(make_node, opti
     stats = node.stats()
     evictions = stats["cache"]["evictions"]
     assert evictions > 0 if cache_rows == 3 else evictions == 0
-    # sgd on resident rows runs FBGEMM's own backward kernel on the slot tensor; the rest
-    # (an evicting cache, optimizer state beside the weights) the node's own path
-    fused = optimizer == "sgd" and cache_rows == 1000
+    # resident rows are updated by FBGEMM's own backward kernel on the slot tensors; an
+    # evicting cache by the node's own path
+    fused = cache_rows == 1000
     paths = stats["update_paths"]
     assert paths == {
         "fbgemm_kernel": 2 * STEPS if fused else 0,
