@@ -70,6 +70,10 @@ class ReferenceEngine:
         """Seconds per phase since the last call (cuda phases are synchronised)."""
         return self._clock.take()
 
+    def phase_medians(self) -> dict[str, float]:
+        """Median seconds of one step's block per phase since the last `timings()`."""
+        return self._clock.medians()
+
     def close(self) -> None:
         """Nothing to release: everything lives in this process."""
 

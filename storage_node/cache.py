@@ -3,14 +3,20 @@
 Everything is arrays indexed by *slot* (no per-row Python objects)::
 
     slot_rows  int64   [C]      local row held by the slot, -1 = free
-    records    float32 [C, F]   row record (weights [D] | optimizer state [S])
+    weights    float32 [C, D]   the row's weights  } together the row's record [F = D + S],
+    state      float32 [C, S]   optimizer state    } as flash stores it (weights | state)
     dirty      bool    [C]      newer than flash; written back on eviction / flush
     pins       int32   [C]      > 0: a pending prefetch needs it; never evicted
     hot        bool    [C]      pinned hot set (`hot+lfu` only); never evicted
     last_use   int64   [C]      tick of the last access (LRU, and LFU tie-break)
     freq       float64 [C]      access count since admission (`lfu`)
 
-and a row -> slot index: a dense int32 array for shards up to `DENSE_INDEX_MAX_ROWS` rows,
+Weights and state are two arrays, not one [C, F] record array, because FBGEMM's
+table-batched kernels read weights with row stride D and the optimizer state as a tensor of
+its own (`storage_node.fused_update` hands them `weights` and `state` in place); records are
+assembled only where rows cross to or from flash.
+
+And a row -> slot index: a dense int32 array for shards up to `DENSE_INDEX_MAX_ROWS` rows,
 otherwise a pair of sorted arrays (keys, slots) searched with `np.searchsorted` and updated
 with vectorised insert/delete (O(C) per batch, no hashing in Python).
 
@@ -210,7 +216,12 @@ class RowCache:
         policy: Literal["lru", "lfu", "hot+lfu"] = "lru",
         hot_fraction: float = 0.0,
         counters: CacheCounters | None = None,
+        weight_floats: int | None = None,
     ) -> None:
+        """Args:
+        weight_floats: D, the record's leading floats that are the row's weights (the rest
+            is optimizer state); default: the whole record.
+        """
         self.flash = flash
         self.policy = policy
         lay = flash.layout
@@ -222,7 +233,11 @@ class RowCache:
         self.hot_rows = min(int(hot_fraction * cap), cap - 1) if policy == "hot+lfu" else 0
         self.counters = counters or CacheCounters()
         self.slot_rows = np.full(cap, -1, dtype=np.int64)
-        self.records = np.zeros((cap, lay.row_floats), dtype=np.float32)
+        dim = lay.row_floats if weight_floats is None else weight_floats
+        assert 0 < dim <= lay.row_floats, f"{dim} weight floats in a {lay.row_floats}-float record"
+        self.row_floats = lay.row_floats
+        self.weights = np.zeros((cap, dim), dtype=np.float32)
+        self.state = np.zeros((cap, lay.row_floats - dim), dtype=np.float32)
         self.dirty = np.zeros(cap, dtype=bool)
         self.pins = np.zeros(cap, dtype=np.int32)
         self.hot = np.zeros(cap, dtype=bool)
@@ -251,8 +266,8 @@ class RowCache:
         slots = self.index.find(rows)
         hit = slots >= 0
         hit_slots = slots[hit]
-        out = np.empty((rows.size, self.records.shape[1]), dtype=np.float32)
-        out[hit] = self.records[hit_slots]
+        out = np.empty((rows.size, self.row_floats), dtype=np.float32)
+        out[hit] = self._records(hit_slots)
         if count:
             self._count(rows, hit_slots)
         if not hit.all():
@@ -285,7 +300,7 @@ class RowCache:
     def resident_slots(self, rows: np.ndarray) -> np.ndarray | None:
         """Slots of `rows` (any order, repeats allowed) if every one is cached, else None.
 
-        Why: a lookup whose rows are all resident can pool straight from `records` with
+        Why: a lookup whose rows are all resident can pool straight from `weights` with
         these slot ids, without copying rows out. Counts one access per distinct row, as
         `fetch` of the unique rows would.
         """
@@ -293,7 +308,7 @@ class RowCache:
         slots = self.index.find(rows)
         if slots.size and int(slots.min()) < 0:
             return None
-        unique_slots = distinct_below(slots, self.records.shape[0])
+        unique_slots = distinct_below(slots, self.capacity_rows)
         self._count(self.slot_rows[unique_slots], unique_slots)
         return slots
 
@@ -301,7 +316,7 @@ class RowCache:
         """Slots of unique `rows` if every one is cached, marked dirty; else None (nothing
         changed or counted).
 
-        Why: an update whose rows are all resident changes them in place in `records`
+        Why: an update whose rows are all resident changes them in place in `weights`/`state`
         (`storage_node.optimizers.apply_update_at`) instead of copying them out with `fetch`
         and back with `store`. Counts the accesses as `fetch` would (one hit per row) and
         the bytes as read and written.
@@ -313,6 +328,23 @@ class RowCache:
         self._count(rows, slots)
         self.dirty[slots] = True
         self.counters.bytes_written += int(slots.size) * self.row_bytes
+        return slots
+
+    def resident_values_for_update(self, values: np.ndarray) -> np.ndarray | None:
+        """Slots of `values` (repeats allowed: one per value) if every row is cached, with
+        the distinct rows counted and marked dirty as `resident_for_update` does; else None
+        (nothing changed or counted).
+
+        Why per value: FBGEMM's backward kernel (`storage_node.fused_update`) dedupes the
+        values itself, so the caller needs no sorted distinct rows of its own.
+        """
+        slots = self.index.find(np.asarray(values, dtype=np.int64))
+        if slots.size and int(slots.min()) < 0:
+            return None
+        unique_slots = distinct_below(slots, self.capacity_rows)
+        self._count(self.slot_rows[unique_slots], unique_slots)
+        self.dirty[unique_slots] = True
+        self.counters.bytes_written += int(unique_slots.size) * self.row_bytes
         return slots
 
     @property
@@ -343,7 +375,7 @@ class RowCache:
         rows = np.asarray(rows, dtype=np.int64)
         slots = self.index.find(rows)
         hit = slots >= 0
-        self.records[slots[hit]] = records[hit]
+        self._set_records(slots[hit], records[hit])
         self.dirty[slots[hit]] = True
         self.counters.bytes_written += int(hit.sum()) * self.row_bytes
         if not hit.all():
@@ -351,6 +383,19 @@ class RowCache:
             admitted = self._admit(miss_rows, miss_records, dirty=True)
             # rows that found no slot go straight to flash (write-through fallback)
             self.flash.write_rows(miss_rows[~admitted], miss_records[~admitted])
+
+    def _records(self, slots: np.ndarray) -> np.ndarray:
+        """float32 [n, F] records (weights | state) of `slots`, as flash stores them."""
+        if self.state.shape[1] == 0:
+            return self.weights[slots]
+        return np.concatenate([self.weights[slots], self.state[slots]], axis=1)
+
+    def _set_records(self, slots: np.ndarray, records: np.ndarray) -> None:
+        """Write float32 [n, F] records (weights | state) into `slots`."""
+        dim = self.weights.shape[1]
+        self.weights[slots] = records[:, :dim]
+        if self.state.shape[1]:
+            self.state[slots] = records[:, dim:]
 
     # ------------------------------------------------------------------ pinning
 
@@ -405,7 +450,7 @@ class RowCache:
         staged_rows, staged_records = staged
         where = np.searchsorted(staged_rows, rows).clip(max=staged_rows.size - 1)
         have = staged_rows[where] == rows
-        records = np.empty((rows.size, self.records.shape[1]), dtype=np.float32)
+        records = np.empty((rows.size, self.row_floats), dtype=np.float32)
         records[have] = staged_records[where[have]]
         if not have.all():
             records[~have] = self.flash.read_rows(rows[~have])
@@ -500,7 +545,7 @@ class RowCache:
         admitted[: targets.size] = True
         placed = rows[: targets.size]
         self.slot_rows[targets] = placed
-        self.records[targets] = records[: targets.size]
+        self._set_records(targets, records[: targets.size])
         self.dirty[targets] = dirty
         self.pins[targets] = 0
         self.hot[targets] = False
@@ -522,7 +567,7 @@ class RowCache:
             return
         order = np.argsort(self.slot_rows[slots])
         slots = slots[order]
-        self.flash.write_rows(self.slot_rows[slots], self.records[slots])
+        self.flash.write_rows(self.slot_rows[slots], self._records(slots))
         self.dirty[slots] = False
         self.counters.write_backs += int(slots.size)
         self.counters.bytes_read += int(slots.size) * self.row_bytes

@@ -26,7 +26,9 @@ weights (`MAX_ABS_WEIGHT`), mean divisors (finite, >= 1 for a bag with values) a
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from ndp.plan import Bags, KeyedJagged, ShardSpec
 from ndp.rows import stable_order
 from storage_node.errors import BadTensorError, IndexOutOfRangeError
+from storage_node.fused_update import KeyedGradients, keyed_grad_output
 
 MAX_ABS_WEIGHT = 1e6
 """Largest |per-sample weight| accepted. Why this bound: a pooled value is a sum of
@@ -268,24 +271,37 @@ class KeyedBags:
         return dict(zip(self.features, torch.split(pooled, self.batch_sizes), strict=True))
 
     def pushed_gradients(self, grads: dict[str, torch.Tensor]) -> PushedGradients:
-        """This request's part of a push: d(loss)/d(pooled) of every bag [sum B, D] beside the
-        rows, bags and scales of the values.
+        """This request's part of a push: d(loss)/d(pooled) of every bag beside the rows,
+        bags and scales of the values.
+
+        With one batch size B for every feature (a KeyedJaggedTensor's) the gradients are
+        kept as FBGEMM's [B, features x D] (`fused_update.KeyedGradients`; the wire's
+        KeyedTensor read in place when it holds exactly these features), whose rows of D
+        floats hold bag (f, b) at row b x features + f; otherwise joined as [sum B, D].
 
         Raises:
             BadTensorError: a gradient element NaN or beyond +-`MAX_ABS_GRADIENT` (names the
                 feature, the element and its value); one host sync for every feature.
         """
-        bag_of_value = self.bag_of_value()
-        shared = _shared_rows([grads[f] for f in self.features], self.batch_sizes)
-        if shared is None:
-            flat = torch.cat([grads[f] for f in self.features]).to(torch.float32)
-        else:  # the wire's KeyedTensor read in place: bag (f, b) is row first[f] + b * step
-            flat, first, step = shared
-            batch = self.batch_sizes[0]
-            bag_of_value = first[bag_of_value // batch] + (bag_of_value % batch) * step
+        per_feature = [grads[f] for f in self.features]
+        scale = self.scale(self.bag_of_value())
+        if len(set(self.batch_sizes)) == 1:
+            batch, width = self.batch_sizes[0], len(self.features)
+            grad_output = keyed_grad_output(per_feature)
+            if bool(_beyond(grad_output, MAX_ABS_GRADIENT)):
+                _raise_bad_gradient(self.features, grads)
+            keyed = KeyedGradients(self.values, self.offsets, scale, grad_output, batch)
+
+            def bag_in_keyed_rows() -> torch.Tensor:
+                bag = self.bag_of_value()
+                return (bag % batch) * width + bag // batch
+
+            rows = grad_output.view(-1, grad_output.shape[1] // max(width, 1))
+            return PushedGradients(self.values, bag_in_keyed_rows, scale, rows, keyed)
+        flat = torch.cat(per_feature).to(torch.float32)
         if bool(_beyond(flat, MAX_ABS_GRADIENT)):
             _raise_bad_gradient(self.features, grads)
-        return PushedGradients(self.values, bag_of_value, self.scale(self.bag_of_value()), flat)
+        return PushedGradients(self.values, self.bag_of_value(), scale, flat)
 
     def same_as(self, other: KeyedBags) -> bool:
         """The same features with equal bags (an early pool answers only its own bags): the
@@ -314,12 +330,22 @@ class PushedGradients:
 
     rows: torch.Tensor
     """int64 [nnz] arena rows."""
-    bag: torch.Tensor
-    """int64 [nnz] the bag of each value, into `bag_grads`."""
+    bag_of_value: torch.Tensor | Callable[[], torch.Tensor]
+    """int64 [nnz] the bag of each value, into `bag_grads`, or how to compute it (only the
+    node's own update path reads it, FBGEMM's kernel does not): see `bag`."""
     scale: torch.Tensor | None
     """float32 [nnz] (weights x 1/divisor), None = 1."""
     bag_grads: torch.Tensor
     """float32 [sum B, D]."""
+    keyed: KeyedGradients | None = None
+    """The same gradients in FBGEMM's table-batched layout (`storage_node.fused_update`);
+    None where the features' batch sizes differ."""
+
+    @cached_property
+    def bag(self) -> torch.Tensor:
+        """int64 [nnz] the bag of each value, into `bag_grads`."""
+        given = self.bag_of_value
+        return given if isinstance(given, torch.Tensor) else given()
 
     @staticmethod
     def join(parts: list[PushedGradients]) -> PushedGradients:
@@ -337,6 +363,7 @@ class PushedGradients:
             torch.cat([p.bag + int(shift) for p, shift in zip(parts, shifts, strict=True)]),
             scale,
             torch.cat([p.bag_grads for p in parts]),
+            KeyedGradients.join([p.keyed for p in parts]),
         )
 
 
@@ -373,47 +400,6 @@ def merge_row_gradients(
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         matrix = torch.sparse_csr_tensor(crow, columns, scale, (num_unique, num_bags))
     return matrix @ pushed.bag_grads
-
-
-def _shared_rows(
-    grads: list[torch.Tensor], batch_sizes: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """The features' gradients as rows of the one tensor they are column views of, or None.
-
-    Why: a push arrives as one KeyedTensor [B, sum of dims] (torchrec's layout) and is
-    decoded into column views of it; joining them into [sum B, D] copied every gradient
-    once more. When every view is float32 [B, D] over the same buffer, with the same row
-    stride S and column starts that are multiples of D, the buffer read as rows of D floats
-    holds bag b of feature f at row `first[f] + b * (S / D)`, so the merge reads it in place.
-
-    Returns:
-        (float32 [R, D] rows view, int64 [F] first row per feature, rows per sample) or None
-        (fp16 wire, mixed dims, unequal batches: the caller copies).
-    """
-    if not grads or len(set(batch_sizes)) != 1 or batch_sizes[0] == 0:
-        return None
-    head = grads[0]
-    batch, dim = head.shape
-    row_stride = head.stride(0)
-    buffer = head.untyped_storage().data_ptr()
-    for grad in grads:
-        if (
-            grad.dtype != torch.float32
-            or grad.shape != head.shape
-            or grad.stride() != (row_stride, 1)
-            or grad.untyped_storage().data_ptr() != buffer
-        ):
-            return None
-    if dim == 0 or row_stride % dim:
-        return None
-    starts = [grad.storage_offset() for grad in grads]
-    base = min(starts)
-    if any((start - base) % dim for start in starts):
-        return None
-    rows = (max(starts) - base + (batch - 1) * row_stride) // dim + 1
-    view = head.as_strided((rows, dim), (dim, 1), base)
-    first = torch.tensor([(start - base) // dim for start in starts], dtype=torch.int64)
-    return view, first, row_stride // dim
 
 
 def _beyond(values: torch.Tensor, bound: float) -> torch.Tensor:

@@ -68,6 +68,7 @@ from storage_node.errors import (
     UnknownFeatureError,
 )
 from storage_node.flash import FlashStore
+from storage_node.fused_update import FUSED_OPTIMIZERS, fused_backward
 from storage_node.keyed_bags import (
     FeaturePlace,
     KeyedBags,
@@ -144,6 +145,9 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
         }
         """Early pools kept; answered by a lookup (of them: by a `lookup_early` that sent no
         bags); dropped because the lookup's bags differed."""
+        self.update_paths = {"fbgemm_kernel": 0, "node_kernels": 0}
+        """Arena updates applied by FBGEMM's backward kernel (`storage_node.fused_update`) and
+        by the node's own dedupe/merge/optimizer path."""
         self._closed = False
         self._pieces: dict[str, Piece] = {}
         self._piece_of_feature: dict[str, Piece] = {}
@@ -223,6 +227,7 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
                 policy=self.storage.cache_policy,
                 hot_fraction=self.storage.hot_fraction,
                 counters=CacheCounters(),
+                weight_floats=dim,
             )
             cache.preload()  # the whole arena fits: DRAM-resident from the start
             arena = Arena(dim=dim, pieces=[], flash=flash, cache=cache)
@@ -459,9 +464,7 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
         cache = arena.cache
         slots = cache.resident_slots(keyed.values.numpy())
         if slots is not None:
-            # Pool the whole record width: a column slice of the slot tensor would make
-            # embedding_bag copy the entire cache; the extra state columns are dropped.
-            return keyed.pool(torch.from_numpy(cache.records), torch.from_numpy(slots), arena.dim)
+            return keyed.pool(torch.from_numpy(cache.weights), torch.from_numpy(slots), arena.dim)
         unique_rows, inverse, _ = unique_inverse(keyed.values.numpy(), arena.flash.layout.num_rows)
         records = cache.fetch(unique_rows)
         return keyed.pool(
@@ -576,19 +579,23 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
         pushed = PushedGradients.join(parts)
         if pushed.rows.numel() == 0:
             return
+        if self._update_fused(arena, pushed):
+            self.update_paths["fbgemm_kernel"] += 1
+            return
+        self.update_paths["node_kernels"] += 1
         updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
         merged = merge_row_gradients(pushed, updated.inverse, updated.rows.numel(), updated.order)
         unique_np = updated.rows.numpy()
         dim = arena.dim
         slots = arena.cache.resident_for_update(unique_np)
         if slots is not None:  # every row cached: changed in place in the slot tensor
-            records_t, slots_t = torch.from_numpy(arena.cache.records), torch.from_numpy(slots)
-            old = records_t[slots_t, :dim] if self._early else None
-            apply_update_at(self.optimizer, records_t, slots_t, dim, merged, iteration=iteration)
+            weights = torch.from_numpy(arena.cache.weights)
+            state = torch.from_numpy(arena.cache.state)
+            slots_t = torch.from_numpy(slots)
+            old = weights[slots_t] if self._early else None
+            apply_update_at(self.optimizer, weights, state, slots_t, merged, iteration=iteration)
             if old is not None:
-                correct_early_pools(
-                    self._early.values(), arena, updated, records_t[slots_t, :dim] - old
-                )
+                correct_early_pools(self._early.values(), arena, updated, weights[slots_t] - old)
             return
         with arena.flash.holding_reads():  # rows read here and written straight back
             records = torch.from_numpy(arena.cache.fetch(unique_np))
@@ -603,6 +610,28 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
             arena.cache.store(unique_np, records.numpy())
         if old is not None:
             correct_early_pools(self._early.values(), arena, updated, records[:, :dim] - old)
+
+    def _update_fused(self, arena: Arena, pushed: PushedGradients) -> bool:
+        """`_update_arena` by FBGEMM's backward kernel on the slot tensors
+        (`storage_node.fused_update`) where it applies: an optimizer it has, one batch size,
+        every row cache-resident. False: nothing done (the node's own path runs)."""
+        if self.optimizer.name not in FUSED_OPTIMIZERS or pushed.keyed is None:
+            return False
+        slots_np = arena.cache.resident_values_for_update(pushed.keyed.values.numpy())
+        if slots_np is None:
+            return False
+        weights, slots = torch.from_numpy(arena.cache.weights), torch.from_numpy(slots_np)
+        updated = old = None
+        if self._early:  # kept early pools take each updated row's change
+            updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
+            updated_slots = torch.from_numpy(arena.cache.index.find(updated.rows.numpy()))
+            old = weights[updated_slots]
+        state = torch.from_numpy(arena.cache.state)
+        fused_backward(self.optimizer, weights, state, slots, pushed.keyed)
+        if updated is not None and old is not None:
+            delta = weights[updated_slots] - old
+            correct_early_pools(self._early.values(), arena, updated, delta)
+        return True
 
     # ------------------------------------------------------------------ shutdown
 

@@ -152,6 +152,7 @@ class Inspection:
                 "lookup_seconds": self.lookup_seconds,
                 "lookup_calls": self.lookup_calls,
                 "early": dict(self.early_counters),
+                "update_paths": dict(self.update_paths),
                 **total,
                 "arenas": len(self._arenas),
                 "tables": tables,

@@ -65,38 +65,39 @@ def apply_update(
 
 def apply_update_at(
     cfg: SparseOptimizerConfig,
-    records: torch.Tensor,
+    weights: torch.Tensor,
+    state: torch.Tensor,
     slots: torch.Tensor,
-    dim: int,
     grads: torch.Tensor,
     *,
     iteration: int,
 ) -> None:
-    """`apply_update` on the rows `slots` of a slot tensor, in place, without copying the
-    weights out: the weight change is one `index_add_` into the slot tensor, and only the
+    """`apply_update` on the rows `slots` of the slot tensors, in place, without copying the
+    weights out: the weight change is one `index_add_` into `weights`, and only the
     optimizer state the formula reads is gathered (nothing for sgd, one column for
     rowwise_adagrad). The same arithmetic as `apply_update`, so the same bits.
 
     Args:
-        records: float32 [C, D + S] slot tensor (weights | optimizer state).
+        weights: float32 [C, D] slot weights.
+        state: float32 [C, S] slot optimizer state.
         slots: int64 [n] distinct slots of the updated rows.
         grads: float32 [n, D], one merged gradient per row.
     """
-    weights = records[:, :dim]
     if cfg.name == "sgd":
         weights.index_add_(0, slots, (cfg.lr * grads).neg_())
     elif cfg.name == "adagrad":
-        state = records[slots, dim:]
-        state.add_(grads * grads)
-        records[slots, dim:] = state
-        weights.index_add_(0, slots, (cfg.lr * grads / (state.sqrt() + cfg.eps)).neg_())
+        sums = state[slots]
+        sums.add_(grads * grads)
+        state[slots] = sums
+        weights.index_add_(0, slots, (cfg.lr * grads / (sums.sqrt() + cfg.eps)).neg_())
     elif cfg.name == "rowwise_adagrad":
-        accumulator = records[slots, dim]
+        accumulator = state[slots, 0]
         accumulator.add_((grads * grads).mean(dim=1))
-        records[slots, dim] = accumulator
+        state[slots, 0] = accumulator
         multiplier = cfg.lr / (accumulator.sqrt() + cfg.eps)
         weights.index_add_(0, slots, (multiplier[:, None] * grads).neg_())
     else:  # adam reads and writes the whole record
-        rows = records[slots]
-        apply_update(cfg, rows[:, :dim], rows[:, dim:], grads, iteration=iteration)
-        records[slots] = rows
+        rows, moments = weights[slots], state[slots]
+        apply_update(cfg, rows, moments, grads, iteration=iteration)
+        weights[slots] = rows
+        state[slots] = moments

@@ -100,6 +100,9 @@ class HybridEngine:
     def timings(self) -> dict[str, float]:
         return self.dense.clock.take()
 
+    def phase_medians(self) -> dict[str, float]:
+        return self.dense.clock.medians()
+
     def close(self) -> None:
         self.bags = nn.ModuleDict()
 
@@ -157,6 +160,9 @@ class OsPagedEngine:
 
     def timings(self) -> dict[str, float]:
         return self.dense.clock.take()
+
+    def phase_medians(self) -> dict[str, float]:
+        return self.dense.clock.medians()
 
     def close(self) -> None:
         self.tables = {}

@@ -59,6 +59,7 @@ def measure_engine(
     flush()
     elapsed = time.perf_counter() - start
     cpu = meter.stop(steps)
+    medians = getattr(engine, "phase_medians", dict)()  # in-process engines time each block
     timings = engine.timings()
     per_step = {k: v / steps for k, v in timings.items() if k.endswith("_s")}
     beside = {"storage_update_s"}  # the nodes' clocks: beside the workers' phases
@@ -71,6 +72,7 @@ def measure_engine(
         "samples_per_s": samples / elapsed,
         "step_s": elapsed / steps,
         "per_step": per_step,
+        "per_step_median": {k: v for k, v in medians.items() if k.endswith("_s")},
         "cpu_per_step": cpu,
         "machine_cpu_us_per_sample": None if busy is None else busy * steps / samples * 1e6,
         "link_bytes_per_sample": {

@@ -507,7 +507,9 @@ def engine_target_lines(systems: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(f"5/6. {scenario}: not measured")
             continue
         nodes = node_cpu_s(ndp)
-        phases = ref.get("per_step", {})
+        # the median step's FBGEMM time: a few ms summed over a short window move with every
+        # pause of the process (10-17% between runs); the median is its typical cost
+        phases = ref.get("per_step_median") or ref.get("per_step", {})
         fbgemm = phases.get("embedding_forward_s", 0.0) + phases.get(
             "embedding_backward_update_s", 0.0
         )
@@ -516,7 +518,7 @@ def engine_target_lines(systems: dict[str, dict[str, Any]]) -> list[str]:
             verdict = "met" if ratio <= 4.0 else f"MISSED ({ratio / 4.0:.1f}x over)"
             lines.append(
                 f"5. {scenario}: storage nodes' CPU per step {nodes * 1e3:.1f} ms vs all_gpu "
-                f"embedding fwd+bwd/update {fbgemm * 1e3:.1f} ms = {ratio:.1f}x "
+                f"embedding fwd+bwd/update (median step) {fbgemm * 1e3:.1f} ms = {ratio:.1f}x "
                 f"(target <= 4x) {verdict}"
             )
         ndp_us, ref_us = ndp.get("machine_cpu_us_per_sample"), ref.get("machine_cpu_us_per_sample")

@@ -103,6 +103,25 @@ def test_take_returns_the_seconds_since_the_last_take(ticks):
     assert clock.take() == {}
 
 
+def test_medians_give_the_typical_block_of_each_phase_since_the_last_take(ticks):
+    """A block held up once (3 s against 1 s) moves the sum, not the median."""
+    clock = PhaseClock(torch.device("cpu"))
+    for readings_inside in (0, 2, 0):  # each reading inside a block makes it 1 s longer
+        with clock.phase("embedding_forward_s"):
+            for _ in range(readings_inside):
+                phase_clock.time.perf_counter()
+    with clock.phase("dense_compute_s"):  # 1 s of its own around a 1 s inner block
+        with clock.phase("gradient_push_s"):
+            pass
+    assert clock.medians() == {
+        "embedding_forward_s": 1.0,
+        "dense_compute_s": 2.0,
+        "gradient_push_s": 1.0,
+    }
+    assert clock.take()["embedding_forward_s"] == 5.0
+    assert clock.medians() == {}
+
+
 def test_a_phase_that_raises_still_counts_and_closes(ticks):
     clock = PhaseClock(torch.device("cpu"))
     with pytest.raises(ValueError), clock.phase("lookup_wait_s"):

@@ -99,7 +99,8 @@ def fbgemm_forward(module, features: list[str], bags: dict[str, Bags]) -> torch.
 @pytest.mark.parametrize("cache_rows", [3, 1000], ids=["evicting", "holds_all"])
 def test_one_request_of_many_tables_matches_fbgemm_table_batched(make_node, optimizer, cache_rows):
     """With a 3-slot cache the update goes through fetch/store and flash; with one that holds
-    every row it runs in place on the slot tensor (`apply_update_at`): both equal FBGEMM."""
+    every row FBGEMM's own backward kernel runs in place on the slot tensors
+    (`storage_node.fused_update`): both equal FBGEMM."""
     shards = [
         shard(
             t,
@@ -139,5 +140,14 @@ def test_one_request_of_many_tables_matches_fbgemm_table_batched(make_node, opti
                 if states is not None:
                     fb_state = states[i][0].reshape(len(rows), -1)
                     torch.testing.assert_close(node_state, fb_state, rtol=1e-6, atol=1e-6)
-    evictions = node.stats()["cache"]["evictions"]
+    stats = node.stats()
+    evictions = stats["cache"]["evictions"]
     assert evictions > 0 if cache_rows == 3 else evictions == 0
+    # resident rows are updated by FBGEMM's own backward kernel on the slot tensors; an
+    # evicting cache by the node's own path
+    fused = cache_rows == 1000
+    paths = stats["update_paths"]
+    assert paths == {
+        "fbgemm_kernel": 2 * STEPS if fused else 0,
+        "node_kernels": 0 if fused else 2 * STEPS,
+    }
