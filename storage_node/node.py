@@ -34,8 +34,9 @@ Every request is validated completely before anything changes, so a rejected req
 serialises all state changes; ``wait_for_step`` waits on a condition of that lock, so several
 gRPC threads can call in at once.
 
-The core is split by concern: `node.py` (construction, the step barrier, lookups, pushes and
-updates), `node_prefetch.py` (prefetch and pins), `node_inspection.py` (rows by table, stats),
+The core is split by concern: `node.py` (construction, the step barrier, lookups and pushes),
+`node_updates.py` (applying a step's update: FBGEMM's kernel or the node's own path),
+`node_early.py` (early lookups), `node_prefetch.py` (prefetch and pins), `node_inspection.py` (rows by table, stats),
 `node_checkpoints.py` (checkpoint and restore; files in `shard_files.py`), `early_pools.py`
 (early pools and their corrections), `arena.py` (arenas) and `keyed_bags.py` (a request's
 bags, flat).
@@ -47,7 +48,6 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,38 +60,27 @@ from ndp.plan import Bags, KeyedJagged, ShardSpec
 from ndp.rows import unique_inverse
 from storage_node.arena import Arena, ArenaFlash, Piece
 from storage_node.cache import SLOT_METADATA_BYTES, RowCache, split_budget
-from storage_node.early_pools import EarlyPool, Request, UpdatedRows, correct_early_pools
+from storage_node.early_pools import EarlyPool, Request
 from storage_node.errors import (
     BadTensorError,
-    EarlyPoolMissingError,
     StepOrderError,
     UnknownFeatureError,
 )
 from storage_node.flash import FlashStore
-from storage_node.fused_update import FUSED_OPTIMIZERS, fused_backward
 from storage_node.keyed_bags import (
     FeaturePlace,
     KeyedBags,
-    PushedGradients,
-    merge_row_gradients,
     normalised_bags,
 )
 from storage_node.node_checkpoints import Checkpoints
+from storage_node.node_early import EarlyLookups
 from storage_node.node_inspection import Inspection
 from storage_node.node_prefetch import PrefetchPins
-from storage_node.optimizers import apply_update, apply_update_at
+from storage_node.node_updates import Updates, _PendingStep
 from storage_node.shard_files import CHECKPOINT_FORMAT, open_shard_file
 from storage_node.stats import CacheCounters
 
 __all__ = ["CHECKPOINT_FORMAT", "StorageNodeCore", "open_shard_file"]
-
-
-@dataclass
-class _PendingStep:
-    """Lookups and pushes collected for the step that is applied next."""
-
-    lookups: dict[int, Request] = field(default_factory=dict)
-    pushed: dict[int, list[tuple[Arena, PushedGradients]]] = field(default_factory=dict)
 
 
 def _expected_lookups(shards: list[ShardSpec]) -> list[float]:
@@ -102,7 +91,7 @@ def _expected_lookups(shards: list[ShardSpec]) -> list[float]:
     return [len(s.features) * (s.row_end - s.row_start) / s.table_num_rows for s in shards]
 
 
-class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
+class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updates):
     """Sharded embedding tables with tiered storage and near-data optimizers (thread-safe)."""
 
     def __init__(
@@ -384,74 +373,6 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
                 request = Request(earlier.groups + request.groups)
         pending.lookups[worker] = request
 
-    def lookup_early(
-        self, step: int, worker: int, *, wait_timeout_s: float | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The training lookup of (step, worker) answered from its kept early pool, after
-        waiting for step - 1's update (up to `wait_timeout_s`, default
-        `storage.step_wait_timeout_s`; the worker is checked first).
-
-        Why without bags: the worker sent exactly these bags in its `early_lookup` of this
-        step (and checked that they are the step's), so sending, decoding, validating and
-        comparing them again is pure overhead on the critical path.
-
-        Raises:
-            EarlyPoolMissingError: no early pool of (step, worker) is kept (never pooled, or
-                dropped by `write_rows`/`restore`); send the bags with `lookup` instead.
-        """
-        with self._lock:
-            self._check_open()
-            self._check_worker(worker)
-            timeout_s = self.storage.step_wait_timeout_s
-            self.wait_for_step(step, timeout_s if wait_timeout_s is None else wait_timeout_s)
-            early = self._early.pop((step, worker), None)
-            if early is None:
-                raise EarlyPoolMissingError(
-                    f"node {self.node_id!r} keeps no early pool of step {step} for worker "
-                    f"{worker}; send the lookup with its bags"
-                )
-            self.early_counters["early_hits"] += 1
-            self.early_counters["early_hits_without_bags"] += 1
-            self._record_lookup(step, worker, early.request)
-            return early.answer()
-
-    def early_lookup(
-        self,
-        step: int,
-        worker: int,
-        bags: Mapping[str, Bags] | KeyedJagged,
-        *,
-        correct: bool = True,
-    ) -> bool:
-        """Pool the training bags of a future `step` now, to answer its lookup without pooling.
-
-        Does not wait for the step barrier: the rows are read as they are now, and each update
-        applied before `step`'s lookup adds its change to the kept vectors (unless `correct`
-        is False: stale mode). A later early lookup of the same (step, worker) replaces it.
-
-        Returns:
-            True when kept; False when `step` is already applied (nothing to do).
-        """
-        with self._lock:
-            self._check_open()
-            self._check_worker(worker)
-            request = self._validated_request(bags)
-            if step <= self.applied_step:
-                return False
-            pooled = [self._pool(arena, keyed) for arena, keyed in request.groups]
-            self._early[(step, worker)] = EarlyPool(request, pooled, correct)
-            self.early_counters["early_pools"] += 1
-            return True
-
-    def _take_early(self, step: int, worker: int, request: Request) -> EarlyPool | None:
-        """The early pool of (step, worker) if its bags are the lookup's; dropped either way."""
-        early = self._early.pop((step, worker), None)
-        if early is None:
-            return None
-        same = early.request.same_as(request)
-        self.early_counters["early_hits" if same else "early_mismatches"] += 1
-        return early if same else None
-
     def _pool(self, arena: Arena, keyed: KeyedBags) -> torch.Tensor:
         """float32 [sum B, D]: every bag of `keyed` pooled in one `embedding_bag`.
 
@@ -507,131 +428,6 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints):
             self._apply_step(step, pending)
             self.update_seconds += time.perf_counter() - started
             return True
-
-    def _row_gradients(
-        self, request: Request, grads: dict[str, torch.Tensor]
-    ) -> list[tuple[Arena, PushedGradients]]:
-        """Per group: (arena, its gradients as pushed); validates every gradient first."""
-        looked_up = {
-            feature: keyed.batch_sizes[i]
-            for _, keyed in request.groups
-            for i, feature in enumerate(keyed.features)
-        }
-        missing = sorted(set(looked_up) - set(grads))
-        if missing:
-            raise BadTensorError(f"gradients missing for looked-up features: {missing}")
-        for feature, grad in grads.items():
-            if feature not in looked_up:
-                self._piece_for(feature)  # unknown feature -> UnknownFeatureError
-                raise BadTensorError(
-                    f"gradient for feature {feature!r}, which this worker did not look up"
-                )
-            dim = self._piece_of_feature[feature].spec.embedding_dim
-            expected = (looked_up[feature], dim)
-            if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
-                raise BadTensorError(f"gradient for feature {feature!r} must be a float tensor")
-            if tuple(grad.shape) != expected:
-                raise BadTensorError(
-                    f"gradient for feature {feature!r} has shape {tuple(grad.shape)}, "
-                    f"expected {expected} (batch, dim)"
-                )
-        pushed = []
-        for arena, keyed in request.groups:
-            pushed.append((arena, keyed.pushed_gradients(grads)))  # raises on NaN/Inf/huge
-        return pushed
-
-    def _apply_step(self, step: int, pending: _PendingStep) -> None:
-        """Sum all workers' gradients, merge duplicates, update each unique row once.
-
-        One update per arena (every table of it at once); arenas update
-        `storage.update_threads` at a time, under the caller's lock.
-        """
-        iteration = self.optimizer_step + 1
-        per_arena: dict[int, tuple[Arena, list[PushedGradients]]] = {}
-        for worker in sorted(pending.pushed):
-            for arena, part in pending.pushed[worker]:
-                per_arena.setdefault(id(arena), (arena, []))[1].append(part)
-        tasks = list(per_arena.values())
-        if len(tasks) > 1 and self._update_threads is not None:
-            running = [
-                self._update_threads.submit(self._update_arena, *task, iteration) for task in tasks
-            ]
-            futures.wait(running)
-            for future in running:
-                future.result()  # the first failure, once every arena is done
-        else:
-            for task in tasks:
-                self._update_arena(*task, iteration)
-        self.optimizer_step = iteration
-        self.applied_step = step
-        del self._pending[step]
-        for key in [k for k in self._early if k[0] <= step]:  # never looked up: stale now
-            del self._early[key]
-        self._release_pins(up_to_step=step)
-        for arena in self._arenas:
-            arena.cache.on_step()
-        self._step_applied.notify_all()
-
-    def _update_arena(self, arena: Arena, parts: list[PushedGradients], iteration: int) -> None:
-        """One arena's share of `_apply_step`: one dedupe, one merge, one optimizer call
-        and one write for every table of the arena; touches only this arena's cache and
-        files and the early pools' groups of this arena (safe beside other arenas' updates)."""
-        pushed = PushedGradients.join(parts)
-        if pushed.rows.numel() == 0:
-            return
-        if self._update_fused(arena, pushed):
-            self.update_paths["fbgemm_kernel"] += 1
-            return
-        self.update_paths["node_kernels"] += 1
-        updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
-        merged = merge_row_gradients(pushed, updated.inverse, updated.rows.numel(), updated.order)
-        unique_np = updated.rows.numpy()
-        dim = arena.dim
-        slots = arena.cache.resident_for_update(unique_np)
-        if slots is not None:  # every row cached: changed in place in the slot tensor
-            weights = torch.from_numpy(arena.cache.weights)
-            state = torch.from_numpy(arena.cache.state)
-            slots_t = torch.from_numpy(slots)
-            old = weights[slots_t] if self._early else None
-            apply_update_at(self.optimizer, weights, state, slots_t, merged, iteration=iteration)
-            if old is not None:
-                correct_early_pools(self._early.values(), arena, updated, weights[slots_t] - old)
-            return
-        with arena.flash.holding_reads():  # rows read here and written straight back
-            records = torch.from_numpy(arena.cache.fetch(unique_np))
-            old = records[:, :dim].clone() if self._early else None
-            apply_update(
-                self.optimizer,
-                records[:, :dim],
-                records[:, dim:],
-                merged,
-                iteration=iteration,
-            )
-            arena.cache.store(unique_np, records.numpy())
-        if old is not None:
-            correct_early_pools(self._early.values(), arena, updated, records[:, :dim] - old)
-
-    def _update_fused(self, arena: Arena, pushed: PushedGradients) -> bool:
-        """`_update_arena` by FBGEMM's backward kernel on the slot tensors
-        (`storage_node.fused_update`) where it applies: an optimizer it has, one batch size,
-        every row cache-resident. False: nothing done (the node's own path runs)."""
-        if self.optimizer.name not in FUSED_OPTIMIZERS or pushed.keyed is None:
-            return False
-        slots_np = arena.cache.resident_values_for_update(pushed.keyed.values.numpy())
-        if slots_np is None:
-            return False
-        weights, slots = torch.from_numpy(arena.cache.weights), torch.from_numpy(slots_np)
-        updated = old = None
-        if self._early:  # kept early pools take each updated row's change
-            updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
-            updated_slots = torch.from_numpy(arena.cache.index.find(updated.rows.numpy()))
-            old = weights[updated_slots]
-        state = torch.from_numpy(arena.cache.state)
-        fused_backward(self.optimizer, weights, state, slots, pushed.keyed)
-        if updated is not None and old is not None:
-            delta = weights[updated_slots] - old
-            correct_early_pools(self._early.values(), arena, updated, delta)
-        return True
 
     # ------------------------------------------------------------------ shutdown
 
