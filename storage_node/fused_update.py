@@ -81,11 +81,7 @@ class KeyedGradients:
         shifts = [0]
         for part in known[:-1]:
             shifts.append(shifts[-1] + int(part.offsets[-1]))
-        scale = None
-        if any(p.scale is not None for p in known):
-            scale = torch.cat(
-                [p.scale if p.scale is not None else torch.ones(p.values.numel()) for p in known]
-            )
+        scale = join_scales([p.scale for p in known], [p.values.numel() for p in known])
         return KeyedGradients(
             torch.cat([p.values for p in known]),
             torch.cat(
@@ -96,6 +92,15 @@ class KeyedGradients:
             torch.cat([p.grad_output for p in known], dim=1),
             known[0].batch,
         )
+
+
+def join_scales(scales: list[torch.Tensor | None], sizes: list[int]) -> torch.Tensor | None:
+    """Parts' per-value scales as one tensor (1 for a part without); None when all are 1."""
+    if all(scale is None for scale in scales):
+        return None
+    return torch.cat(
+        [s if s is not None else torch.ones(n) for s, n in zip(scales, sizes, strict=True)]
+    )
 
 
 def keyed_grad_output(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ndp.plan import Bags, KeyedJagged, ShardSpec
 from ndp.rows import stable_order
 from storage_node.errors import BadTensorError, IndexOutOfRangeError
-from storage_node.fused_update import KeyedGradients, keyed_grad_output
+from storage_node.fused_update import KeyedGradients, join_scales, keyed_grad_output
 
 MAX_ABS_WEIGHT = 1e6
 """Largest |per-sample weight| accepted. Why this bound: a pooled value is a sum of
@@ -353,11 +353,7 @@ class PushedGradients:
         if len(parts) == 1:
             return parts[0]
         shifts = np.cumsum([0] + [p.bag_grads.shape[0] for p in parts[:-1]])
-        scale = None
-        if any(p.scale is not None for p in parts):
-            scale = torch.cat(
-                [p.scale if p.scale is not None else torch.ones(p.rows.numel()) for p in parts]
-            )
+        scale = join_scales([p.scale for p in parts], [p.rows.numel() for p in parts])
         return PushedGradients(
             torch.cat([p.rows for p in parts]),
             torch.cat([p.bag + int(shift) for p, shift in zip(parts, shifts, strict=True)]),
