@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set train.steps=100 (repeatable)",
     )
     parser.add_argument(
+        "--device-profile",
+        metavar="NAME",
+        help="emulate a device of configs/devices/ (sets storage.device_profile)",
+    )
+    parser.add_argument(
         "--mode",
         choices=("ndp", "reference"),
         default="ndp",
@@ -78,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Config file + --set overrides + --address, validated."""
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    profile = [f"storage.device_profile={args.device_profile}"] if args.device_profile else []
+    cfg = load_config(args.config or DEFAULT_CONFIG, profile + args.overrides)
     if args.address is not None:
         if args.mode != "ndp":
             raise ConfigError(
@@ -264,8 +270,9 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     final_eval = summary.get("final_eval") or {}
     auc = final_eval.get("auc")
     quality = "validation AUC n/a" if auc is None else f"validation AUC {auc:.4f}"
-    if final_eval.get("logloss") is not None:
-        quality += f", logloss {final_eval['logloss']:.4f}"
+    for key, name in (("logloss", "logloss"), ("ne", "NE"), ("calibration", "calibration")):
+        if final_eval.get(key) is not None:
+            quality += f", {name} {final_eval[key]:.4f}"
     status = " (interrupted)" if summary["interrupted"] else ""
     return (
         f"{PROG}: {summary['mode']}: {summary['steps']} steps{status}, "
