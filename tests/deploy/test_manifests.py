@@ -82,6 +82,9 @@ def test_kuberay_cluster_groups_offer_what_the_job_config_asks_for():
     assert cluster["spec"]["rayVersion"] == _pinned("ray")
     # a RayJob goes through the head's job server, which only ray[default] has
     assert "default" in _pinned_extras("ray")
+    # the cluster authenticates every caller, and the job keeps Ray's own node addresses
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in job["spec"]["runtimeEnvYAML"]
 
 
 def _pinned_line(package: str) -> re.Match:
