@@ -1,14 +1,17 @@
 """What a GPU worker needs of a storage node, and that same API over a core in this process.
 
-`DenseWorker` talks to each storage node through a `NodeApi`: the three calls of a training
-step, each returning a reply to collect later (so a worker asks every node at once and
-overlaps the gradient push with the rest of its step), plus byte counters and `close`.
+`DenseWorker` talks to each storage node through a `NodeApi`: the four calls of a training
+step and its lookahead, each returning a reply to collect later (so a worker asks every node
+at once and overlaps the gradient push with the rest of its step), plus byte counters and
+`close`. This is the data plane; control (start, stats, rows, restore) goes through the
+node's Ray actor (docs/architecture.md, "Two planes").
 
     NodeApi                      satisfied by
     --------------------------------------------------------------------------------------
     lookup_async                 storage_node.client.StorageClient: gRPC, the nodes' actors
     early_lookup_async           InProcessNode(core): a `NodeCore` (storage_node.node.
     push_gradients_async           StorageNodeCore) in this process, no Ray, no gRPC
+    prefetch_async
     take_wire_bytes, close
 
 `InProcessNode` runs each call when it is made and keeps its outcome (value or error) for
@@ -61,6 +64,10 @@ class NodeApi(Protocol):
         """d(loss)/d(pooled) {feature: [B, D]} of (step, worker); True once the step applied."""
         ...
 
+    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> Reply[None]:
+        """Stage {feature: local rows int64 [n]} of a future step into the node's cache."""
+        ...
+
     def take_wire_bytes(self) -> dict[str, int]:
         """Bytes on the wire since the last call, per `<Rpc>.<sent|received>[.float_data]`."""
         ...
@@ -82,6 +89,8 @@ class NodeCore(Protocol):
     ) -> bool: ...
 
     def push_gradients(self, step: int, worker: int, grads: dict[str, torch.Tensor]) -> bool: ...
+
+    def prefetch(self, step: int, indices: dict[str, torch.Tensor]) -> None: ...
 
 
 class InProcessNode:
@@ -110,6 +119,9 @@ class InProcessNode:
         self, step: int, worker: int, grads: Mapping[str, torch.Tensor]
     ) -> Reply[bool]:
         return _Done(lambda: self.core.push_gradients(step, worker, dict(grads)))
+
+    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> Reply[None]:
+        return _Done(lambda: self.core.prefetch(step, dict(indices)))
 
     def take_wire_bytes(self) -> dict[str, int]:
         """Nothing crosses a wire in this process."""

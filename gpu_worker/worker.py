@@ -16,9 +16,14 @@ Off the critical path (lookahead, `ndp.pipeline`):
   math is unchanged; the acknowledgements are collected (and any refusal raised) during the
   next step's lookup, or by `flush()` before anything that must see final state (predict,
   reading rows, checkpoints, close).
-* with `early` bags (batch s+1, routed), the worker asks the nodes to pool them right after
-  batch s's pooled vectors arrive (`EarlyLookup`), so they pool while s is in the dense half;
-  the node corrects them for update s and answers the lookup of s+1 without pooling.
+* a batch read ahead comes once, with `prefetch(step, share)`: the worker routes it then,
+  sends its distinct rows to the nodes (`Prefetch`), and keeps the share with its routed
+  bags. Those same bags are pooled early (`EarlyLookup`, right after batch s's pooled
+  vectors arrive, when step s + 1 is held: they pool while s is in the dense half; the node
+  corrects them for update s) and looked up at step s + 1, which the coordinator starts
+  without shipping the batch again. So each batch is shipped once and routed once, and a
+  node that kept the early pool answers the lookup without its bags (`use_early`): the bags
+  are the kept ones by construction (the same objects), never compared.
 
 Why the loss is divided by the number of workers before backward: the reference trains on the
 mean loss of the whole batch B. Worker r holds B/M samples, so d(mean_B)/d(theta) is the sum
@@ -40,10 +45,10 @@ import torch.distributed as dist
 from gpu_worker.node_api import NodeApi, Reply
 from ndp.config import Config
 from ndp.data.batch import Batch
-from ndp.errors import CollectiveError
+from ndp.errors import CollectiveError, DataError
 from ndp.model.dense_step import DenseStep
 from ndp.plan import Bags, ShardingPlan
-from ndp.routing import reassemble, route_gradients, route_lookup
+from ndp.routing import distinct_rows, reassemble, route_gradients, route_lookup
 from storage_node.client import link_bytes
 
 RoutedBags = Mapping[int, Mapping[str, Bags]]
@@ -88,9 +93,14 @@ class DenseWorker:
         self._wire_at_timings: dict[str, int] = {}
         self._group_ready = world_size == 1
         self._pushes_in_flight: list[Reply[bool]] = []
+        self._prefetches_in_flight: list[tuple[int, Reply[None]]] = []
+        """(step, reply) of prefetches sent; collected by that step's `train_step` or `flush`."""
+        self._ahead: dict[int, _RoutedShare] = {}
+        """Shares of batches read ahead (`prefetch`), by step, with their routed bags."""
         self._early_in_flight: list[_EarlySent] = []
         self._early_kept: dict[tuple[int, int], Mapping[str, Bags]] = {}
         """(step, node) -> bags of an early lookup the node kept: its lookup sends no bags."""
+        self._early_pooling = cfg.pipeline.early_pooling and cfg.pipeline.lookahead_depth >= 1
         self._early_correct = cfg.pipeline.mode == "exact"
 
     # ----------------------------------------------------------------- process group
@@ -110,32 +120,55 @@ class DenseWorker:
 
     # ----------------------------------------------------------------- steps
 
-    def train_step(self, step: int, batch: Batch, early: Batch | None = None) -> float:
+    def prefetch(self, step: int, batch: Batch) -> None:
+        """Lookahead: take this worker's share of a future step's batch, once.
+
+        Routes it (`route_lookup`), sends each node the distinct rows of its bags to stage
+        and pin for `step` (`Prefetch`, not waited for: refusals are raised with the next
+        step's lookup or by `flush`), and keeps the share and its routed bags for the early
+        lookup (at step - 1) and the lookup (`train_step(step)` without a batch).
+
+        Why the worker routes and not the coordinator: the routed bags are ~2 tensors per
+        feature and node, each a view of the batch's value tensor, and shipping them through
+        Ray pickles that whole storage once per view (26x the batch at 26 features); the
+        batch itself travels as a handful of tensors. A share whose indices fall outside
+        their table is kept with its `DataError`, raised by `train_step(step)` before
+        anything of that step is sent, as an unprefetched batch's would be.
+        """
+        with self._clock.phase("route_s"):  # routing, and sending the rows it found
+            self._counters["shares_received"] += 1
+            try:
+                routed = self._route(batch)
+            except DataError as error:
+                self._ahead[step] = _RoutedShare(batch, {}, error)
+                return
+            self._ahead[step] = _RoutedShare(batch, routed)
+            self._prefetches_in_flight += [
+                (step, self.clients[node].prefetch_async(step, node_rows))
+                for node, node_rows in distinct_rows(routed, self.plan).items()
+            ]
+
+    def train_step(self, step: int, batch: Batch | None = None) -> float:
         """Steps 2-5 of the design's data path for this worker's share; returns its mean loss.
 
-        The worker routes its own share (`route_lookup`): why not the coordinator? The routed
-        bags are ~2 tensors per feature and node, each a view of the batch's value tensor,
-        and shipping them through Ray pickles that whole storage once per view (26x the
-        batch at 26 features); the batch itself travels as a handful of tensors.
-
         Args:
-            batch: this worker's share of step `step`'s batch.
-            early: this worker's share of batch step + 1, to be pooled on the nodes while this
-                step's dense half runs (None: no early pooling).
+            batch: this worker's share of step `step`'s batch, routed here; None: the share
+                `prefetch(step, ...)` already delivered and routed (lookahead).
 
-        Returns before the nodes acknowledge the gradient push (see the module docstring).
+        With early pooling on and step + 1's share held (`prefetch`), its routed bags are
+        pooled on the nodes while this step's dense half runs. Returns before the nodes
+        acknowledge the gradient push (see the module docstring).
+
         Raises:
-            DataError: an index outside its table (in `batch` or `early`), before anything
-                of this step is sent.
+            DataError: an index outside its table in this step's share, before anything of
+                this step is sent.
         """
-        with self._clock.phase("route_s"):
-            routed = route_lookup(batch.sparse, self.plan, self.tables)
-            early_routed = None
-            if early is not None:
-                early_routed = route_lookup(early.sparse, self.plan, self.tables)
+        share = self._take_share(step, batch)
+        _resolve_all(self._take_prefetches(up_to_step=step))
         self._resolve_early_lookups(keep=True)
-        pooled = self._lookup(step, routed, train=True)
-        if early_routed is not None:
+        pooled = self._lookup(step, share.routed, train=True)
+        upcoming = self._ahead.get(step + 1)
+        if self._early_pooling and upcoming is not None and upcoming.error is None:
             with self._clock.phase("early_lookup_s"):
                 self._early_in_flight = [
                     _EarlySent(
@@ -146,8 +179,9 @@ class DenseWorker:
                             step + 1, self.rank, bags, correct=self._early_correct
                         ),
                     )
-                    for node, bags in early_routed.items()
+                    for node, bags in upcoming.routed.items()
                 ]
+        batch = share.batch
         leaves = self.dense.leaves(pooled)
         early_push = _PushOnceReady(lambda grads: self._push_gradients(step, grads), leaves)
         # the push leaves from inside backward: `gradient_push_s`, not `dense_compute_s`
@@ -164,8 +198,7 @@ class DenseWorker:
     def predict(self, step: int, batch: Batch) -> torch.Tensor:
         """Logits [B/M] on CPU through the same lookup path, without any update."""
         self.flush()
-        routed = route_lookup(batch.sparse, self.plan, self.tables)
-        pooled = self._lookup(step, routed, train=False)
+        pooled = self._lookup(step, route_lookup(batch.sparse, self.plan, self.tables), train=False)
         return self.dense.predict(batch.dense, pooled).float().cpu()
 
     def flush(self) -> None:
@@ -176,6 +209,7 @@ class DenseWorker:
         """
         with self._clock.phase("push_wait_s"):
             _resolve_all(self._take_pushes())
+        _resolve_all(self._take_prefetches())
         # forget the kept pools: what runs after a flush may drop them on the nodes (restore,
         # write_rows), so the next lookup sends its bags (a node still holding the pool
         # matches them and answers it anyway)
@@ -232,6 +266,45 @@ class DenseWorker:
         futures, self._pushes_in_flight = self._pushes_in_flight, []
         return futures
 
+    def _take_prefetches(self, up_to_step: int | None = None) -> list[Reply[None]]:
+        """The prefetch replies of steps <= `up_to_step` (all with None), no longer tracked.
+
+        Why collected at their own step: a prefetch was sent `lookahead_depth` steps earlier
+        and is long answered then, so collecting it never waits; a refusal surfaces there.
+        """
+        taken = [r for s, r in self._prefetches_in_flight if up_to_step is None or s <= up_to_step]
+        self._prefetches_in_flight = [
+            (s, r)
+            for s, r in self._prefetches_in_flight
+            if up_to_step is not None and s > up_to_step
+        ]
+        return taken
+
+    def _route(self, batch: Batch) -> RoutedBags:
+        """The one place a share is routed: {node: {feature: Bags}} (counted per share)."""
+        routed = route_lookup(batch.sparse, self.plan, self.tables)
+        self._counters["shares_routed"] += 1
+        return routed
+
+    def _take_share(self, step: int, batch: Batch | None) -> _RoutedShare:
+        """Step `step`'s share with its routed bags: `batch` routed now, else the one
+        `prefetch` kept; shares of this and earlier steps are dropped."""
+        held = self._ahead.pop(step, None)
+        for old in [s for s in self._ahead if s < step]:
+            del self._ahead[old]
+        if batch is not None:
+            with self._clock.phase("route_s"):
+                self._counters["shares_received"] += 1
+                return _RoutedShare(batch, self._route(batch))
+        if held is None:
+            raise RuntimeError(
+                f"gpu-worker-{self.rank}: step {step} came without its batch, and none was "
+                "prefetched for it"
+            )
+        if held.error is not None:
+            raise held.error
+        return held
+
     def _resolve_early_lookups(self, *, keep: bool) -> None:
         """Collect the early lookups in flight; with `keep`, remember the pools nodes kept."""
         sent, self._early_in_flight = self._early_in_flight, []
@@ -242,13 +315,13 @@ class DenseWorker:
         }
 
     def _answers_from_early_pool(self, step: int, node: int, bags: Mapping[str, Bags]) -> bool:
-        """True when `node` keeps this worker's early pool of exactly these bags for `step`."""
-        kept = self._early_kept.get((step, node))
-        return (
-            kept is not None
-            and kept.keys() == bags.keys()
-            and all(kept[feature].same_as(bags[feature]) for feature in bags)
-        )
+        """True when `node` keeps this worker's early pool of these very bags for `step`.
+
+        Identity, not equality: a share is routed once, and its early lookup and lookup send
+        the same bags objects; a share shipped again with its step was routed again, and its
+        lookup sends its bags (the node compares them with its kept pool).
+        """
+        return self._early_kept.get((step, node)) is bags
 
     def _lookup(self, step: int, routed: RoutedBags, *, train: bool) -> dict[str, torch.Tensor]:
         with self._clock.phase("lookup_wait_s"):
@@ -302,6 +375,17 @@ class DenseWorker:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+@dataclass
+class _RoutedShare:
+    """A worker's share of one step's batch and its bags, routed once."""
+
+    batch: Batch
+    routed: RoutedBags
+    """{node: {feature: Bags}} (`route_lookup`); used by the prefetch, early lookup, lookup."""
+    error: DataError | None = None
+    """Why the share could not be routed (raised by its `train_step`)."""
 
 
 @dataclass

@@ -10,11 +10,16 @@ as the design's data path:
     4. workers run the dense half and all-reduce dense gradients,
     5. workers push d(loss)/d(pooled); nodes scatter, merge and apply the sparse optimizer.
 
-With lookahead (`ndp.pipeline`), `prefetch` also keeps the batches read ahead, so that step s
-can hand each worker its share of batch s+1 for early pooling; and a worker returns from step
-s before its gradient push is acknowledged. `flush()` waits for those pushes: it runs before
-everything that must see the state after the last step (predict, table_rows, export_state,
-import_state, close).
+With lookahead (`ndp.pipeline`), `prefetch` hands each worker its share of a batch read ahead;
+the worker routes it once, has the nodes stage its rows, pools it early a step before it is
+trained, and trains it when `train_step` names its step (the batch is not shipped again). A
+worker returns from step s before its gradient push is acknowledged. `flush()` waits for
+those pushes: it runs before everything that must see the state after the last step
+(predict, table_rows, export_state, import_state, close).
+
+The coordinator reaches storage nodes only through their Ray actors (start, stats, rows,
+restore: the control plane); tensors of a step travel between GPU workers and nodes over
+gRPC (the data plane). docs/architecture.md, "Two planes", says why.
 
 Everything the engine starts (storage-node actors, their gRPC servers, GPU-worker actors and
 a local Ray instance) is torn down by `close()`, also after an error.
@@ -38,9 +43,7 @@ from ndp.errors import ComponentDiedError, ComponentKind, ComponentTimeoutError,
 from ndp.plan import ShardingPlan
 from ndp.planner import plan_shards
 from ndp.ray_local import init_local_ray
-from ndp.routing import route_indices
 from storage_node.actor import launch_storage_node
-from storage_node.client import link_bytes
 
 if TYPE_CHECKING:
     from ndp.checkpoint import Checkpoint, EngineState
@@ -71,12 +74,9 @@ class NdpEngine:
         self._nodes: list[Any] = []
         self._workers: list[Any] = []
         self._update_seconds: dict[int, float] = {}  # per node, at the last timings()
-        self._prefetch_clients: list[Any] = []  # coordinator -> node, for Prefetch only
-        self._prefetch_wire_total: dict[str, int] = defaultdict(int)
-        self._prefetch_wire_at_timings: dict[str, int] = {}
-        self._prefetches_in_flight: list[Any] = []
-        self._early_pooling = cfg.pipeline.early_pooling and cfg.pipeline.lookahead_depth >= 1
-        self._ahead: dict[int, Batch] = {}  # batches read ahead, for early pooling
+        self._prefetches_in_flight: list[Any] = []  # Ray refs of workers' `prefetch` calls
+        self._held: dict[int, Batch] = {}
+        """step -> batch whose shares the workers hold (`prefetch`): not shipped again."""
         try:
             init_local_ray(
                 address=address or cfg.cluster.address, include_dashboard=cfg.cluster.dashboard
@@ -124,22 +124,24 @@ class NdpEngine:
     def train_step(self, step: int, batch: Batch) -> float:
         """One synchronous step; returns the whole batch's mean loss (before the update).
 
-        Each worker gets its share of the batch (and, with early pooling, its share of the
-        batch read ahead for step + 1) and routes it to the storage nodes itself.
+        Each worker gets its share of the batch and routes it to the storage nodes itself;
+        when `prefetch` already handed the workers this very batch, they hold their routed
+        shares and get only the step.
         """
-        self._raise_prefetch_errors(wait=False)
-        parts = batch.split(self.num_workers)
-        next_batch = self._ahead.get(step + 1)
-        early: list[Batch | None] = [None] * self.num_workers
-        if next_batch is not None:
-            early = list(next_batch.split(self.num_workers))
-        for old in [s for s in self._ahead if s <= step]:
-            del self._ahead[old]
+        held = self._held.pop(step, None) is batch
+        for old in [s for s in self._held if s < step]:
+            del self._held[old]
+        parts: list[Batch | None] = [None] * self.num_workers
+        if not held:
+            parts = list(batch.split(self.num_workers))
         refs = [
-            worker.train_step.remote(step, part, early_part)
-            for worker, part, early_part in zip(self._workers, parts, early, strict=True)
+            worker.train_step.remote(step, part)
+            for worker, part in zip(self._workers, parts, strict=True)
         ]
         losses = self._wait(refs)
+        # every prefetch sent so far ran on its worker before this step (an actor runs its
+        # calls in order), so this does not wait; it raises an actor's failure in one
+        self._raise_prefetch_errors()
         return float(sum(losses) / len(losses))
 
     def flush(self) -> None:
@@ -149,38 +151,29 @@ class NdpEngine:
             the first refusal of a push (e.g. a StorageNodeError) a worker collected.
         """
         if self._workers:
+            self._raise_prefetch_errors()
             self._wait([w.flush.remote() for w in self._workers])
 
     def prefetch(self, step: int, batch: Batch) -> None:
-        """Lookahead: send `batch`'s unique rows to their nodes to stage and pin for `step`.
+        """Lookahead: hand each worker its share of `batch`, the batch of a future `step`.
 
-        Asynchronous: the requests go out and this returns; a node stages the rows from
-        flash into its cache while the current step runs (see `ndp.pipeline`). A refused
-        prefetch (bad index) surfaces at a later `train_step` or `prefetch`.
+        Asynchronous: the calls go out and this returns. Each worker routes its share once,
+        sends the nodes its distinct rows to stage and pin for `step` (a node stages them
+        from flash into its cache while the current step runs; see `ndp.pipeline`), and
+        keeps the routed share for the early lookup and for `train_step(step)`. A share that
+        cannot be routed (bad index) is refused by that step's `train_step`.
         """
-        from storage_node.client import connect
+        self._held[step] = batch
+        self._prefetches_in_flight += [
+            worker.prefetch.remote(step, part)
+            for worker, part in zip(self._workers, batch.split(self.num_workers), strict=True)
+        ]
 
-        self._raise_prefetch_errors(wait=False)
-        if self._early_pooling:
-            self._ahead[step] = batch
-        if not self._prefetch_clients:
-            self._prefetch_clients = [
-                connect(address, self.cfg, token=self._token) for address in self.node_addresses
-            ]
-        for node, indices in route_indices(batch.sparse, self.plan).items():
-            self._prefetches_in_flight.append(
-                self._prefetch_clients[node].prefetch_async(step, indices)
-            )
-
-    def _raise_prefetch_errors(self, *, wait: bool) -> None:
-        """Collect finished prefetches (all of them with `wait`); re-raise the first error."""
-        pending = []
-        for future in self._prefetches_in_flight:
-            if wait or future.done():
-                future.result()
-            else:
-                pending.append(future)
-        self._prefetches_in_flight = pending
+    def _raise_prefetch_errors(self) -> None:
+        """Collect the workers' `prefetch` calls sent so far; re-raise the first error."""
+        refs, self._prefetches_in_flight = self._prefetches_in_flight, []
+        if refs:
+            self._wait(refs)
 
     def predict(self, step: int, batch: Batch) -> torch.Tensor:
         """Logits [B] through the storage nodes, without updates (`step`: next training step)."""
@@ -203,9 +196,6 @@ class NdpEngine:
         for worker_timings in self._wait([w.timings.remote() for w in self._workers]):
             for key, value in worker_timings.items():
                 merged[key] += value
-        prefetch_in, prefetch_out = link_bytes(self._prefetch_wire(since_timings=True))
-        merged["link_bytes_in"] += prefetch_in
-        merged["link_bytes_out"] += prefetch_out
         stats = self._wait([n.stats.remote() for n in self._nodes], "storage-node")
         for node, node_stats in enumerate(stats):  # cumulative, per storage node
             merged[f"node{node}_cache_hit_rate"] = node_stats["cache"]["hit_rate"]
@@ -218,27 +208,13 @@ class NdpEngine:
     def wire_bytes(self) -> dict[str, int]:
         """Bytes on the wire to and from the storage nodes since the engine started, per
         `<Rpc>.<sent|received>[.float_data]`: the workers' clients (lookups, pushes, early
-        lookups) and the coordinator's (prefetch), measured message lengths. Cumulative:
+        lookups, prefetches: every RPC of the job), measured message lengths. Cumulative:
         callers take differences."""
         merged: dict[str, int] = defaultdict(int)
         for per_worker in self._wait([w.wire_bytes.remote() for w in self._workers]):
             for key, value in per_worker.items():
                 merged[key] += value
-        for key, value in self._prefetch_wire().items():
-            merged[key] += value
         return dict(merged)
-
-    def _prefetch_wire(self, *, since_timings: bool = False) -> dict[str, int]:
-        """The coordinator's prefetch clients' wire bytes since start (or since the last
-        `timings` call, which then moves its mark)."""
-        for client in self._prefetch_clients:
-            for key, value in client.take_wire_bytes().items():
-                self._prefetch_wire_total[key] += value
-        total = dict(self._prefetch_wire_total)
-        if not since_timings:
-            return total
-        last, self._prefetch_wire_at_timings = self._prefetch_wire_at_timings, total
-        return {key: value - last.get(key, 0) for key, value in total.items()}
 
     def node_stats(self) -> list[dict]:
         """Each storage node's counters (cache hits, bytes, steps) after the last step.
@@ -360,9 +336,7 @@ class NdpEngine:
         """
         import ray
 
-        for client in self._prefetch_clients:  # they point at the dead nodes' addresses
-            _quietly(client.close)
-        self._prefetch_clients, self._prefetches_in_flight = [], []
+        self._prefetches_in_flight, self._held = [], {}  # the fresh workers hold no shares
         names = [f"ndp-gpu-worker-{r}" for r in range(len(self._workers))]
         names += [f"ndp-storage-node-{n}" for n in range(len(self._nodes))]
         for actor in [*self._workers, *self._nodes]:
@@ -403,10 +377,7 @@ class NdpEngine:
         """Stop workers and storage nodes (servers closed, flash dirs removed), then Ray if ours."""
         import ray
 
-        for client in self._prefetch_clients:
-            _quietly(client.close)
-        self._prefetch_clients, self._prefetches_in_flight = [], []
-        self._ahead = {}
+        self._prefetches_in_flight, self._held = [], {}
         if not ray.is_initialized():
             return
         _quietly(self.flush)  # the last step's update lands before the nodes shut down

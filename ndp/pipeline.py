@@ -3,9 +3,11 @@
 The training loop hands an engine one batch at a time. `with_lookahead` sits between the
 loop's batch iterator and the engine: it reads `k` batches ahead of the step being trained
 and hands each to the engine's `prefetch(step, batch)` as soon as it is read. The ndp engine
-answers by sending the batch's unique row indices to the storage nodes (`Prefetch`, without
-waiting for the reply); a node stages the missing rows from flash into its DRAM cache and
-pins them until that step's update is applied. When step s+k's lookup arrives, its rows are
+hands each GPU worker its share then, once: the worker routes it, sends the nodes its
+distinct rows (`Prefetch`, without waiting for the reply), and keeps the routed share for
+that step, which the engine then starts without shipping the batch again. A node stages the
+missing rows from flash into its DRAM cache and pins them until that step's update is
+applied. When step s+k's lookup arrives, its rows are
 already in DRAM, so flash latency left the critical path:
 
     loop reads:      b0 b1 b2 b3 b4 ...        (k = 2)
@@ -16,10 +18,10 @@ Why this keeps exact synchronous semantics: a prefetch only moves rows between t
 write-back cache; every lookup still waits at the node's step barrier for the previous
 update, so it reads the same values as without lookahead.
 
-Stage 2, early pooling (`pipeline.early_pooling`, on by default when k >= 1): the engine keeps
-the batches it prefetched, so step s hands each GPU worker the routed bags of s+1 too. Right
-after the pooled vectors of s arrive, the worker sends them to the nodes (`EarlyLookup`); the
-nodes pool s+1 with the current rows while s is in the dense half:
+Stage 2, early pooling (`pipeline.early_pooling`, on by default when k >= 1): at step s each
+GPU worker already holds the routed bags of s+1 (its prefetch kept them). Right after the
+pooled vectors of s arrive, the worker sends them to the nodes (`EarlyLookup`); the nodes
+pool s+1 with the current rows while s is in the dense half:
 
     worker:   lookup s | dense s ............. | push s (not waited for) | lookup s+1 -> answer
     node:              | early pool s+1 (old)  | apply s, add delta s    |   kept vectors

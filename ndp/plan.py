@@ -55,21 +55,6 @@ class Bags:
     mean_divisor: torch.Tensor | None = None
     """float32 [B]: whole-bag length for mean pooling across row-wise pieces; None = local lengths."""
 
-    def same_as(self, other: Bags) -> bool:
-        """Equal tensors field by field (what an early pool must match to answer a lookup)."""
-
-        def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-            if x is None or y is None:
-                return x is None and y is None
-            return x.shape == y.shape and bool(torch.equal(x, y))
-
-        return (
-            same(self.indices, other.indices)
-            and same(self.offsets, other.offsets)
-            and same(self.per_sample_weights, other.per_sample_weights)
-            and same(self.mean_divisor, other.mean_divisor)
-        )
-
 
 @dataclass(frozen=True)
 class KeyedJagged:

@@ -146,37 +146,31 @@ def route_gradients(
     return routed
 
 
-def route_indices(
-    sparse: KeyedJaggedTensor, plan: ShardingPlan
+def distinct_rows(
+    routed: Mapping[int, Mapping[str, Bags]], plan: ShardingPlan
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Unique local row indices per piece, for `Prefetch` of a batch read ahead.
+    """The sorted distinct local rows of routed bags: what `Prefetch` stages on each node.
+
+    Why from the routed bags and not from the batch: a batch read ahead is routed once (by
+    the GPU worker that trains it), and the same bags then serve its prefetch, its early
+    lookup and its lookup; routing the batch again only to find its rows would repeat that.
+
+    Args:
+        routed: {node: {feature: Bags}} from `route_lookup` (indices local to the piece on
+            that node, so already checked against the table's range).
 
     Returns:
-        {node: {feature: int64 [n_unique]}} sorted local indices; every piece of every feature
-        in `sparse` is present, possibly with an empty tensor.
-
-    Raises:
-        DataError: an index outside its table; PlanError: a feature the plan does not know.
+        {node: {feature: int64 [n_unique]}}, one entry per (node, feature) of `routed`.
     """
-    routed: dict[int, dict[str, torch.Tensor]] = {}
-    for feature, values, _, _ in _features(sparse):
-        pieces = plan.pieces_of(plan.table_of(feature))
-        num_rows = pieces[-1].row_end
-        if values.numel():
-            low, high = torch.aminmax(values)
-            if low < 0 or high >= num_rows:
-                bad = low if low < 0 else high
-                raise _out_of_range(feature, plan.table_of(feature), int(bad), num_rows)
-        # sorted; a mask over the rows, not torch.unique's sort: a multi-hot batch of 26 x
-        # 20k values took 15.6 ms to route, serially before every step
-        unique = torch.from_numpy(distinct_below(values.numpy(), num_rows))
-        bounds = torch.tensor([p.row_start for p in pieces] + [num_rows], dtype=torch.int64)
-        cut = torch.searchsorted(unique, bounds)  # unique is sorted: pieces are slices
-        for i, piece in enumerate(pieces):
-            routed.setdefault(piece.node, {})[feature] = (
-                unique[cut[i] : cut[i + 1]] - piece.row_start
-            )
-    return routed
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for node, bags_by_feature in routed.items():
+        for feature, bags in bags_by_feature.items():
+            (piece,) = [p for p in plan.pieces_of(plan.table_of(feature)) if p.node == node]
+            # sorted; a mask over the piece's rows, not torch.unique's sort: a multi-hot batch
+            # of 26 x 20k values took 15.6 ms to route, serially before every step
+            rows = distinct_below(bags.indices.numpy(), piece.num_rows)
+            out.setdefault(node, {})[feature] = torch.from_numpy(rows)
+    return out
 
 
 # --------------------------------------------------------------------------- helpers

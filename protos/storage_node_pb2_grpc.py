@@ -54,26 +54,6 @@ class StorageNodeStub:
                 request_serializer=protos_dot_storage__node__pb2.PushGradientsRequest.SerializeToString,
                 response_deserializer=protos_dot_storage__node__pb2.PushGradientsResponse.FromString,
                 _registered_method=True)
-        self.Checkpoint = channel.unary_unary(
-                '/ndp.storage_node.StorageNode/Checkpoint',
-                request_serializer=protos_dot_storage__node__pb2.CheckpointRequest.SerializeToString,
-                response_deserializer=protos_dot_storage__node__pb2.CheckpointResponse.FromString,
-                _registered_method=True)
-        self.Restore = channel.unary_unary(
-                '/ndp.storage_node.StorageNode/Restore',
-                request_serializer=protos_dot_storage__node__pb2.RestoreRequest.SerializeToString,
-                response_deserializer=protos_dot_storage__node__pb2.RestoreResponse.FromString,
-                _registered_method=True)
-        self.Stats = channel.unary_unary(
-                '/ndp.storage_node.StorageNode/Stats',
-                request_serializer=protos_dot_storage__node__pb2.StatsRequest.SerializeToString,
-                response_deserializer=protos_dot_storage__node__pb2.StatsResponse.FromString,
-                _registered_method=True)
-        self.Health = channel.unary_unary(
-                '/ndp.storage_node.StorageNode/Health',
-                request_serializer=protos_dot_storage__node__pb2.HealthRequest.SerializeToString,
-                response_deserializer=protos_dot_storage__node__pb2.HealthResponse.FromString,
-                _registered_method=True)
 
 
 class StorageNodeServicer:
@@ -103,30 +83,6 @@ class StorageNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Checkpoint(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Restore(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Health(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_StorageNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,26 +105,6 @@ def add_StorageNodeServicer_to_server(servicer, server):
                     servicer.PushGradients,
                     request_deserializer=protos_dot_storage__node__pb2.PushGradientsRequest.FromString,
                     response_serializer=protos_dot_storage__node__pb2.PushGradientsResponse.SerializeToString,
-            ),
-            'Checkpoint': grpc.unary_unary_rpc_method_handler(
-                    servicer.Checkpoint,
-                    request_deserializer=protos_dot_storage__node__pb2.CheckpointRequest.FromString,
-                    response_serializer=protos_dot_storage__node__pb2.CheckpointResponse.SerializeToString,
-            ),
-            'Restore': grpc.unary_unary_rpc_method_handler(
-                    servicer.Restore,
-                    request_deserializer=protos_dot_storage__node__pb2.RestoreRequest.FromString,
-                    response_serializer=protos_dot_storage__node__pb2.RestoreResponse.SerializeToString,
-            ),
-            'Stats': grpc.unary_unary_rpc_method_handler(
-                    servicer.Stats,
-                    request_deserializer=protos_dot_storage__node__pb2.StatsRequest.FromString,
-                    response_serializer=protos_dot_storage__node__pb2.StatsResponse.SerializeToString,
-            ),
-            'Health': grpc.unary_unary_rpc_method_handler(
-                    servicer.Health,
-                    request_deserializer=protos_dot_storage__node__pb2.HealthRequest.FromString,
-                    response_serializer=protos_dot_storage__node__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,114 +215,6 @@ class StorageNode:
             '/ndp.storage_node.StorageNode/PushGradients',
             protos_dot_storage__node__pb2.PushGradientsRequest.SerializeToString,
             protos_dot_storage__node__pb2.PushGradientsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Checkpoint(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ndp.storage_node.StorageNode/Checkpoint',
-            protos_dot_storage__node__pb2.CheckpointRequest.SerializeToString,
-            protos_dot_storage__node__pb2.CheckpointResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Restore(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ndp.storage_node.StorageNode/Restore',
-            protos_dot_storage__node__pb2.RestoreRequest.SerializeToString,
-            protos_dot_storage__node__pb2.RestoreResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Stats(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ndp.storage_node.StorageNode/Stats',
-            protos_dot_storage__node__pb2.StatsRequest.SerializeToString,
-            protos_dot_storage__node__pb2.StatsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Health(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ndp.storage_node.StorageNode/Health',
-            protos_dot_storage__node__pb2.HealthRequest.SerializeToString,
-            protos_dot_storage__node__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,12 @@
 """The storage node as a Ray actor: a plain class, wrapped with `ray.remote` where launched.
 
-Ray places and supervises the node; the training data path never goes through Ray. `start()`
-builds the core and a gRPC server on the node's own address and reports where it listens; GPU
-workers then talk to it directly with `storage_node.client.StorageClient`.
+Ray places and supervises the node, and its methods are the node's control plane: the
+coordinator starts it, reads its stats and rows, writes rows and streams restores through
+them (a dead node surfaces as Ray's typed `RayActorError`). The training data path never goes
+through Ray: `start()` builds the core and a gRPC server on the node's own address and
+reports where it listens; GPU workers then talk to it directly with
+`storage_node.client.StorageClient` (lookups, early lookups, prefetches, pushes).
+docs/architecture.md, "Two planes", says why the planes are split this way.
 
 Restores come through Ray, streamed by the coordinator (`restore_begin`, `restore_rows` ...,
 `restore_finish` to verify, `restore_commit` once every node verified; see
@@ -155,10 +159,11 @@ class StorageNodeActor:
         }
 
     def stats(self) -> dict:
-        """The core's counters (tiers, bytes, steps)."""
-        if self._core is None:
+        """The core's counters (tiers, bytes, steps), and under "link" the emulated link's
+        (`storage_node.link.EmulatedLink.stats`)."""
+        if self._core is None or self._server is None:
             raise RuntimeError("storage node not started; call start() first")
-        return self._core.stats()
+        return {**self._core.stats(), "link": self._server.link.stats()}
 
     def read_rows(self, table_name: str, global_rows: Any) -> tuple[Any, Any]:
         """Weights [n, D] and optimizer state [n, S] of global rows (exports, equivalence checks)."""

@@ -1,6 +1,8 @@
-"""The storage node's client: the core's operations on one node, over gRPC.
+"""The storage node's client: the data plane of one node, over gRPC.
 
-Shipped with the node (GPU workers, the coordinator, recovery and the benchmarks import it),
+Lookups, early lookups, prefetches and gradient pushes: the tensors of a training step.
+Control (start, stats, rows, restore) is not here: it goes through the node's Ray actor
+(`storage_node.actor`; docs/architecture.md, "Two planes"). Shipped with the node (GPU workers, the coordinator, recovery and the benchmarks import it),
 so the wire's two halves live in one package; it needs only the wire modules (`codec`,
 `rpc_methods`, `auth`, `tls`, `errors`), never the node's internals.
 
@@ -14,7 +16,6 @@ that cannot be reached raises `StorageNodeUnavailableError`.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections import defaultdict
@@ -26,7 +27,6 @@ import torch
 
 from ndp.errors import StorageNodeError
 from ndp.plan import Bags
-from protos import storage_node_pb2 as pb
 from storage_node import codec
 from storage_node import errors as node_errors
 from storage_node.auth import ERROR_METADATA_KEY, UnauthenticatedError, token_metadata
@@ -259,30 +259,6 @@ class StorageClient:
             "Prefetch", codec.prefetch_request_bytes(step, indices), lambda reply: None
         )
 
-    def checkpoint_async(self, directory: str) -> ReplyFuture[dict]:
-        """Write the node's shards to `directory` (on the node's machine); the core's manifest."""
-        return self._call(
-            "Checkpoint",
-            pb.CheckpointRequest(directory=str(directory)),
-            lambda reply: json.loads(reply.manifest_json),
-        )
-
-    def restore_async(self, directory: str) -> ReplyFuture[None]:
-        """Load the node's shards from a checkpoint `directory`."""
-        return self._call(
-            "Restore", pb.RestoreRequest(directory=str(directory)), lambda reply: None
-        )
-
-    def stats_async(self) -> ReplyFuture[dict]:
-        return self._call("Stats", pb.StatsRequest(), lambda reply: json.loads(reply.stats_json))
-
-    def health_async(self) -> ReplyFuture[dict]:
-        return self._call(
-            "Health",
-            pb.HealthRequest(),
-            lambda reply: {"node_id": reply.node_id, "applied_step": reply.applied_step},
-        )
-
     # ----------------------------------------------------------------- blocking forms
 
     def lookup(
@@ -300,19 +276,6 @@ class StorageClient:
 
     def prefetch(self, step: int, indices: Mapping[str, torch.Tensor]) -> None:
         self.prefetch_async(step, indices).result()
-
-    def checkpoint(self, directory: str) -> dict:
-        return self.checkpoint_async(directory).result()
-
-    def restore(self, directory: str) -> None:
-        self.restore_async(directory).result()
-
-    def stats(self) -> dict:
-        return self.stats_async().result()
-
-    def health(self) -> dict:
-        """{"node_id": str, "applied_step": int}."""
-        return self.health_async().result()
 
     def close(self) -> None:
         self._channel.close()

@@ -6,8 +6,7 @@ actors and map one-to-one onto gRPC status codes in the wire layer):
 - `IndexOutOfRangeError`, `UnknownFeatureError`, `BadTensorError`, `BadRequestError`
   -> INVALID_ARGUMENT
 - `StepOrderError` (and `EarlyPoolMissingError`) -> FAILED_PRECONDITION
-- `ShardFileError` -> FAILED_PRECONDITION (a shard file or checkpoint does not fit this node),
-  and so `CheckpointPathError` (a checkpoint directory the node cannot write or read)
+- `ShardFileError` -> FAILED_PRECONDITION (a shard file or checkpoint does not fit this node)
 """
 
 from __future__ import annotations
@@ -44,16 +43,9 @@ class BadRequestError(StorageNodeError):
     it cannot do without; names the message type and what to send."""
 
 
-class CheckpointPathError(ShardFileError):
-    """A checkpoint directory the node cannot write or read (missing, not a directory, no
-    permission, disk full): the caller's path, not a node bug. Names the path and the
-    errno's text."""
-
-
 __all__ = [
     "BadRequestError",
     "BadTensorError",
-    "CheckpointPathError",
     "EarlyPoolMissingError",
     "IndexOutOfRangeError",
     "ShardFileError",

@@ -37,3 +37,13 @@ class EmulatedLink:
             self.bytes_carried += num_bytes
             self.delay_s += wait
         time.sleep(wait)
+
+    def stats(self) -> dict:
+        """{"bandwidth_mbps", "bytes_carried", "emulated_delay_s"}: what the node's `stats()`
+        reports under "link" (`storage_node.actor.StorageNodeActor.stats`)."""
+        with self._lock:
+            return {
+                "bandwidth_mbps": self.bandwidth_mbps,
+                "bytes_carried": self.bytes_carried,
+                "emulated_delay_s": self.delay_s,
+            }

@@ -18,6 +18,7 @@ import grpc
 
 from ndp.errors import ConfigError
 from storage_node.auth import TokenInterceptor
+from storage_node.link import EmulatedLink
 from storage_node.rpc_methods import add_servicer, channel_options
 from storage_node.service import StorageNodeServicer
 from storage_node.tls import TlsFiles, server_credentials
@@ -45,6 +46,8 @@ class RunningServer:
     unix_address: str | None
     """`unix:PATH` of the unix-domain listener, or None."""
     server: grpc.Server = field(repr=False)
+    link: EmulatedLink = field(repr=False)
+    """The emulated link every data RPC crosses (`storage.emulation`); its `stats()`."""
     unix_socket_path: str | None = field(default=None, repr=False)
 
     def stop(self, grace_s: float | None = 1.0) -> None:
@@ -122,5 +125,6 @@ def serve(
         address=tcp_address(host, bound_port),
         unix_address=unix_address,
         server=server,
+        link=servicer.link,
         unix_socket_path=unix_socket_path,
     )

@@ -1,14 +1,17 @@
 """The gRPC servicer: translates wire messages to calls on `StorageNodeCore` and back.
 
+The data plane only (Lookup, EarlyLookup, Prefetch, PushGradients); control (stats, rows,
+restore) goes through the node's Ray actor, `storage_node.actor` (docs/architecture.md, "Two
+planes").
+
 Nothing here decides anything about embeddings: decode (storage_node.codec), call the core,
 encode. Errors are translated once, in `_translate_errors`:
 
     IndexOutOfRangeError, UnknownFeatureError, BadTensorError,
-    BadRequestError (bytes that are no request message, a missing directory),
+    BadRequestError (bytes that are no request message),
     any other StorageNodeError / NDPError      -> INVALID_ARGUMENT
     StepOrderError, a step that never became ready,
-    ShardFileError (checkpoint or file that does not fit),
-    CheckpointPathError (an OSError on a Checkpoint/Restore path) -> FAILED_PRECONDITION
+    ShardFileError (a shard file that does not fit) -> FAILED_PRECONDITION
     anything else (a bug)                      -> INTERNAL
 
 with the exception's message as details and its class name in trailing metadata
@@ -17,12 +20,9 @@ with the exception's message as details and its class name in trailing metadata
 
 from __future__ import annotations
 
-import errno
 import functools
-import json
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -32,12 +32,7 @@ from protos import storage_node_pb2 as pb
 from protos import storage_node_pb2_grpc as pb_grpc
 from storage_node import codec
 from storage_node.auth import ERROR_METADATA_KEY
-from storage_node.errors import (
-    BadRequestError,
-    CheckpointPathError,
-    ShardFileError,
-    StepOrderError,
-)
+from storage_node.errors import BadRequestError, ShardFileError, StepOrderError
 from storage_node.link import EmulatedLink
 from storage_node.node import StorageNodeCore
 from storage_node.rpc_methods import Undecodable, wire_size
@@ -82,36 +77,6 @@ def _translate_errors(
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return handler
-
-
-def _checkpoint_directory(directory: str) -> str:
-    """`directory` if set: an empty one would be the node's working directory."""
-    if not directory:
-        raise BadRequestError(
-            "no checkpoint directory given; send the directory (on the node's machine) to "
-            "write the checkpoint to or restore it from"
-        )
-    return directory
-
-
-@contextmanager
-def _caller_path(action: str, directory: str) -> Iterator[None]:
-    """OSErrors inside become `CheckpointPathError` naming the path and the errno's text.
-
-    Why: the directory of a Checkpoint or Restore is the caller's choice; one that cannot be
-    created, read or written (not a directory, no permission, a file gone, a full disk) is
-    theirs to change, not a node bug (INTERNAL).
-    """
-    try:
-        yield
-    except OSError as error:
-        path = error.filename or directory
-        code = errno.errorcode.get(error.errno or 0, "")
-        reason = f"{error.strerror} ({code})" if error.strerror else str(error)
-        raise CheckpointPathError(
-            f"cannot {action} {directory}: {path}: {reason}; fix that path (it must exist "
-            "or be creatable, be writable, have free space) or choose another directory"
-        ) from None
 
 
 class StorageNodeServicer(pb_grpc.StorageNodeServicer):
@@ -188,35 +153,3 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         grads = codec.parse_push_gradients_request(request)
         applied = self.core.push_gradients(request.step, request.worker, grads)
         return pb.PushGradientsResponse(applied=bool(applied))
-
-    @_translate_errors
-    def Checkpoint(
-        self, request: pb.CheckpointRequest, context: grpc.ServicerContext
-    ) -> pb.CheckpointResponse:
-        directory = _checkpoint_directory(request.directory)
-        with _caller_path("write a checkpoint to", directory):
-            manifest = self.core.checkpoint(directory)
-        return pb.CheckpointResponse(manifest_json=json.dumps(manifest, default=str))
-
-    @_translate_errors
-    def Restore(
-        self, request: pb.RestoreRequest, context: grpc.ServicerContext
-    ) -> pb.RestoreResponse:
-        directory = _checkpoint_directory(request.directory)
-        with _caller_path("restore from", directory):
-            self.core.restore(directory)
-        return pb.RestoreResponse()
-
-    @_translate_errors
-    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
-        stats = self.core.stats()
-        stats["link"] = {
-            "bandwidth_mbps": self.link.bandwidth_mbps,
-            "bytes_carried": self.link.bytes_carried,
-            "emulated_delay_s": self.link.delay_s,
-        }
-        return pb.StatsResponse(stats_json=json.dumps(stats, default=str))
-
-    @_translate_errors
-    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
-        return pb.HealthResponse(node_id=str(self.node_id), applied_step=self.core.applied_step)

@@ -3,11 +3,12 @@
 A real `StorageNodeCore` is served over gRPC on 127.0.0.1; `num_clients` threads, each with
 its own `StorageClient` and worker rank (the node expects `num_workers = num_clients`), run
 `steps` synchronous steps: lookup(step, worker) then push_gradients(step, worker). A monitor
-client polls `Stats` throughout. The run measures each call's latency and checks three
+thread polls the core's `stats()` throughout (in this process: stats are the node's control
+plane, not an RPC). The run measures each call's latency and checks three
 properties a loaded node must keep:
 
     answers     every lookup and push of every client is answered (no error, no timeout)
-    budget      cached rows <= cache capacity in every Stats sample
+    budget      cached rows <= cache capacity in every stats sample
     no loss     with `sgd`, lr = 1 and integer-valued gradients, a row's final value is its
                 initial value minus the exact sum of every gradient scattered to it
 
@@ -181,11 +182,10 @@ def run_load(options: LoadOptions, *, log: Callable[[str], None] = lambda line: 
                 errors.append(exc)
 
         def monitor_loop() -> None:
-            with StorageClient(server.address, token=token, timeout_s=120) as client:
-                while not done.is_set():
-                    cache = client.stats()["tables"][TABLE]["cache"]
-                    samples.append((cache["cached_rows"], cache["capacity_rows"]))
-                    done.wait(0.05)
+            while not done.is_set():
+                cache = core.stats()["tables"][TABLE]["cache"]
+                samples.append((cache["cached_rows"], cache["capacity_rows"]))
+                done.wait(0.05)
 
         try:
             threads = [

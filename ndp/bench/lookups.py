@@ -63,6 +63,7 @@ _READY_TIMEOUT_S = 300.0
 ECHO_SERVICE = "ndp.bench.Echo"
 """gRPC service of the echo server; one method per reply size (`Reply<bytes>`)."""
 _STOP = "stop"
+_STATS = "stats"
 _CALL_TIMEOUT_S = 600.0
 
 
@@ -111,7 +112,8 @@ def _next_command(conn: Connection) -> object:
 
 
 def _node_process(conn: Connection, work_dir: str, shape: LookupShape, token: str) -> None:
-    """Child process: build the core, serve it, report addresses, wait for 'stop'."""
+    """Child process: build the core, serve it, report addresses; answer each 'stats' with
+    the core's counters (the node's control plane: no RPC carries them) until 'stop'."""
     from storage_node.node import StorageNodeCore
     from storage_node.server import serve
 
@@ -133,7 +135,8 @@ def _node_process(conn: Connection, work_dir: str, shape: LookupShape, token: st
     )
     conn.send({"tcp": server.address, "unix": server.unix_address})
     try:
-        _next_command(conn)  # anything means stop
+        while _next_command(conn) == _STATS:  # anything else means stop
+            conn.send(core.stats())
     finally:
         server.stop(0.5)
         core.close()
@@ -273,6 +276,11 @@ class NodeProcess(_ServerProcess):
             max_message_bytes=MAX_MESSAGE_BYTES,
             timeout_s=_CALL_TIMEOUT_S,
         )
+
+    def stats(self) -> dict:
+        """The node core's counters (`StorageNodeCore.stats`), asked over the pipe."""
+        self._conn.send(_STATS)
+        return self._conn.recv()
 
 
 class EchoProcess(_ServerProcess):
@@ -444,6 +452,7 @@ class _PointTimes:
 
 
 def _time_round(
+    node: NodeProcess,
     client: StorageClient,
     floor: Callable[[], bytes],
     times: _PointTimes,
@@ -452,11 +461,11 @@ def _time_round(
     first: int,
 ) -> None:
     """One round of one point: `calls` Lookups, then as many bare round trips."""
-    before = client.stats()
+    before = node.stats()
     times.grpc += _call_seconds(
         lambda b: client.lookup(0, 0, b, train=False), batches, calls, first
     )
-    after = client.stats()
+    after = node.stats()
     times.node_lookup_seconds += after["lookup_seconds"] - before["lookup_seconds"]
     times.node_lookup_calls += after["lookup_calls"] - before["lookup_calls"]
     times.floor += _call_seconds(lambda _batch: floor(), batches, calls, first)
@@ -531,7 +540,7 @@ def _measure_pooling(
             lambda b: pool_in_process(weights, b), batches, calls_per_round, first
         )
         for key, client in clients.items():
-            _time_round(client, floors[key], times[key], batches, calls_per_round, first)
+            _time_round(node, client, floors[key], times[key], batches, calls_per_round, first)
     local = _side(local_seconds, shape.batch_size * shape.num_features)
     return [
         _point(shape, pooling, key, node.addresses[key[0]], checks[key], times[key], local)

@@ -40,7 +40,7 @@ def test_a_job_with_tls_trains_like_the_reference_and_its_nodes_refuse_plaintext
         tcp_address = engine.node_addresses[0]["tcp"]
         with StorageClient(tcp_address, token="any", timeout_s=5) as plaintext:
             with pytest.raises(StorageNodeUnavailableError):
-                plaintext.health()
+                plaintext.prefetch(0, {})
 
 
 def test_a_job_with_mutual_tls_trains_and_its_nodes_refuse_a_client_without_a_certificate(
@@ -74,4 +74,4 @@ def test_a_job_with_mutual_tls_trains_and_its_nodes_refuse_a_client_without_a_ce
         tcp_address = engine.node_addresses[0]["tcp"]
         with StorageClient(tcp_address, token="any", timeout_s=5, tls=no_cert) as client:
             with pytest.raises(StorageNodeUnavailableError):
-                client.health()
+                client.prefetch(0, {})

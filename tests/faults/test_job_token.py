@@ -61,6 +61,6 @@ def test_every_job_gets_its_own_token_and_another_job_s_token_is_refused(ray_ses
         stale = connect(second.node_addresses[0], cfg, token=first_token)
         try:
             with pytest.raises(UnauthenticatedError):
-                stale.health()
+                stale.prefetch(0, {})
         finally:
             stale.close()

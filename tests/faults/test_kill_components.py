@@ -2,13 +2,13 @@
 same model.
 
 Each run trains the tiny two-node job of `tests/checkpoint/jobs.py` for `STEPS` steps with a
-checkpoint every 3 steps and lookahead depth 1 (so prefetch clients exist when a node dies),
-early pooling off: with it, a step's pooled vectors are "pooled before the previous update,
-then corrected" or "pooled after it" depending on which RPC a node serves first, and after a
-restart the first step always pools afresh, so runs agree only up to float rounding (6e-8
-measured), which a ReLU input near zero can amplify past 1e-6 (seen once in a full-suite
-run). Without it the recovered model is bit-for-bit the uninterrupted one (measured: 0.0).
-Early pooling's exactness is checked against the reference in tests/pipeline.
+checkpoint every 3 steps and lookahead depth 1 (so workers hold prefetched shares when a
+component dies), early pooling off: with it, a step's pooled vectors are "pooled before the
+previous update, then corrected" or "pooled after it" depending on which RPC a node serves
+first, and after a restart the first step always pools afresh, so runs agree only up to
+float rounding (6e-8 measured), which a ReLU input near zero can amplify past 1e-6 (seen
+once in a full-suite run). Without it the recovered model is bit-for-bit the uninterrupted
+one (measured: 0.0). Early pooling's exactness is checked against the reference in tests/pipeline.
 A component's process is killed with SIGKILL (or stopped with SIGSTOP: it hangs without
 dying, which only `cluster.step_timeout_s` notices) before step 5; `ResilientEngine` must
 notice (the next step fails or times out), restart every actor, roll back to the step-3
@@ -107,7 +107,7 @@ def test_killed_component_is_restarted_once_and_the_model_equals_an_uninterrupte
     uninterrupted, tmp_path, component
 ):
     restarts, recovered = _train(_job(), tmp_path, kill=component)
-    # one restart: the lookahead prefetch clients follow the fresh nodes (no second failure)
+    # one restart: the fresh workers get the shares the dead ones held (no second failure)
     assert restarts == 1
     assert_same_model(recovered, uninterrupted)
 

@@ -53,7 +53,7 @@ def test_duplicate_push_of_an_applied_step_is_acknowledged_and_changes_nothing(c
         assert client.push_gradients(0, 0, random_grads(4, seed=0)) is True
         assert client.push_gradients(0, 0, random_grads(4, seed=99)) is True
         assert_same_rows(rows(node.core), after_first)
-        assert client.health()["applied_step"] == 0
+        assert node.core.applied_step == 0
         run_steps(client, range(1, 2))  # the run goes on normally
     assert node.core.applied_step == 1
 
@@ -95,7 +95,7 @@ def test_client_gone_while_waiting_on_the_step_barrier_leaves_the_node_healthy_a
     # another client runs the steps; the node answers and ends where an undisturbed core ends
     with node.client() as client:
         pooled = run_steps(client, range(3))
-        assert client.health() == {"node_id": "0", "applied_step": 2}
+    assert node.core.applied_step == 2
     reference = make_core(cfg)
     expected = run_steps(reference, range(3))
     for got, want in zip(pooled, expected, strict=True):
@@ -112,7 +112,7 @@ def test_cancelled_lookup_leaves_the_node_healthy(cfg, serve_node):  # noqa: F81
         with pytest.raises(grpc.FutureCancelledError):
             waiting._call.result()
         run_steps(client, range(2))
-        assert client.health()["applied_step"] == 1
+    assert node.core.applied_step == 1
 
 
 def test_token_of_another_job_is_refused_and_changes_nothing(cfg, make_core):  # noqa: F811
@@ -146,10 +146,10 @@ def test_token_appears_in_no_log_record_or_output_at_debug(cfg, make_core, caplo
     try:
         with StorageClient(server.address, token=token, timeout_s=30) as client:
             run_steps(client, range(2))
-            client.stats()
+            client.lookup(2, 0, random_bags(4, seed=2), train=False)
         with StorageClient(server.address, token=token[::-1], timeout_s=30) as stranger:
             with pytest.raises(UnauthenticatedError):
-                stranger.health()
+                stranger.lookup(2, 0, random_bags(4, seed=2), train=False)
     finally:
         server.stop(grace_s=None)
     out, err = capfd.readouterr()

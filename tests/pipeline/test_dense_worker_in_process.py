@@ -8,6 +8,8 @@ enough to evict) trains like the single-process reference, with and without earl
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,7 +18,10 @@ from model.tiny import tiny_config
 from gpu_worker.node_api import InProcessNode, NodeApi, NodeCore
 from gpu_worker.worker import DenseWorker
 from ndp.config import Config
+from ndp.data.batch import Batch
 from ndp.data.loader import build_datasets
+from ndp.errors import DataError
+from ndp.pipeline import with_lookahead
 from ndp.plan import Bags
 from ndp.planner import plan_shards
 from ndp.reference import ReferenceEngine
@@ -65,6 +70,22 @@ def _cores(cfg: Config, plan, tmp_path) -> list[StorageNodeCore]:
     ]
 
 
+def _train(worker: DenseWorker, cfg: Config, batches: list[Batch]) -> list[float]:
+    """Train every batch as the ndp engine drives a worker: with lookahead, each batch is
+    handed over once, by `prefetch`, and its step is then trained without it."""
+    prefetched: set[int] = set()
+
+    class Engine:
+        def prefetch(self, step: int, batch: Batch) -> None:
+            prefetched.add(step)
+            worker.prefetch(step, batch)
+
+    return [
+        worker.train_step(step, None if step in prefetched else batch)
+        for step, batch in with_lookahead(enumerate(batches), Engine(), cfg.pipeline)
+    ]
+
+
 @pytest.mark.parametrize("early_pooling", [False, True], ids=["plain", "early-pooling"])
 def test_a_worker_over_in_process_cores_trains_like_the_reference(tmp_path, early_pooling):
     cfg = _config(lookahead_depth=1 if early_pooling else 0, early_pooling=early_pooling)
@@ -77,12 +98,7 @@ def test_a_worker_over_in_process_cores_trains_like_the_reference(tmp_path, earl
     )
     reference = ReferenceEngine(cfg)
     try:
-        losses = [
-            worker.train_step(
-                step, batch, early=batches[step + 1] if early_pooling and step + 1 < STEPS else None
-            )
-            for step, batch in enumerate(batches)
-        ]
+        losses = _train(worker, cfg, batches)
         worker.flush()
         expected = [reference.train_step(step, batch) for step, batch in enumerate(batches)]
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
@@ -166,3 +182,78 @@ def test_each_node_api_implementation_takes_every_argument_the_protocol_names(
         assert all(p.default is not inspect.Parameter.empty for p in extra), (
             f"{implementation.__name__}.{method} needs arguments the worker does not send"
         )
+
+
+@contextmanager
+def _worker_on_cores(cfg: Config, tmp_path) -> Iterator[tuple[DenseWorker, list[StorageNodeCore]]]:
+    """One worker over the plan's nodes as in-process cores; all closed afterwards."""
+    plan = plan_shards(cfg)
+    cores = _cores(cfg, plan, tmp_path)
+    worker = DenseWorker(
+        rank=0, world_size=1, cfg=cfg, plan=plan, clients=[InProcessNode(c) for c in cores]
+    )
+    try:
+        yield worker, cores
+    finally:
+        worker.close()
+        for core in cores:
+            core.close()
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_with_lookahead_each_share_is_received_once_and_routed_once(tmp_path, depth):
+    """The share of each step reaches the worker once (its prefetch) and is routed once:
+    the same routed bags serve the prefetch, the early lookup of the step before, and the
+    lookup, which every node then answers from its early pool without the bags."""
+    cfg = _config(lookahead_depth=depth, early_pooling=True)
+    batches = list(build_datasets(cfg)[0].batches(BATCH))[:STEPS]
+    with _worker_on_cores(cfg, tmp_path) as (worker, cores):
+        _train(worker, cfg, batches)
+        worker.flush()
+        counted = worker.timings()
+        assert counted["shares_received"] == STEPS
+        assert counted["shares_routed"] == STEPS
+        staged = sum(core.stats()["cache"]["staged_misses"] for core in cores)
+        assert staged > 0  # the prefetches sent the routed rows, and the nodes staged them
+        early = [core.early_counters for core in cores]
+        assert sum(e["early_hits_without_bags"] for e in early) == len(cores) * (STEPS - 1)
+        assert sum(e["early_mismatches"] for e in early) == 0
+
+
+def test_a_step_shipped_again_is_routed_again_and_its_lookup_sends_its_bags(tmp_path):
+    """A batch that comes again with its step (not the prefetched share) is routed anew; the
+    node's kept early pool was for other bags objects, so the lookup sends its bags."""
+    cfg = _config(lookahead_depth=1, early_pooling=True)
+    batches = list(build_datasets(cfg)[0].batches(BATCH))[:2]
+    with _worker_on_cores(cfg, tmp_path) as (worker, cores):
+        worker.prefetch(0, batches[0])
+        worker.prefetch(1, batches[1])
+        worker.train_step(0)
+        worker.train_step(1, batches[1])
+        worker.flush()
+        counted = worker.timings()
+        assert counted["shares_received"] == 3 and counted["shares_routed"] == 3
+        assert sum(core.early_counters["early_hits_without_bags"] for core in cores) == 0
+
+
+def test_a_prefetched_share_with_a_bad_index_is_refused_by_its_own_step(tmp_path):
+    """Routing refuses the share when it arrives; the refusal is raised by its step's
+    `train_step` (before anything of that step is sent), and earlier steps train."""
+    cfg = _config(lookahead_depth=1, early_pooling=True)
+    good, bad = list(build_datasets(cfg)[0].batches(BATCH))[:2]
+    values = bad.sparse.values().clone()
+    values[0] = 10**9
+    bad = Batch(
+        dense=bad.dense,
+        sparse=type(bad.sparse)(
+            keys=bad.sparse.keys(), values=values, lengths=bad.sparse.lengths()
+        ),
+        labels=bad.labels,
+    )
+    with _worker_on_cores(cfg, tmp_path) as (worker, cores):
+        worker.prefetch(0, good)
+        worker.prefetch(1, bad)
+        worker.train_step(0)
+        with pytest.raises(DataError, match="index 1000000000 outside"):
+            worker.train_step(1)
+        worker.flush()

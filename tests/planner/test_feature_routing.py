@@ -16,7 +16,7 @@ from ndp.errors import DataError
 from ndp.model.init import init_table
 from ndp.plan import Bags
 from ndp.planner import plan_shards
-from ndp.routing import reassemble, route_gradients, route_indices, route_lookup
+from ndp.routing import distinct_rows, reassemble, route_gradients, route_lookup
 
 BATCH = 6
 DIM = 4
@@ -232,13 +232,11 @@ def test_index_outside_the_table_raises_data_error_naming_feature_and_value(setu
 
     with pytest.raises(DataError, match=r"feature 'c': index 7 outside \[0, 7\) of table 'tw'"):
         route_lookup(sparse, plan, tables)
-    with pytest.raises(DataError, match="index 7"):
-        route_indices(sparse, plan)
     negative = KeyedJaggedTensor.from_lengths_sync(
         keys=["c"], values=torch.tensor([3, -1]), lengths=torch.tensor([1, 1, 0, 0, 0, 0])
     )
     with pytest.raises(DataError, match="index -1"):
-        route_indices(negative, plan)
+        route_lookup(negative, plan, tables)
 
 
 def test_route_gradients_sends_each_piece_the_full_pooled_gradient(setup):
@@ -256,11 +254,11 @@ def test_route_gradients_sends_each_piece_the_full_pooled_gradient(setup):
     assert sum(len(features) for features in routed.values()) == 3 + 3 + 1
 
 
-def test_route_indices_gives_unique_local_rows_of_every_piece(setup):
+def test_distinct_rows_gives_unique_local_rows_of_every_piece(setup):
     tables, plan, _ = setup("sum")
     sparse = make_batch(weighted=False)
 
-    routed = route_indices(sparse, plan)
+    routed = distinct_rows(route_lookup(sparse, plan, tables), plan)
 
     for feature in ("a", "b"):
         global_rows = []

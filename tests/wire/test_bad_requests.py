@@ -5,7 +5,7 @@ is wrong, with nothing applied (rows, optimizer state and applied_step as they w
   mean divisors, gradients);
 - bytes that are no message of the RPC at all;
 - a malformed lookup of a future step (checked before it waits for its step barrier);
-- a checkpoint or restore path the node cannot use (the caller's path, not a node bug).
+- a checkpoint or restore path the node cannot use (refused by the core, nothing changed).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from storage_node.auth import ERROR_METADATA_KEY
 from storage_node.errors import (
     BadRequestError,
     BadTensorError,
-    CheckpointPathError,
     IndexOutOfRangeError,
+    ShardFileError,
     StepOrderError,
 )
 from storage_node.rpc_methods import SERVICE
@@ -173,8 +173,9 @@ def test_bytes_that_do_not_parse_are_invalid_argument_naming_the_message(cfg, se
     assert "17 bytes" in error.details()
     assert dict(error.trailing_metadata())[ERROR_METADATA_KEY] == BadRequestError.__name__
     assert_unchanged(node.core, before)
-    with node.client() as client:
-        assert client.health()["applied_step"] == -1
+    with node.client() as client:  # the node still answers
+        client.lookup(0, 0, random_bags(2, seed=0), train=False)
+    assert node.core.applied_step == -1
 
 
 # ------------------------------------------------------------------ checked before waiting
@@ -220,65 +221,63 @@ def test_a_bagless_lookup_of_a_future_step_for_a_worker_not_served_is_refused_be
     assert time.monotonic() - started < QUICK_S
 
 
-def test_many_malformed_lookups_of_a_future_step_do_not_hold_up_health(cfg, serve_node):
+def test_many_malformed_lookups_of_a_future_step_do_not_hold_up_other_calls(cfg, serve_node):
     """More refused lookups than the server has RPC threads (16), all at once."""
     node = serve_node(cfg)
     with node.client(timeout_s=QUICK_S) as client:
         calls = [client.lookup_async(FAR_STEP, 0, _out_of_range()) for _ in range(40)]
-        assert client.health()["applied_step"] == -1
+        client.lookup(0, 0, random_bags(2, seed=0), train=False)
+        assert node.core.applied_step == -1
         for call in calls:
             with pytest.raises(IndexOutOfRangeError):
                 call.result()
 
 
 # ------------------------------------------------------------------ checkpoint paths
+# No RPC names a directory on the node (checkpoint and restore are control: the job streams
+# restores through the node's actor); a checkpoint or restore path is the in-process
+# caller's, and the core refuses a bad one with nothing changed.
 
 
-def test_checkpoint_to_a_path_the_node_cannot_create_is_failed_precondition_naming_it(
+def test_checkpoint_to_a_path_the_node_cannot_create_raises_naming_it_and_changes_nothing(
     cfg, serve_node, tmp_path
 ):
     node = serve_node(cfg)
     (tmp_path / "a_file").write_text("not a directory")
     target = tmp_path / "a_file" / "ckpt"
-    error = raw_call(node, "Checkpoint", pb.CheckpointRequest(directory=str(target)))
-    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert str(tmp_path / "a_file") in error.details() and "Not a directory" in error.details()
-    with node.client() as client, pytest.raises(CheckpointPathError, match="Not a directory"):
-        client.checkpoint(str(target))
+    before = snapshot(node.core)
+    with pytest.raises(OSError, match="Not a directory") as refused:
+        node.core.checkpoint(target)
+    assert str(tmp_path / "a_file") in str(refused.value)
+    assert_unchanged(node.core, before)
+    with node.client() as client:  # the node still serves
+        client.lookup(0, 0, random_bags(2, seed=0), train=False)
 
 
-def test_checkpoint_without_a_directory_is_invalid_argument(cfg, serve_node):
-    node = serve_node(cfg)
-    error = raw_call(node, "Checkpoint", pb.CheckpointRequest(directory=""))
-    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert "directory" in error.details()
-
-
-def test_restore_of_a_checkpoint_missing_a_file_is_failed_precondition_and_changes_nothing(
+def test_restore_of_a_checkpoint_missing_a_file_is_refused_naming_it_and_changes_nothing(
     cfg, serve_node, tmp_path
 ):
     node = serve_node(cfg)
+    manifest = node.core.checkpoint(tmp_path / "ckpt")
     with node.client() as client:
-        manifest = client.checkpoint(str(tmp_path / "ckpt"))
         client.lookup(0, 0, random_bags(2, seed=0))
         client.push_gradients(0, 0, random_grads(2, seed=0))
     missing = tmp_path / "ckpt" / manifest["shards"][1]["file"]
     missing.unlink()
     before = snapshot(node.core)
-    error = raw_call(node, "Restore", pb.RestoreRequest(directory=str(tmp_path / "ckpt")))
-    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert str(missing) in error.details() and "No such file" in error.details()
+    with pytest.raises((OSError, ShardFileError)) as refused:
+        node.core.restore(tmp_path / "ckpt")
+    assert manifest["shards"][1]["file"] in str(refused.value)
     assert_unchanged(node.core, before)
 
 
-def test_restore_of_a_manifest_that_is_not_json_is_failed_precondition_naming_it(
-    cfg, serve_node, tmp_path
-):
+def test_restore_of_a_manifest_that_is_not_json_is_refused_naming_it(cfg, serve_node, tmp_path):
     node = serve_node(cfg)
-    with node.client() as client:
-        client.checkpoint(str(tmp_path / "ckpt"))
+    node.core.checkpoint(tmp_path / "ckpt")
     (manifest,) = (tmp_path / "ckpt").glob("*.manifest.json")
     manifest.write_text(json.dumps({"format": 1})[:-3])
-    error = raw_call(node, "Restore", pb.RestoreRequest(directory=str(tmp_path / "ckpt")))
-    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert str(manifest) in error.details() and "JSON" in error.details()
+    before = snapshot(node.core)
+    with pytest.raises(ShardFileError) as refused:
+        node.core.restore(tmp_path / "ckpt")
+    assert str(manifest) in str(refused.value) and "JSON" in str(refused.value)
+    assert_unchanged(node.core, before)

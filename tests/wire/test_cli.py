@@ -15,7 +15,7 @@ from ndp.cli import storage_node as cli
 from ndp.errors import ConfigError
 from ndp.planner import shards_for
 from storage_node.client import StorageClient
-from wire.tiny_node import tiny_config
+from wire.tiny_node import random_bags, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,8 +70,14 @@ def test_cli_serves_until_sigterm_and_removes_its_socket(tmp_path):
     try:
         info = json.loads(process.stdout.readline())
         assert info["address"].startswith("127.0.0.1:")
+        assert info["node_id"] == "0"
         with StorageClient(info["address"], token="cli-token", timeout_s=30) as client:
-            assert client.health() == {"node_id": "0", "applied_step": -1}
+            pooled = client.lookup(0, 0, random_bags(2, seed=0), train=False)
+        assert {feature: vectors.shape[0] for feature, vectors in pooled.items()} == {
+            "f0": 2,
+            "f1": 2,
+            "f2": 2,
+        }
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:

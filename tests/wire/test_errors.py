@@ -308,7 +308,7 @@ def test_unreachable_node_raises_unavailable_error():
 
     with StorageClient("unix:/nonexistent/ndp.sock", token=TOKEN, timeout_s=5.0) as client:
         with pytest.raises(StorageNodeUnavailableError, match="UNAVAILABLE"):
-            client.health()
+            client.prefetch(0, {})
 
 
 def test_errors_from_the_wire_pickle_with_class_and_message(cfg, serve_node):

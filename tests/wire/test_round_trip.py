@@ -31,7 +31,7 @@ def test_lookup_and_push_over_the_wire_equal_the_core_called_directly(cfg, serve
             grads = random_grads(8, seed=step)
             assert client.push_gradients(step, 0, grads) is True
             assert direct.push_gradients(step, 0, grads) is True
-        assert client.health() == {"node_id": "0", "applied_step": 2}
+    assert node.core.applied_step == 2
     rows = torch.arange(40)
     weights_remote, state_remote = node.core.read_rows("t0", rows)
     weights_direct, state_direct = direct.read_rows("t0", rows)
@@ -132,20 +132,25 @@ def test_reply_above_the_configured_message_limit_is_refused_with_a_hint(serve_n
         client.lookup(0, 0, bags, train=False)
 
 
-def test_prefetch_stats_checkpoint_and_restore_work_over_the_wire(cfg, serve_node, tmp_path):
+def test_prefetch_over_the_wire_and_checkpoint_restore_of_the_served_core(
+    cfg, serve_node, tmp_path
+):
+    """Prefetch, lookup and push travel over the wire; checkpoint, stats and restore are
+    control (no RPC carries them: the job reaches them through the node's actor), called
+    on the core the server serves, and the wire then serves the restored rows."""
     node = serve_node(cfg)
     bags = random_bags(4, seed=3)
     with node.client() as client:
         client.prefetch(0, {feature: b.indices for feature, b in bags.items()})
         before = client.lookup(0, 0, bags)
-        manifest = client.checkpoint(str(tmp_path / "ckpt"))
+        manifest = node.core.checkpoint(tmp_path / "ckpt")
         assert isinstance(manifest, dict)
         client.push_gradients(0, 0, random_grads(4, seed=3))
-        assert client.health()["applied_step"] == 0
-        stats = client.stats()
+        assert node.core.applied_step == 0
+        stats = node.core.stats()
         assert stats["applied_step"] == 0 and stats["node_id"] == "0"
-        client.restore(str(tmp_path / "ckpt"))
-        assert client.health()["applied_step"] == -1
+        node.core.restore(tmp_path / "ckpt")
+        assert node.core.applied_step == -1
         after = client.lookup(0, 0, bags)
     for feature in bags:
         assert torch.equal(after[feature], before[feature])
@@ -163,9 +168,11 @@ def test_eval_lookup_does_not_wait_for_a_step_barrier(cfg, serve_node):
 def test_async_forms_return_futures(cfg, serve_node):
     node = serve_node(cfg)
     with node.client() as client:
-        futures = [client.health_async(), client.lookup_async(0, 0, random_bags(2, seed=0))]
-        health, pooled = (future.result() for future in futures)
-    assert health["applied_step"] == -1
+        bags = random_bags(2, seed=0)
+        rows = {feature: b.indices for feature, b in bags.items()}
+        futures = [client.prefetch_async(1, rows), client.lookup_async(0, 0, bags)]
+        prefetched, pooled = (future.result() for future in futures)
+    assert prefetched is None
     assert pooled["f2"].shape == (2, DIM)
 
 
@@ -176,8 +183,4 @@ def test_pb_module_names_every_rpc_of_the_contract():
         "Prefetch",
         "EarlyLookup",
         "PushGradients",
-        "Checkpoint",
-        "Restore",
-        "Stats",
-        "Health",
     }

@@ -48,7 +48,6 @@ def test_tls_client_with_the_ca_runs_steps(tls_node, certs):
     with StorageClient(server.address, token=TOKEN, timeout_s=30, tls=client_side) as client:
         client.lookup(0, 0, random_bags(4, seed=0))
         assert client.push_gradients(0, 0, random_grads(4, seed=0)) is True
-        assert client.health()["applied_step"] == 0
     assert core.applied_step == 0
 
 
@@ -56,7 +55,7 @@ def test_plaintext_client_is_refused_by_a_tls_node(tls_node):
     core, server = tls_node
     with StorageClient(server.address, token=TOKEN, timeout_s=5) as plaintext:
         with pytest.raises(StorageNodeUnavailableError):
-            plaintext.health()
+            plaintext.lookup(0, 0, random_bags(4, seed=0), train=False)
         with pytest.raises(StorageNodeUnavailableError):
             plaintext.lookup(0, 0, random_bags(4, seed=0))
     assert core.applied_step == -1
@@ -68,7 +67,7 @@ def test_client_trusting_another_ca_is_refused(tls_node, tmp_path):
     wrong_ca = TlsFiles(cert=None, key=None, ca=str(other_ca))
     with StorageClient(server.address, token=TOKEN, timeout_s=5, tls=wrong_ca) as client:
         with pytest.raises(StorageNodeUnavailableError):
-            client.health()
+            client.lookup(0, 0, random_bags(4, seed=0), train=False)
 
 
 def test_tls_files_come_from_the_cluster_section(certs):
@@ -130,7 +129,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(mutual_tls_node, cert
     no_cert = TlsFiles(cert=None, key=None, ca=certs.ca)
     with StorageClient(server.address, token=TOKEN, timeout_s=5, tls=no_cert) as client:
         with pytest.raises(StorageNodeUnavailableError):
-            client.health()
+            client.lookup(0, 0, random_bags(4, seed=0), train=False)
         with pytest.raises(StorageNodeUnavailableError):
             client.lookup(0, 0, random_bags(4, seed=0))
     assert core.applied_step == -1
@@ -143,7 +142,7 @@ def test_mutual_tls_refuses_a_client_certificate_from_another_ca(mutual_tls_node
     intruder = TlsFiles(cert=cert, key=key, ca=certs.ca)  # trusts the node, not trusted by it
     with StorageClient(server.address, token=TOKEN, timeout_s=5, tls=intruder) as client:
         with pytest.raises(StorageNodeUnavailableError):
-            client.health()
+            client.lookup(0, 0, random_bags(4, seed=0), train=False)
         with pytest.raises(StorageNodeUnavailableError):
             client.push_gradients(0, 0, random_grads(4, seed=0))
     assert core.applied_step == -1

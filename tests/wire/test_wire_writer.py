@@ -178,9 +178,9 @@ def test_repeated_strings_and_bytes_from_several_buffers_are_what_protobuf_write
 
 def test_varints_match_protobufs_for_negative_and_large_values():
     for value in [0, 1, 127, 128, 300, 2**31 - 1, 2**63 - 1, -1, -(2**63)]:
-        fields = {"node_id": "n", "applied_step": value}  # string, int64
-        assert serialize(pb.HealthResponse.DESCRIPTOR, fields) == (
-            pb.HealthResponse(**fields).SerializeToString()
+        fields = {"step": value, "wire_dtype": "n"}  # int64, string
+        assert serialize(pb.LookupRequest.DESCRIPTOR, fields) == (
+            pb.LookupRequest(**fields).SerializeToString()
         )
     assert varint(-1) == b"\xff" * 9 + b"\x01"  # 64-bit two's complement, 10 bytes
 
