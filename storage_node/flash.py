@@ -22,6 +22,8 @@ followed by fixed-size *blocks*; a block is the unit of I/O and is page aligned:
     |  page_bytes      u32
     |  row_start       u64     (global row of local row 0, for the init check)
     |  table_name  64B utf8
+    |  seed            i64     (version 2: the init's seed and table size, so a file
+    |  table_num_rows  u64      made for another config is refused, not reused)
     +------------------------+
 
 Reads and writes go in batches: the requested rows are mapped to blocks, the blocks are
@@ -38,6 +40,12 @@ random 4 KiB read 320 us and 74 us of CPU, a 128 KiB read 123 us and 28 us of CP
 few unwanted pages are cheaper than another request. The pages counters include them.
 Writes are read-modify-write of whole blocks, as a flash device programs whole pages. The header's ``complete`` flag is
 written last when a new file is initialised, so an interrupted init is redone on reopen.
+
+A complete file of the same shape, seed and table is reused as it is (a second run on the
+same `storage.flash_dir` skips the init); one made for another config is refused, naming
+what differs. Version 1 files (no seed recorded) are reused on shape alone. Initialisation
+writes 8 MiB chunks from several threads (`init_rows` releases the GIL in numpy), so a
+multi-GB shard is written near the device's sequential rate, and reports progress.
 """
 
 from __future__ import annotations
@@ -64,8 +72,15 @@ from storage_node.errors import FlashDirError, ShardFileError
 from storage_node.stats import FlashCounters, transfer_delay_s
 
 MAGIC = b"NDPSHRD1"
-VERSION = 1
-_HEADER = struct.Struct("<8sIIQIIIQ64s")
+VERSION = 2
+_HEADER_V1 = struct.Struct("<8sIIQIIIQ64s")
+_HEADER = struct.Struct("<8sIIQIIIQ64sqQ")
+_HEADER_FIELDS = (
+    "num_rows", "embedding_dim", "state_width", "page_bytes", "row_start", "table", "seed",
+    "table_num_rows",
+)  # fmt: skip
+INIT_PROGRESS_INTERVAL_S = 10.0
+"""Seconds between progress lines of a long initialisation."""
 INIT_CHUNK_BYTES = 8 << 20
 """Bytes of blocks initialised per write when a new shard file is created."""
 MAX_RUN_BYTES = 1 << 20
@@ -282,8 +297,17 @@ class FlashStore:
         use_odirect: bool = False,
         merge_gap_bytes: int = StorageConfig.io_merge_gap_bytes,
         emulation: EmulationConfig | None = None,
+        report: Callable[[str], None] | None = None,
     ) -> None:
+        """
+        Args:
+            report: receives a progress line every `INIT_PROGRESS_INTERVAL_S` while a new
+                file is initialised, and one when a long initialisation ends.
+        """
         self.path = Path(path)
+        self.seed = seed
+        self.table_num_rows = table_num_rows
+        self._report = report
         self.layout = FlashLayout(num_rows, embedding_dim, state_width, page_bytes)
         self.table_name = table_name
         self.row_start = row_start
@@ -325,7 +349,9 @@ class FlashStore:
                 f"open shard file {self.path}", exc, odirect=use_odirect
             ) from None
         try:
-            if not self._header_complete():
+            if self._header_complete():
+                self.counters.files_reused += 1
+            else:
                 self._initialise(seed=seed, table_num_rows=table_num_rows)
         except BaseException as exc:
             self._abandon(remove=created)
@@ -358,59 +384,135 @@ class FlashStore:
             lay.page_bytes,
             self.row_start,
             name,
+            self.seed,
+            self.table_num_rows,
         )
 
     def _header_complete(self) -> bool:
-        """True if the file holds a finished shard of exactly this shape; raise if another."""
+        """True if the file holds a finished shard of this config (shape, seed, table);
+        raise if it holds another's.
+
+        Raises:
+            ShardFileError: the file was made for another config; the message names each
+                field that differs (a different seed or table size means other initial rows).
+        """
         if os.fstat(self._fd).st_size < self.layout.page_bytes:
             return False
         page = self._aligned(self.layout.page_bytes)
         os.preadv(self._fd, [page], 0)
-        magic, version, complete, *shape = _HEADER.unpack_from(page, 0)
+        magic, version, complete = struct.unpack_from("<8sII", page, 0)
         if magic != MAGIC or not complete:
             return False
         expected = _HEADER.unpack(self._header_bytes(True))[3:]
-        found = tuple(shape)
-        if version != VERSION or found != expected:
-            names = ("num_rows", "embedding_dim", "state_width", "page_bytes", "row_start", "table")
+        if version == 1:  # written before seeds were recorded: compare the shape only
+            found = _HEADER_V1.unpack_from(page, 0)[3:]
+            expected = expected[: len(found)]
+        elif version == VERSION:
+            found = _HEADER.unpack_from(page, 0)[3:]
+        else:
+            raise ShardFileError(
+                f"shard file {self.path} has format version {version}, this ndp reads "
+                f"{VERSION} and 1; point storage.flash_dir elsewhere or delete the file"
+            )
+        if found != expected:
             diffs = ", ".join(
                 f"{n}: file {f!r} != expected {e!r}"
-                for n, f, e in zip(names, found, expected, strict=True)
+                for n, f, e in zip(_HEADER_FIELDS, found, expected, strict=False)
                 if f != e
             )
             raise ShardFileError(
-                f"shard file {self.path} holds a different shard ({diffs or f'version {version}'}); "
-                "point storage.flash_dir elsewhere or delete the file to start fresh"
+                f"shard file {self.path} was made for another config ({diffs}), so it is not "
+                "reused; point storage.flash_dir elsewhere or delete the file to start fresh"
             )
         return True
 
     def _initialise(self, *, seed: int, table_num_rows: int) -> None:
-        """Write every block from `init_rows`, chunk by chunk (never the whole shard in RAM)."""
+        """Write every block from `init_rows`, chunk by chunk (never the whole shard in RAM).
+
+        Chunks are made and written by `init_threads()` threads at once (at most that many
+        chunks in memory); the header is marked complete only after all of them and an fsync.
+        """
         lay = self.layout
+        started = time.perf_counter()
         os.ftruncate(self._fd, lay.file_bytes)
         header = self._aligned(lay.page_bytes)
         header[: _HEADER.size] = self._header_bytes(False)
         transfer_all(os.pwritev, self._fd, header, 0, self.path)
         blocks_per_chunk = max(1, INIT_CHUNK_BYTES // lay.block_bytes)
-        for first_block in range(0, lay.num_blocks, blocks_per_chunk):
+        firsts = range(0, lay.num_blocks, blocks_per_chunk)
+        progress = _InitProgress(self.path, lay.file_bytes, self._report, started)
+
+        def write_chunk(first_block: int) -> int:
             n_blocks = min(blocks_per_chunk, lay.num_blocks - first_block)
             row_lo = first_block * lay.rows_per_block
             row_hi = min(lay.num_rows, row_lo + n_blocks * lay.rows_per_block)
-            records = np.zeros((row_hi - row_lo, lay.row_floats), dtype=np.float32)
-            records[:, : lay.embedding_dim] = init_rows(
-                seed=seed,
-                table_name=self.table_name,
-                num_rows=table_num_rows,
-                embedding_dim=lay.embedding_dim,
-                row_start=self.row_start + row_lo,
-                row_end=self.row_start + row_hi,
-            )
-            buf = self._aligned(n_blocks * lay.block_bytes)
-            self._pack(buf, np.arange(row_hi - row_lo), records, first_local_row=row_lo)
-            transfer_all(os.pwritev, self._fd, buf, lay.block_offset(first_block), self.path)
+            buf = IO_BUFFERS.take(n_blocks * lay.block_bytes)
+            try:
+                self._pack_initial(buf, n_blocks, row_lo, row_hi, seed, table_num_rows)
+                with memoryview(buf) as whole, whole[: n_blocks * lay.block_bytes] as chunk:
+                    transfer_all(
+                        os.pwritev, self._fd, chunk, lay.block_offset(first_block), self.path
+                    )
+            finally:
+                IO_BUFFERS.give(buf)
+            progress.add(n_blocks * lay.block_bytes)
+            return n_blocks
+
+        threads = min(init_threads(), len(firsts))
+        if threads <= 1:
+            for first_block in firsts:
+                write_chunk(first_block)
+        else:  # `threads` chunks in memory at once; buffers are taken inside the tasks
+            with ThreadPoolExecutor(threads, thread_name_prefix="ndp-flash-init") as pool:
+                list(pool.map(write_chunk, firsts))
         header[: _HEADER.size] = self._header_bytes(True)
         transfer_all(os.pwritev, self._fd, header, 0, self.path)
         os.fsync(self._fd)
+        progress.done()
+        self.counters.init_bytes_written += lay.file_bytes
+        self.counters.init_seconds += time.perf_counter() - started
+        self.counters.files_initialised += 1
+
+    def _pack_initial(
+        self,
+        buf: mmap.mmap,
+        n_blocks: int,
+        row_lo: int,
+        row_hi: int,
+        seed: int,
+        table_num_rows: int,
+    ) -> None:
+        """Lay out the initial records of local rows [row_lo, row_hi) (from a block start)
+        in `buf`: weights from `init_rows`, optimizer state and padding zero.
+
+        Where rows fill the block and carry no state (SGD, a row size dividing the page) the
+        weights are generated straight into `buf`; otherwise through a records array.
+        """
+        lay = self.layout
+        n, dim = row_hi - row_lo, lay.embedding_dim
+        view = np.frombuffer(buf, dtype=np.float32, count=n_blocks * lay.block_bytes // 4)
+        blocks = view.reshape(n_blocks, lay.block_bytes // 4)
+        per_block = lay.rows_per_block * lay.row_floats
+        blocks[:, per_block:] = 0.0  # page padding (none when rows fill the page)
+        shape = (n_blocks * lay.rows_per_block, lay.row_floats)
+        in_place = per_block == blocks.shape[1]  # rows fill each block: write the buffer
+        records = view.reshape(shape) if in_place else np.empty(shape, dtype=np.float32)
+        rows = dict(
+            seed=seed,
+            table_name=self.table_name,
+            num_rows=table_num_rows,
+            embedding_dim=dim,
+            row_start=self.row_start + row_lo,
+            row_end=self.row_start + row_hi,
+        )
+        if lay.state_width == 0:
+            init_rows(**rows, out=records[:n])
+        else:
+            records[:n, :dim] = init_rows(**rows)
+            records[:n, dim:] = 0.0
+        records[n:] = 0.0
+        if not in_place:
+            blocks[:, :per_block] = records.reshape(n_blocks, per_block)
 
     # ------------------------------------------------------------------ buffers
 
@@ -425,16 +527,6 @@ class FlashStore:
         slot = rows % lay.rows_per_block
         start = block_pos * (lay.block_bytes // 4) + slot * lay.row_floats
         return start[:, None] + np.arange(lay.row_floats)[None, :]
-
-    def _pack(
-        self, buf: mmap.mmap, rows: np.ndarray, records: np.ndarray, *, first_local_row: int
-    ) -> None:
-        """Place `records` of consecutive rows (relative to `first_local_row`) into `buf`."""
-        lay = self.layout
-        absolute = rows + first_local_row
-        block_pos = absolute // lay.rows_per_block - first_local_row // lay.rows_per_block
-        view = np.frombuffer(buf, dtype=np.float32)
-        view[self._float_index(block_pos, absolute)] = records
 
     # ------------------------------------------------------------------ batched I/O
 
@@ -461,13 +553,13 @@ class FlashStore:
         if wait > 0:
             time.sleep(wait)
 
-    def _issue(self, op, buf: mmap.mmap, blocks: np.ndarray) -> int:
+    def _issue(self, op, buf: mmap.mmap, blocks: np.ndarray) -> tuple[int, int]:
         """Run `op` (os.preadv or os.pwritev) over the coalesced runs of `blocks`, in parallel.
 
         Block i of the sorted unique `blocks` sits at byte i * block_bytes of `buf`.
 
         Returns:
-            The number of I/O requests issued.
+            The number of I/O requests issued, and the threads that issued them.
         """
         lay = self.layout
         firsts, lengths = _runs(blocks, self._max_run_blocks)
@@ -493,16 +585,19 @@ class FlashStore:
                 list(self._pool.map(run_share, range(shares)))
             for chunk in chunks:
                 chunk.release()
-        return len(chunks)
+        return len(chunks), shares
 
     def _read_blocks(self, blocks: np.ndarray) -> mmap.mmap:
         """Read sorted unique blocks into one page-aligned buffer."""
         lay = self.layout
         buf = IO_BUFFERS.take(blocks.size * lay.block_bytes)
         started = time.monotonic()
-        requests = self._issue(os.preadv, buf, blocks)
+        requests, threads = self._issue(os.preadv, buf, blocks)
+        seconds = time.monotonic() - started
         nbytes = blocks.size * lay.block_bytes
         with self._counters_lock:  # a detached read may count at the same time
+            self.counters.read_seconds += seconds
+            self.counters.read_depth_sum += requests * threads
             self.counters.read_requests += requests
             self.counters.bytes_read += nbytes
             self.counters.pages_read += nbytes // lay.page_bytes
@@ -612,7 +707,7 @@ class FlashStore:
         if self._open_marks:
             self._write_log.append((self._generation, span))
         started = time.monotonic()
-        self.counters.write_requests += self._issue(os.pwritev, buf, span)
+        self.counters.write_requests += self._issue(os.pwritev, buf, span)[0]
         self._hold(span, buf)
         nbytes = span.size * lay.block_bytes
         self.counters.bytes_written += nbytes
@@ -676,3 +771,43 @@ class FlashStore:
             os.close(self._fd)
             self._fd = -1
         self._pool.shutdown(wait=True)
+
+
+def init_threads() -> int:
+    """Threads that initialise a new shard file: the cores this process may use (making rows
+    is CPU work; more threads than cores only hold more chunks in memory)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class _InitProgress:
+    """Counts bytes initialised (from several threads) and reports a line now and then."""
+
+    def __init__(
+        self, path: Path, total_bytes: int, report: Callable[[str], None] | None, started: float
+    ) -> None:
+        self.path, self.total_bytes, self.report, self.started = path, total_bytes, report, started
+        self.done_bytes = 0
+        self.next_report = started + INIT_PROGRESS_INTERVAL_S
+        self._lock = threading.Lock()
+
+    def add(self, num_bytes: int) -> None:
+        with self._lock:
+            self.done_bytes += num_bytes
+            now = time.perf_counter()
+            if self.report is None or now < self.next_report:
+                return
+            self.next_report = now + INIT_PROGRESS_INTERVAL_S
+            line = (
+                f"initialising {self.path.name}: {self.done_bytes / 1e9:.2f} / "
+                f"{self.total_bytes / 1e9:.2f} GB ({self.done_bytes / self.total_bytes:.0%}) "
+                f"at {self.done_bytes / (now - self.started) / 1e6:,.0f} MB/s"
+            )
+        self.report(line)
+
+    def done(self) -> None:
+        seconds = time.perf_counter() - self.started
+        if self.report is not None and seconds >= INIT_PROGRESS_INTERVAL_S:
+            self.report(
+                f"initialised {self.path.name}: {self.total_bytes / 1e9:.2f} GB in "
+                f"{seconds:.1f} s ({self.total_bytes / seconds / 1e6:,.0f} MB/s)"
+            )

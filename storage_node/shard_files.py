@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -63,7 +64,14 @@ def open_shard_file(
         use_odirect=storage.use_odirect and device_like,
         merge_gap_bytes=storage.io_merge_gap_bytes,
         emulation=storage.emulation if device_like else None,
+        report=report_to_stderr,
     )
+
+
+def report_to_stderr(line: str) -> None:
+    """A node's progress line (a long shard initialisation): on stderr, which Ray forwards
+    to the driver's console with the actor's name."""
+    print(f"ndp storage node: {line}", file=sys.stderr, flush=True)
 
 
 def shard_file_bytes(spec: ShardSpec, *, optimizer: str, storage: StorageConfig) -> int:

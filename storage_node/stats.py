@@ -57,6 +57,18 @@ class FlashCounters:
     """pread calls (a batch is coalesced into runs; each run is one request)."""
     write_requests: int = 0
     emulated_delay_s: float = 0.0
+    read_seconds: float = 0.0
+    """Wall seconds spent issuing reads (the batch's runs in flight), device emulation not
+    included: `read_requests / read_seconds` is the rate the I/O path reached."""
+    read_depth_sum: int = 0
+    """Sum over read requests of the requests in flight beside it (its batch's runs, at most
+    `io_threads`): `/ read_requests` is the mean queue depth the reads ran at."""
+    init_bytes_written: int = 0
+    """Bytes written to initialise new shard files (not counted in `bytes_written`)."""
+    init_seconds: float = 0.0
+    files_initialised: int = 0
+    files_reused: int = 0
+    """Shard files found complete (same shape, seed and table) and opened as they were."""
 
 
 def energy_pj(cache: CacheCounters, flash: FlashCounters, energy: EnergyConfig) -> float:

@@ -8,7 +8,8 @@
   ndp.bench.baselines CONFIG.json OUT.json WARMUP STEPS [CGROUP_DIR CGROUP_VERSION BUDGET]`
   runs it as a subprocess so the benchmark can put that process (alone) into a memory
   cgroup (v1 or v2, `ndp.bench.memory_limit`) with the storage nodes' DRAM budget, and
-  count its flash bytes (`flash_bytes`).
+  count its flash bytes (`flash_bytes`). Given storage-node shard files it maps those
+  (`beyond_ram`), so both systems read the same bytes.
 
 Both use plain SGD for the tables (the benchmark configures `optimizer.sparse.name = sgd`
 for every system): SGD is linear in the gradient, so updating a table once per feature
@@ -18,8 +19,10 @@ that reads it equals one update with the merged gradient.
 from __future__ import annotations
 
 import json
+import mmap
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ndp.bench.memory import peak_rss_bytes
 from ndp.bench.memory_limit import MemoryCgroup
 from ndp.config import Config, config_from_dict
 from ndp.data.batch import Batch
@@ -35,6 +39,8 @@ from ndp.model.dense_step import DenseStep
 from ndp.model.init import init_rows
 
 _INIT_CHUNK_ROWS = 1 << 18
+SHARD_PIECES_KEY = "os_paged_shard_pieces"
+"""Key of the subprocess's config JSON (removed before loading) naming shard files to map."""
 
 
 def _feature_tables(cfg: Config) -> dict[str, tuple[str, str]]:
@@ -112,12 +118,26 @@ class OsPagedEngine:
 
     mode = "os_paged"
 
-    def __init__(self, cfg: Config, directory: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        directory: str | Path | None = None,
+        shard_pieces: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """
+        Args:
+            shard_pieces: map these storage-node shard files (`beyond_ram.ShardPiece` as
+                dicts) instead of writing tables of its own: the same bytes the nodes read.
+        """
         self._tmp = tempfile.TemporaryDirectory(prefix="ndp-os-paged-", dir=directory)
         self.features = _feature_tables(cfg)
         self.lr = cfg.optimizer.sparse.lr
-        self.tables: dict[str, np.memmap] = {}
+        self.tables: dict[str, Any] = {}
+        if shard_pieces is not None:
+            self.tables = _mapped_shard_files(cfg, shard_pieces)
         for table in cfg.model.effective_tables():
+            if table.name in self.tables:
+                continue
             path = Path(self._tmp.name) / f"{table.name}.f32"
             rows = np.memmap(
                 path, dtype=np.float32, mode="w+", shape=(table.num_rows, table.embedding_dim)
@@ -169,15 +189,65 @@ class OsPagedEngine:
         self._tmp.cleanup()
 
 
-def peak_rss_bytes(pid: int | str = "self") -> int:
-    """Peak resident set (VmHWM) of a process on this machine, from /proc; 0 if unknown."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+class PiecedRows:
+    """A table made of row ranges of memory-mapped files, indexed like one array by sorted
+    unique rows (what `OsPagedEngine` gathers and updates).
+
+    Args:
+        starts: first table row of each piece, ascending.
+        pieces: each piece's rows [n_i, dim] (views of `maps`).
+        maps: the mappings behind them (flushed by `flush`).
+    """
+
+    def __init__(self, starts: list[int], pieces: list[np.ndarray], maps: list[mmap.mmap]) -> None:
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.pieces = pieces
+        self.maps = maps
+
+    def _split(self, rows: np.ndarray) -> Iterator[tuple[int, slice, np.ndarray]]:
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        bounds = np.searchsorted(which, np.arange(len(self.pieces) + 1))  # rows are sorted
+        for index in np.flatnonzero(np.diff(bounds)).tolist():
+            lo, hi = int(bounds[index]), int(bounds[index + 1])
+            yield index, slice(lo, hi), rows[lo:hi] - self.starts[index]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((rows.size, self.pieces[0].shape[1]), dtype=np.float32)
+        for index, where, local in self._split(rows):
+            out[where] = self.pieces[index][local]
+        return out
+
+    def __setitem__(self, rows: np.ndarray, values: np.ndarray) -> None:
+        for index, where, local in self._split(rows):
+            self.pieces[index][local] = values[where]
+
+    def flush(self) -> None:
+        for mapping in self.maps:
+            mapping.flush()
+
+
+def _mapped_shard_files(cfg: Config, pieces: list[dict[str, Any]]) -> dict[str, PiecedRows]:
+    """{table: its rows}: each table's shard files mapped past their header page, advised
+    MADV_RANDOM (rows are read at random; read-around would fetch pages the budget drops)."""
+    dims = {t.name: t.embedding_dim for t in cfg.model.effective_tables()}
+    by_table: dict[str, list[dict[str, Any]]] = {}
+    for piece in sorted(pieces, key=lambda p: (p["table"], p["row_start"])):
+        by_table.setdefault(piece["table"], []).append(piece)
+    tables = {}
+    for name, parts in by_table.items():
+        maps, arrays = [], []
+        for part in parts:
+            with open(part["path"], "r+b") as file:
+                mapping = mmap.mmap(file.fileno(), 0)
+            mapping.madvise(mmap.MADV_RANDOM)
+            num_rows = part["row_end"] - part["row_start"]
+            rows = np.frombuffer(
+                mapping, dtype=np.float32, count=num_rows * dims[name], offset=part["offset"]
+            )
+            maps.append(mapping)
+            arrays.append(rows.reshape(num_rows, dims[name]))
+        tables[name] = PiecedRows([p["row_start"] for p in parts], arrays, maps)
+    return tables
 
 
 class PageCacheBudget:
@@ -293,6 +363,9 @@ class OsPagedBudgeted:
     def timings(self) -> dict[str, float]:
         return self.engine.timings()
 
+    def phase_medians(self) -> dict[str, float]:
+        return self.engine.phase_medians()
+
 
 def proc_io_bytes(pid: int | str = "self") -> tuple[int, int]:
     """Bytes (read, written) a process made the kernel move from and to storage, from
@@ -345,10 +418,12 @@ def _main(argv: list[str]) -> int:
     from ndp.data.loader import build_datasets
 
     config_path, out_path, warmup, steps = argv[0], argv[1], int(argv[2]), int(argv[3])
-    cfg = config_from_dict(json.loads(Path(config_path).read_text()))
+    raw = json.loads(Path(config_path).read_text())
+    shard_pieces = raw.pop(SHARD_PIECES_KEY, None)
+    cfg = config_from_dict(raw)
     train_data, _ = build_datasets(cfg)
     batches = list(train_data.batches(cfg.train.batch_size))
-    engine = OsPagedEngine(cfg)
+    engine = OsPagedEngine(cfg, shard_pieces=shard_pieces)
     group = MemoryCgroup(argv[4], int(argv[5])) if len(argv) > 4 else None
     budget = PageCacheBudget(group, int(argv[6])) if group is not None else None
     io_at_start: dict[str, tuple[int, int]] = {}

@@ -41,6 +41,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "cuda_available": bool(torch.cuda.is_available()),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
     }
 
 

@@ -22,7 +22,9 @@ The storage nodes read flash with O_DIRECT, so their DRAM for rows is exactly
 Scenarios: `fits_in_dram` (node caches hold every row), `large_zipf` (embedding state >= 4x
 the nodes' cache budget), `cache_5pct` (cache = 5% of the tables) against `cache_full` (the
 same run with the whole table in DRAM; ndp systems only), `multihot` (mean pooling factor
-20). Each run reports samples/s, per-step phase seconds, machine CPU per sample (busy
+20), and `beyond_ram` only when named (`ndp.bench.beyond_ram`: state twice the machine's
+memory on disk, caches at 1% and 5%, ndp and os_paged on the same shard files, beside a
+probe of the device). Each run reports samples/s, per-step phase seconds, machine CPU per sample (busy
 CPU-us of the whole machine per trained sample, with its ratio to all_gpu: on a machine
 whose cores every process shares, wall-clock ratios measure the sharing, CPU per sample the
 design), CPU seconds per step of each process (`ndp.bench.cpu`), flash bytes read/written
@@ -48,7 +50,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ndp.bench.baselines import HybridEngine, peak_rss_bytes
+from ndp.bench import beyond_ram
+from ndp.bench.baselines import SHARD_PIECES_KEY, HybridEngine
+from ndp.bench.beyond_ram import CACHE_FRACTIONS
 from ndp.bench.energy import (
     baseline_counters,
     energy_lines,
@@ -59,6 +63,7 @@ from ndp.bench.energy import (
     price_runs,
 )
 from ndp.bench.measure import measure_engine
+from ndp.bench.memory import peak_rss_bytes
 from ndp.bench.memory_limit import make_memory_cgroup
 from ndp.bench.report import machine_info, timestamp
 from ndp.config import Config, config_from_dict
@@ -70,6 +75,9 @@ CRITEO_ROWS = (
 )  # fmt: skip
 SYSTEMS = ("all_gpu", "hybrid", "os_paged", "ndp", "ndp_lookahead")
 SCENARIOS = ("fits_in_dram", "large_zipf", "cache_5pct", "cache_full", "multihot")
+OPT_IN_SCENARIOS = ("beyond_ram",)
+"""Run only when named in `scenarios` (`beyond_ram` writes twice the machine's memory)."""
+REPORTED_SCENARIOS = (*SCENARIOS, "fits_in_dram_fp16_wire", *CACHE_FRACTIONS)
 NDP_ONLY_SCENARIOS = ("cache_full",)
 DIM = 16
 ROW_BYTES = DIM * 4  # fp32 weights; SGD keeps no optimizer state
@@ -100,6 +108,17 @@ class BenchOptions:
     """Ray CPUs of the GPU-worker actor, which Ray turns into its torch threads. None: the
     cores this process may run on, capped at what the Ray instance has, i.e. as many threads
     as the in-process baselines' dense half uses (without a CPU request an actor gets one)."""
+    beyond_ram_memory_bytes: int | None = None
+    """Physical memory `beyond_ram` sizes its state from; None: this machine's."""
+    beyond_ram_factor: float = 2.0
+    """`beyond_ram` embedding state / physical memory."""
+    flash_dir: str | None = None
+    """Where `beyond_ram` keeps its shard files, reused by a later run with the same seed;
+    None: `beyond_ram.DEFAULT_FLASH_DIR`."""
+    probe_seconds_per_depth: float = 5.0
+    """Device probe: seconds of random 4 KiB reads at each queue depth."""
+    probe_write_bytes: int = 1 << 30
+    """Device probe: bytes of the sequential-write measurement."""
 
     @classmethod
     def quick(cls) -> BenchOptions:
@@ -116,11 +135,14 @@ class BenchOptions:
             warmup_steps=1,
             fits_rows=max(200, int(self.fits_rows * scale)),
             large_rows=max(800, int(self.large_rows * scale)),
+            probe_seconds_per_depth=max(0.2, self.probe_seconds_per_depth * scale),
+            probe_write_bytes=max(1 << 20, int(self.probe_write_bytes * scale)),
         )
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.scenarios if s not in SCENARIOS]
-        assert not unknown, f"unknown scenarios {unknown}; known: {SCENARIOS}"
+        known = SCENARIOS + OPT_IN_SCENARIOS
+        unknown = [s for s in self.scenarios if s not in known]
+        assert not unknown, f"unknown scenarios {unknown}; known: {known}"
 
 
 def scenario_config(options: BenchOptions, scenario: str) -> dict:
@@ -199,6 +221,9 @@ def _node_counters(engine: Any) -> list[dict[str, int]]:
             "flash_pages_read": n["flash"]["pages_read"],
             "flash_pages_written": n["flash"]["pages_written"],
             "dram_bytes": n["cache"]["bytes_read"] + n["cache"]["bytes_written"],
+            "flash_read_requests": n["flash"]["read_requests"],
+            "flash_read_seconds": n["flash"]["read_seconds"],
+            "flash_read_depth_sum": n["flash"]["read_depth_sum"],
         }
         for n in engine.node_stats()
     ]
@@ -253,6 +278,11 @@ def _measure_ndp(
         sum(d["flash_bytes_written"] for d in delta) / samples
     )
     result["flash_bytes_source"] = "storage node flash counters (O_DIRECT preads/pwrites)"
+    result["flash_read_nodes"] = [
+        {k: d[k] for k in ("flash_read_requests", "flash_read_seconds", "flash_read_depth_sum")}
+        | {"flash_bytes_read": d["flash_bytes_read"]}
+        for d in delta
+    ]
     wire_delta = {k: v - before["wire"].get(k, 0) for k, v in wire.items()}
     result["energy_counters"] = asdict(ndp_counters(delta, wire_delta, result, options.steps))
     result["memory_limit"] = {
@@ -318,8 +348,9 @@ def run_train_bench(
         options = replace(
             options, worker_cpus=float(min(usable, ray.cluster_resources().get("CPU", 1.0)))
         )
+    extras: dict[str, Any] = {}
     try:
-        systems = _run_all(options, log)
+        systems = _run_all(options, log, extras)
     finally:
         if started_ray:
             ray.shutdown()
@@ -344,7 +375,10 @@ def run_train_bench(
         _wire_table(systems),
     ]
     results["plots"] = [_throughput_plot(systems)]
-    energy = config_from_dict(scenario_config(options, options.scenarios[0])).storage.energy
+    if "beyond_ram" in extras:
+        results["beyond_ram"] = extras["beyond_ram"]
+        results["summary"] = extras["beyond_ram"]["summary"] + results["summary"]
+    energy = config_from_dict(scenario_config(options, "fits_in_dram")).storage.energy
     price_runs(systems, energy, steps=options.steps, batch_size=options.batch_size)
     results["energy_model"] = energy_model_record(energy, options.device_profile)
     results["summary"] += energy_lines(systems)
@@ -353,9 +387,16 @@ def run_train_bench(
     return results
 
 
-def _run_all(options: BenchOptions, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+def _run_all(
+    options: BenchOptions, log: Callable[[str], None], extras: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Every scenario's runs ({system: {scenario: run}}); `extras` gets what is not a run
+    (`beyond_ram`: the device probe, the shard init, its summary lines)."""
     systems: dict[str, dict[str, Any]] = {name: {} for name in SYSTEMS}
     for scenario in options.scenarios:
+        if scenario == "beyond_ram":
+            extras["beyond_ram"] = _run_beyond_ram(options, systems, log)
+            continue
         raw = scenario_config(options, scenario)
         cfg = config_from_dict(copy.deepcopy(raw))
         train_data, _ = build_datasets(cfg)
@@ -382,6 +423,95 @@ def _run_all(options: BenchOptions, log: Callable[[str], None]) -> dict[str, dic
             result = _measure_ndp(fp16, batches, options, lookahead=False)
             systems["ndp"]["fits_in_dram_fp16_wire"] = {**info, **result}
     return systems
+
+
+def _run_beyond_ram(
+    options: BenchOptions, systems: dict[str, dict[str, Any]], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """`beyond_ram` (`ndp.bench.beyond_ram`): make or reuse the shard files (timed), probe
+    the device under them, then ndp, ndp_lookahead and os_paged on the same files at each
+    cache fraction. Adds the runs to `systems`; returns the init, the probe, summary lines."""
+    from ndp.bench.device_probe import probe_device
+    from ndp.coordinator import NdpEngine
+
+    memory = options.beyond_ram_memory_bytes or beyond_ram.physical_memory_bytes()
+    state_target = int(memory * options.beyond_ram_factor)
+    rows = beyond_ram.beyond_ram_rows(CRITEO_ROWS, ROW_BYTES, state_target)
+    state = sum(rows) * ROW_BYTES
+    flash_dir = options.flash_dir or beyond_ram.DEFAULT_FLASH_DIR
+    base = scenario_config(options, "large_zipf")
+    num_nodes = base["cluster"]["num_storage_nodes"]
+
+    def config(fraction: float) -> dict:
+        return beyond_ram.beyond_ram_config(
+            base, rows=rows, cache_fraction=fraction, flash_dir=flash_dir, num_nodes=num_nodes
+        )
+
+    source = "given" if options.beyond_ram_memory_bytes else "this machine's"
+    log(
+        f"beyond_ram: {state / 1e9:.2f} GB of embedding state = {state / memory:.2f}x "
+        f"{source} memory {memory / 1e9:.2f} GB; shard files in {flash_dir}"
+    )
+    first = config_from_dict(copy.deepcopy(config(min(CACHE_FRACTIONS.values()))))
+    started = time.perf_counter()
+    with NdpEngine(first) as engine:  # the nodes make (or reuse) their shard files
+        seconds = time.perf_counter() - started
+        flash = [node["flash"] for node in engine.node_stats()]
+    init = {
+        "flash_dir": flash_dir,
+        "state_bytes": state,
+        "seconds": seconds,
+        "bytes_written": sum(f["init_bytes_written"] for f in flash),
+        "node_init_seconds": [f["init_seconds"] for f in flash],
+        "files_initialised": sum(f["files_initialised"] for f in flash),
+        "files_reused": sum(f["files_reused"] for f in flash),
+    }
+    tables = {t.name: t.num_rows for t in first.model.effective_tables()}
+    pieces = beyond_ram.shard_pieces(Path(flash_dir), tables, first.storage.page_bytes)
+    log(f"beyond_ram: device probe on {len(pieces)} shard files")
+    probe = probe_device(
+        [Path(p.path) for p in pieces],
+        Path(flash_dir),
+        seconds_per_depth=options.probe_seconds_per_depth,
+        write_bytes=options.probe_write_bytes,
+    )
+    summary = [beyond_ram.init_line(init, probe)]
+    for name, fraction in CACHE_FRACTIONS.items():
+        raw = config(fraction)
+        cfg = config_from_dict(copy.deepcopy(raw))
+        train_data, _ = build_datasets(cfg)
+        batches = list(train_data.batches(options.batch_size))
+        budget = cfg.storage.cache_bytes * num_nodes
+        info = {
+            "embedding_state_bytes": state,
+            "node_cache_budget_bytes": budget,
+            "physical_memory_bytes": memory,
+        }
+        for system in ("ndp", "ndp_lookahead"):
+            log(f"{name}: {system}")
+            result = _measure_ndp(cfg, batches, options, lookahead=system == "ndp_lookahead")
+            result["flash_rate"] = beyond_ram.flash_rate(
+                result["flash_read_nodes"], probe, cfg.storage.io_threads
+            )
+            summary += beyond_ram.flash_rate_lines(f"2. {system}/{name}", result["flash_rate"])
+            systems[system][name] = {**info, **result}
+        log(f"{name}: os_paged (the same shard files, memory-mapped)")
+        paged = {**raw, SHARD_PIECES_KEY: [asdict(p) for p in pieces]}
+        result = _run_os_paged(paged, options, budget)
+        timed = batches[options.warmup_steps : options.warmup_steps + options.steps]
+        counters = baseline_counters("os_paged", result, timed, cfg, options.steps)
+        result["energy_counters"] = asdict(counters)
+        systems["os_paged"][name] = {**info, **result}
+    summary = [beyond_ram.speedup_line(systems), *summary, *probe.lines()]
+    return {
+        "physical_memory_bytes": memory,
+        "memory_source": source,
+        "embedding_state_bytes": state,
+        "table_rows": rows,
+        "init": init,
+        "device_probe": probe.to_dict(),
+        "summary": summary,
+    }
 
 
 def _run_baseline(
@@ -560,7 +690,7 @@ def cpu_per_sample_line(systems: dict[str, dict[str, Any]]) -> str:
     wall-clock ratios measure the sharing; CPU per sample measures the design.
     """
     parts = []
-    for scenario in (*SCENARIOS, "fits_in_dram_fp16_wire"):
+    for scenario in REPORTED_SCENARIOS:
         ref = systems.get("all_gpu", {}).get(scenario, {}).get("machine_cpu_us_per_sample")
         cells = []
         for system, runs in systems.items():
@@ -616,7 +746,7 @@ def _link_bytes_line(systems: dict[str, dict[str, Any]]) -> str:
 
 
 def _throughput_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    scenarios = [s for s in (*SCENARIOS, "fits_in_dram_fp16_wire") if _ran(systems, s)]
+    scenarios = [s for s in REPORTED_SCENARIOS if _ran(systems, s)]
     rows = []
     for system, runs in systems.items():
         row: list[Any] = [system]
@@ -629,7 +759,7 @@ def _throughput_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _cpu_per_sample_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Machine busy CPU-us per sample, each with its ratio to all_gpu in the same scenario."""
-    scenarios = [s for s in (*SCENARIOS, "fits_in_dram_fp16_wire") if _ran(systems, s)]
+    scenarios = [s for s in REPORTED_SCENARIOS if _ran(systems, s)]
     rows = []
     for system, runs in systems.items():
         row: list[Any] = [system]
@@ -777,7 +907,7 @@ def _wire_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _throughput_plot(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    scenarios = [s for s in (*SCENARIOS, "fits_in_dram_fp16_wire") if _ran(systems, s)]
+    scenarios = [s for s in REPORTED_SCENARIOS if _ran(systems, s)]
     return {
         "kind": "bars",
         "title": "training throughput per scenario",

@@ -3,7 +3,7 @@
     ndp-bench storage [--config PATH] [--output-dir DIR] [--quick]
     ndp-bench load    [--output-dir DIR] [--quick]
     ndp-bench train   [--config PATH] [--output-dir DIR] [--quick] [--scenarios A,B]
-                      [--device-profile NAME]
+                      [--device-profile NAME] [--flash-dir DIR] [--beyond-ram-memory-bytes N]
 
 `storage` measures pooled lookups/s of a storage node over gRPC against in-process
 `embedding_bag` (pooling 1, 8, 32) and the hit rate of each cache policy against Belady's
@@ -51,7 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--scenarios",
                 help="comma-separated subset of fits_in_dram,large_zipf,cache_5pct,cache_full,"
-                "multihot (default: all)",
+                "multihot (default: all), or beyond_ram (only when named: table state twice "
+                "this machine's memory on disk)",
+            )
+            sub.add_argument(
+                "--flash-dir",
+                metavar="DIR",
+                help="beyond_ram: where the shard files live; a later run with the same dir "
+                "reuses them (default /var/tmp/ndp-beyond-ram)",
+            )
+            sub.add_argument(
+                "--beyond-ram-memory-bytes",
+                type=int,
+                metavar="BYTES",
+                help="beyond_ram: size the state from this memory figure instead of this "
+                "machine's (a small end-to-end run)",
             )
     return parser
 
@@ -97,6 +111,16 @@ def _train(args: argparse.Namespace, command_line: str) -> int:
         options = options.scaled(args.scale)
     if args.scenarios:
         options = replace(options, scenarios=tuple(_scenarios(args.scenarios)))
+    if args.flash_dir:
+        options = replace(options, flash_dir=args.flash_dir)
+    if args.beyond_ram_memory_bytes is not None:
+        if args.beyond_ram_memory_bytes <= 0:
+            from ndp.errors import ConfigError
+
+            raise ConfigError(
+                f"--beyond-ram-memory-bytes: {args.beyond_ram_memory_bytes} must be > 0"
+            )
+        options = replace(options, beyond_ram_memory_bytes=args.beyond_ram_memory_bytes)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("train")
     results = run_train_bench(
         options, command=command_line, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr)
@@ -109,14 +133,15 @@ def _train(args: argparse.Namespace, command_line: str) -> int:
 
 
 def _scenarios(text: str) -> list[str]:
-    from ndp.bench.train import SCENARIOS
+    from ndp.bench.train import OPT_IN_SCENARIOS, SCENARIOS
     from ndp.errors import ConfigError
 
+    known = SCENARIOS + OPT_IN_SCENARIOS
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SCENARIOS]
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
         raise ConfigError(
-            f"--scenarios: unknown {unknown or 'empty list'}; choose from {', '.join(SCENARIOS)}"
+            f"--scenarios: unknown {unknown or 'empty list'}; choose from {', '.join(known)}"
         )
     return names
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,9 +20,8 @@ from ndp.config import Config, config_from_dict
 from ndp.device_profiles import load_profile
 from ndp.plan import Bags
 from ndp.planner import shards_for
+from storage_node.actor import StorageNodeActor
 from storage_node.client import StorageClient
-from storage_node.node import StorageNodeCore
-from storage_node.server import serve
 
 PROFILE = "pcie_gen3_x4_csd"
 SCALE = 1 / 400
@@ -63,32 +63,24 @@ def profile_config(cache_bytes: int) -> Config:
 
 @pytest.fixture()
 def served(tmp_path) -> Iterator:
-    started = []
+    """Starts a storage node as its Ray actor runs it, in this process (the actor is a plain
+    class): lookups over its gRPC data plane, counters from its control plane (`stats`)."""
+    started: list[StorageNodeActor] = []
 
-    def start(cfg: Config) -> StorageClient:
-        core = StorageNodeCore(
-            node_id="0",
-            shards=shards_for(cfg, 0, ["t0", "t1"]),
-            storage=cfg.storage,
-            optimizer=cfg.optimizer.sparse,
-            seed=cfg.train.seed,
-            num_workers=1,
-            flash_dir=tmp_path,
-        )
-        server = serve(
-            core,
-            host="127.0.0.1",
-            token=TOKEN,
-            max_message_bytes=cfg.storage.max_message_bytes,
-            step_wait_timeout_s=30.0,
-        )
-        started.append((core, server))
-        return StorageClient(server.address, token=TOKEN, timeout_s=60.0)
+    def start(cfg: Config) -> StorageNodeActor:
+        cfg = replace(cfg, storage=replace(cfg.storage, flash_dir=str(tmp_path)))
+        node = StorageNodeActor("0", shards_for(cfg, 0, ["t0", "t1"]), cfg, TOKEN, num_workers=1)
+        started.append(node)
+        node.start()
+        return node
 
     yield start
-    for core, server in started:
-        server.stop(grace_s=None)
-        core.close()
+    for node in started:
+        node.shutdown()
+
+
+def client_of(node: StorageNodeActor) -> StorageClient:
+    return StorageClient(node.addresses()["tcp"], token=TOKEN, timeout_s=60.0)
 
 
 def bags(batch_size: int, seed: int) -> dict[str, Bags]:
@@ -102,10 +94,10 @@ def bags(batch_size: int, seed: int) -> dict[str, Bags]:
     }
 
 
-def rates_under_load(client_factory, batch_size: int) -> dict[str, float]:
+def rates_under_load(node: StorageNodeActor, batch_size: int) -> dict[str, float]:
     """Bytes/s of flash reads and of the link while CLIENTS threads look up for LOAD_S."""
-    clients = [client_factory() for _ in range(CLIENTS)]
-    before = clients[0].stats()
+    clients = [client_of(node) for _ in range(CLIENTS)]
+    before = node.stats()
     start = time.monotonic()
 
     def load(index: int) -> None:
@@ -120,7 +112,7 @@ def rates_under_load(client_factory, batch_size: int) -> dict[str, float]:
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - start
-    after = clients[0].stats()
+    after = node.stats()
     for client in clients:
         client.close()
     return {
@@ -132,11 +124,9 @@ def rates_under_load(client_factory, batch_size: int) -> dict[str, float]:
 @pytest.mark.slow
 def test_flash_bound_load_reads_at_the_profiles_flash_bandwidth(served):
     cfg = profile_config(cache_bytes=64 << 10)  # almost every row comes from flash
-    address_client = served(cfg)
+    node = served(cfg)
     limits = cfg.storage.emulation
-    rates = rates_under_load(
-        lambda: StorageClient(address_client.address, token=TOKEN, timeout_s=60.0), 256
-    )
+    rates = rates_under_load(node, 256)
     flash_limit = limits.flash_read_bandwidth_mbps * 1e6
     assert 0.9 * flash_limit <= rates["flash_read"] <= 1.1 * flash_limit, rates
     assert rates["link"] <= 1.1 * limits.link_bandwidth_mbps * 1e6, rates
@@ -145,12 +135,11 @@ def test_flash_bound_load_reads_at_the_profiles_flash_bandwidth(served):
 @pytest.mark.slow
 def test_link_bound_load_moves_the_profiles_link_bandwidth(served):
     cfg = profile_config(cache_bytes=16 << 20)  # every row fits: no flash after warm-up
-    first = served(cfg)
-    first.lookup(0, 0, {f: Bags(torch.arange(ROWS), torch.arange(ROWS + 1)) for f in FEATURES})
+    node = served(cfg)
+    with client_of(node) as first:
+        first.lookup(0, 0, {f: Bags(torch.arange(ROWS), torch.arange(ROWS + 1)) for f in FEATURES})
     limits = cfg.storage.emulation
-    rates = rates_under_load(
-        lambda: StorageClient(first.address, token=TOKEN, timeout_s=60.0), 4096
-    )
+    rates = rates_under_load(node, 4096)
     link_limit = limits.link_bandwidth_mbps * 1e6
     assert 0.9 * link_limit <= rates["link"] <= 1.1 * link_limit, rates
     assert rates["flash_read"] <= 1.1 * limits.flash_read_bandwidth_mbps * 1e6, rates
