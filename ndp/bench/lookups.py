@@ -113,9 +113,17 @@ def _next_command(conn: Connection) -> object:
 
 def _node_process(conn: Connection, work_dir: str, shape: LookupShape, token: str) -> None:
     """Child process: build the core, serve it, report addresses; answer each 'stats' with
-    the core's counters (the node's control plane: no RPC carries them) until 'stop'."""
+    the core's counters (the node's control plane: no RPC carries them) until 'stop'.
+
+    The process's allocator is set as a storage-node actor sets its own
+    (`keep_wire_buffers_in_heap`): without it every reply and request buffer is a fresh
+    mapping that faults page by page, which the nodes of a training job never pay.
+    """
     from storage_node.node import StorageNodeCore
+    from storage_node.process_env import keep_wire_buffers_in_heap
     from storage_node.server import serve
+
+    keep_wire_buffers_in_heap()
 
     storage = StorageConfig(cache_bytes=shape.cache_bytes(), cache_policy="lru")
     core = StorageNodeCore(
@@ -168,8 +176,11 @@ def _echo_process(conn: Connection, work_dir: str) -> None:
 
     Same server options and RPC threads as the node's `serve()`; TCP on 127.0.0.1 only (port
     0: the server picks) and a unix socket. Each int the parent sends is a reply size to
-    serve (answered with the method's name) until 'stop'.
+    serve (answered with the method's name) until 'stop'. Its allocator is set as the node's.
     """
+    from storage_node.process_env import keep_wire_buffers_in_heap
+
+    keep_wire_buffers_in_heap()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ndp-echo"),
         options=[*channel_options(MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)],
