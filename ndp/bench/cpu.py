@@ -14,6 +14,7 @@ Linux only (`/proc`); elsewhere every figure is None and the report says so.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,3 +86,29 @@ class CpuMeter:
             "cores": cores,
             "floor_step_s": None if machine is None else machine / cores,
         }
+
+
+def wait_for_quiet_machine(
+    *, busy_cores_below: float = 0.15, window_s: float = 0.5, max_wait_s: float = 20.0
+) -> dict[str, float | None]:
+    """Wait until the whole machine's busy CPU over `window_s` is below `busy_cores_below`
+    cores (or `max_wait_s` passed); {"waited_s", "busy_cores"} of the last window.
+
+    Why: each system of a benchmark starts right after the previous one stopped, and what it
+    left behind (Ray actors exiting, a fresh local Ray's daemons starting, page cache
+    writeback) kept the machine busy for seconds: on 2 cores the first system of a scenario
+    measured 10-36% slower in one run than in the next. Every system now starts on a quiet
+    machine. None figures where /proc is not readable (nothing is waited for).
+    """
+    started = time.monotonic()
+    busy = None
+    while True:
+        before = machine_busy_cpu_s()
+        if before is None:
+            return {"waited_s": 0.0, "busy_cores": None}
+        time.sleep(window_s)
+        after = machine_busy_cpu_s()
+        busy = None if after is None else (after - before) / window_s
+        waited = time.monotonic() - started
+        if busy is None or busy < busy_cores_below or waited >= max_wait_s:
+            return {"waited_s": waited, "busy_cores": busy}

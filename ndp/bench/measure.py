@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ndp.bench.cpu import CpuMeter
+from ndp.bench.cpu import CpuMeter, wait_for_quiet_machine
 from ndp.config import Config
 from ndp.pipeline import with_lookahead
 
@@ -30,6 +30,7 @@ def measure_engine(
     samples/s, per-step phase seconds and per-step CPU seconds (`ndp.bench.cpu`).
 
     Every system is measured by this one function, on a fresh engine and the same batches,
+    starting once the machine is quiet (`ndp.bench.cpu.wait_for_quiet_machine`),
     and its clock stops only once the last step's update is applied: an engine that returns
     from `train_step` before its update is done (ndp sends the gradient push and goes on)
     is flushed inside the timed window, so no system's last update falls outside it.
@@ -40,6 +41,7 @@ def measure_engine(
         at_timed_start: called between the warm-up and the timed steps (counters reset).
         cpu_pids: {name: pid} of the processes doing the work; None: this process only.
     """
+    settled = wait_for_quiet_machine()  # what ran before this system has finished
     meter = CpuMeter(cpu_pids) if cpu_pids is not None else CpuMeter()
     total = warmup + steps
     assert len(batches) >= total, f"{len(batches)} batches for {total} steps"
@@ -71,6 +73,7 @@ def measure_engine(
     return {
         "samples_per_s": samples / elapsed,
         "step_s": elapsed / steps,
+        "settled_before_start": settled,
         "per_step": per_step,
         "per_step_median": {k: v for k, v in medians.items() if k.endswith("_s")},
         "cpu_per_step": cpu,

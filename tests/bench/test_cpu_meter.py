@@ -8,7 +8,13 @@ import time
 
 import pytest
 
-from ndp.bench.cpu import CpuMeter, machine_busy_cpu_s, process_cpu_s, usable_cores
+from ndp.bench.cpu import (
+    CpuMeter,
+    machine_busy_cpu_s,
+    process_cpu_s,
+    usable_cores,
+    wait_for_quiet_machine,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -54,3 +60,17 @@ def test_a_process_that_is_gone_reports_none_instead_of_a_number():
     child.wait()
     assert process_cpu_s(child.pid) is None
     assert machine_busy_cpu_s() is not None
+
+
+def test_a_system_starts_measuring_only_once_the_machine_is_quiet():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = wait_for_quiet_machine(busy_cores_below=0.5, window_s=0.2, max_wait_s=1.0)
+        assert busy["waited_s"] >= 1.0  # a core spinning: gives up after max_wait_s
+        assert busy["busy_cores"] >= 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()
+    quiet = wait_for_quiet_machine(busy_cores_below=0.9, window_s=0.2, max_wait_s=5.0)
+    assert quiet["waited_s"] < 5.0 and quiet["busy_cores"] < 0.9
