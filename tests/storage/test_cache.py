@@ -32,6 +32,7 @@ def make_cache(tmp_path, *, rows: int, policy: str, hot_fraction: float = 0.5) -
         capacity_bytes=rows * (4 * FLOATS + SLOT_METADATA_BYTES),
         policy=policy,
         hot_fraction=hot_fraction,
+        weight_floats=DIM,  # as a node's cache: weights and optimizer state in two arrays
     )
 
 
@@ -39,6 +40,8 @@ def assert_index_consistent(cache: RowCache) -> None:
     occupied = np.flatnonzero(cache.slot_rows >= 0)
     np.testing.assert_array_equal(cache.index.find(cache.slot_rows[occupied]), occupied)
     assert np.unique(cache.slot_rows[occupied]).size == occupied.size
+    # the free slots are a suffix: the watermark `_place` takes new slots from
+    np.testing.assert_array_equal(occupied, np.arange(cache._filled))
 
 
 @pytest.mark.parametrize("index", ["dense", "sorted"])
