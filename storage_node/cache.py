@@ -336,13 +336,16 @@ class RowCache:
         self.counters.bytes_written += int(slots.size) * self.row_bytes
         return slots
 
-    def resident_values_for_update(self, values: np.ndarray) -> np.ndarray | None:
-        """Slots of `values` (repeats allowed: one per value) if every row is cached, with
-        the distinct rows counted and marked dirty as `resident_for_update` does; else None
-        (nothing changed or counted).
+    def resident_values_for_update(
+        self, values: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(slot of each of `values` (repeats allowed), their distinct slots in slot order)
+        if every row is cached, with the distinct rows counted and marked dirty as
+        `resident_for_update` does; else None (nothing changed or counted).
 
         Why per value: FBGEMM's backward kernel (`storage_node.fused_update`) dedupes the
-        values itself, so the caller needs no sorted distinct rows of its own.
+        values itself, so the caller needs no sorted distinct rows of its own; the distinct
+        slots (found here anyway, for the counters) tell kept early pools what changed.
         """
         slots = self.index.find(np.asarray(values, dtype=np.int64))
         if slots.size and int(slots.min()) < 0:
@@ -351,7 +354,7 @@ class RowCache:
         self._count(self.slot_rows[unique_slots], unique_slots)
         self.dirty[unique_slots] = True
         self.counters.bytes_written += int(unique_slots.size) * self.row_bytes
-        return slots
+        return slots, unique_slots
 
     @property
     def holds_all(self) -> bool:

@@ -149,14 +149,17 @@ class Updates:
         every row cache-resident. False: nothing done (the node's own path runs)."""
         if self.optimizer.name not in FUSED_OPTIMIZERS or pushed.keyed is None:
             return False
-        slots_np = arena.cache.resident_values_for_update(pushed.keyed.values.numpy())
-        if slots_np is None:
+        resident = arena.cache.resident_values_for_update(pushed.keyed.values.numpy())
+        if resident is None:
             return False
+        slots_np, distinct_slots = resident
         weights, slots = torch.from_numpy(arena.cache.weights), torch.from_numpy(slots_np)
         updated = old = None
         if self._early:  # kept early pools take each updated row's change
-            updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
-            updated_slots = torch.from_numpy(arena.cache.index.find(updated.rows.numpy()))
+            # from the distinct slots the residency check found: no sort of every value
+            rows = arena.cache.slot_rows[distinct_slots]
+            updated, order = UpdatedRows.of_distinct(rows, arena.flash.layout.num_rows)
+            updated_slots = torch.from_numpy(distinct_slots[order])
             old = weights[updated_slots]
         state = torch.from_numpy(arena.cache.state)
         fused_backward(self.optimizer, weights, state, slots, pushed.keyed)
