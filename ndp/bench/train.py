@@ -16,6 +16,9 @@ Like with like: every system starts from a fresh engine (ndp: its own actors, so
 lookahead run finds no cache the ndp run warmed), trains the same batches in the same order
 (`warmup_steps` untimed, then `steps` timed, batches 0 .. warmup + steps - 1), and its clock
 stops only after its last update is applied (`measure_engine` flushes inside the window).
+Every system of a scenario is measured `rounds` times, forward then backward in turn, and
+each figure is the median of its rounds (`ndp.bench.rounds`: the machine's speed drifts by
+15-25% over minutes; `beyond_ram` runs one round, its state is the size of the disk).
 The storage nodes read flash with O_DIRECT, so their DRAM for rows is exactly
 `storage.cache_bytes`, as the os_paged cgroup's page cache is.
 
@@ -47,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,7 @@ from ndp.bench.measure import measure_engine
 from ndp.bench.memory import peak_rss_bytes
 from ndp.bench.memory_limit import make_memory_cgroup
 from ndp.bench.report import machine_info, timestamp
+from ndp.bench.rounds import rounds_line, rounds_table, run_interleaved
 from ndp.config import Config, config_from_dict
 from ndp.data.loader import build_datasets
 
@@ -119,6 +124,10 @@ class BenchOptions:
     """Device probe: seconds of random 4 KiB reads at each queue depth."""
     probe_write_bytes: int = 1 << 30
     """Device probe: bytes of the sequential-write measurement."""
+    rounds: int = 2
+    """Measurements of every system per scenario, interleaved (forward, then backward) and
+    combined as medians (`ndp.bench.rounds`): one window per system moved 15-25% with the
+    machine between runs minutes apart."""
 
     @classmethod
     def quick(cls) -> BenchOptions:
@@ -143,6 +152,7 @@ class BenchOptions:
         known = SCENARIOS + OPT_IN_SCENARIOS
         unknown = [s for s in self.scenarios if s not in known]
         assert not unknown, f"unknown scenarios {unknown}; known: {known}"
+        assert self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"
 
 
 def scenario_config(options: BenchOptions, scenario: str) -> dict:
@@ -365,7 +375,7 @@ def run_train_bench(
         "options": options_dict,
         "systems": systems,
     }
-    results["summary"] = target_lines(systems)
+    results["summary"] = target_lines(systems) + [rounds_line(systems, options.rounds)]
     results["tables"] = [
         _throughput_table(systems),
         _cpu_per_sample_table(systems),
@@ -373,6 +383,7 @@ def run_train_bench(
         _breakdown_table(systems),
         _cpu_table(systems),
         _wire_table(systems),
+        rounds_table(systems),
     ]
     results["plots"] = [_throughput_plot(systems)]
     if "beyond_ram" in extras:
@@ -404,25 +415,62 @@ def _run_all(
         budget = cfg.storage.cache_bytes * cfg.cluster.num_storage_nodes
         state = sum(t.num_rows for t in cfg.model.effective_tables()) * ROW_BYTES
         info = {"embedding_state_bytes": state, "node_cache_budget_bytes": budget}
-        for system in ("all_gpu", "hybrid", "os_paged"):
-            if scenario in NDP_ONLY_SCENARIOS:
-                continue
-            log(f"{scenario}: {system}")
-            result = _run_baseline(system, raw, cfg, batches, options, budget)
-            timed = batches[options.warmup_steps : options.warmup_steps + options.steps]
-            counters = baseline_counters(system, result, timed, cfg, options.steps)
-            result["energy_counters"] = asdict(counters)
-            systems[system][scenario] = {**info, **result}
-        for system in ("ndp", "ndp_lookahead"):
-            log(f"{scenario}: {system}")
-            result = _measure_ndp(cfg, batches, options, lookahead=system == "ndp_lookahead")
-            systems[system][scenario] = {**info, **result}
-        if scenario == "fits_in_dram" and options.fp16_wire:
-            fp16 = replace(cfg, storage=replace(cfg.storage, wire_dtype="fp16"))
-            log(f"{scenario}: ndp (fp16 wire)")
-            result = _measure_ndp(fp16, batches, options, lookahead=False)
-            systems["ndp"]["fits_in_dram_fp16_wire"] = {**info, **result}
+        jobs = _scenario_jobs(scenario, raw, cfg, batches, options, budget)
+        measured = run_interleaved(
+            jobs,
+            options.rounds,
+            headline=round_headline,
+            log=lambda line, scenario=scenario: log(f"{scenario}: {line}"),
+        )
+        for name, result in measured.items():
+            system, key = ("ndp", f"{scenario}_fp16_wire") if name == FP16_JOB else (name, scenario)
+            systems[system][key] = {**info, **result}
     return systems
+
+
+FP16_JOB = "ndp (fp16 wire)"
+
+
+def _scenario_jobs(
+    scenario: str, raw: dict, cfg: Config, batches: list, options: BenchOptions, budget: int
+) -> dict[str, Callable[[], dict[str, Any]]]:
+    """One measurement of each system of a scenario, as a call that makes a fresh engine."""
+    jobs: dict[str, Callable[[], dict[str, Any]]] = {}
+    if scenario not in NDP_ONLY_SCENARIOS:
+        for system in ("all_gpu", "hybrid", "os_paged"):
+            jobs[system] = partial(_baseline_run, system, raw, cfg, batches, options, budget)
+    jobs["ndp"] = partial(_measure_ndp, cfg, batches, options, lookahead=False)
+    jobs["ndp_lookahead"] = partial(_measure_ndp, cfg, batches, options, lookahead=True)
+    if scenario == "fits_in_dram" and options.fp16_wire:
+        fp16 = replace(cfg, storage=replace(cfg.storage, wire_dtype="fp16"))
+        jobs[FP16_JOB] = partial(_measure_ndp, fp16, batches, options, lookahead=False)
+    return jobs
+
+
+def _baseline_run(
+    system: str, raw: dict, cfg: Config, batches: list, options: BenchOptions, budget: int
+) -> dict[str, Any]:
+    """One baseline measurement with the energy counters of its timed batches."""
+    result = _run_baseline(system, raw, cfg, batches, options, budget)
+    timed = batches[options.warmup_steps : options.warmup_steps + options.steps]
+    counters = baseline_counters(system, result, timed, cfg, options.steps)
+    result["energy_counters"] = asdict(counters)
+    return result
+
+
+def round_headline(run: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one round that the report shows beside the median (their spread is how
+    far one window could be trusted)."""
+    phases = run.get("per_step_median") or {}
+    return {
+        "samples_per_s": run["samples_per_s"],
+        "machine_cpu_us_per_sample": run.get("machine_cpu_us_per_sample"),
+        "storage_nodes_cpu_s_per_step": node_cpu_s(run),
+        "embedding_s_per_step_median": phases.get("embedding_forward_s", 0.0)
+        + phases.get("embedding_backward_update_s", 0.0)
+        if phases
+        else None,
+    }
 
 
 def _run_beyond_ram(

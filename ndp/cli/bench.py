@@ -2,7 +2,7 @@
 
     ndp-bench storage [--config PATH] [--output-dir DIR] [--quick]
     ndp-bench load    [--output-dir DIR] [--quick]
-    ndp-bench train   [--config PATH] [--output-dir DIR] [--quick] [--scenarios A,B]
+    ndp-bench train   [--config PATH] [--output-dir DIR] [--quick] [--scenarios A,B] [--rounds N]
                       [--device-profile NAME] [--flash-dir DIR] [--beyond-ram-memory-bytes N]
 
 `storage` measures pooled lookups/s of a storage node over gRPC against in-process
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="comma-separated subset of fits_in_dram,large_zipf,cache_5pct,cache_full,"
                 "multihot (default: all), or beyond_ram (only when named: table state twice "
                 "this machine's memory on disk)",
+            )
+            sub.add_argument(
+                "--rounds",
+                type=int,
+                metavar="N",
+                help="measure every system N times per scenario, interleaved (forward, then "
+                "backward), and report medians (default 2)",
             )
             sub.add_argument(
                 "--flash-dir",
@@ -111,6 +118,12 @@ def _train(args: argparse.Namespace, command_line: str) -> int:
         options = options.scaled(args.scale)
     if args.scenarios:
         options = replace(options, scenarios=tuple(_scenarios(args.scenarios)))
+    if args.rounds is not None:
+        if args.rounds < 1:
+            from ndp.errors import ConfigError
+
+            raise ConfigError(f"--rounds: {args.rounds} must be >= 1")
+        options = replace(options, rounds=args.rounds)
     if args.flash_dir:
         options = replace(options, flash_dir=args.flash_dir)
     if args.beyond_ram_memory_bytes is not None:

@@ -36,7 +36,7 @@ def _cgroup_writable() -> bool:
 @pytest.mark.slow
 def test_tiny_train_bench_measures_all_five_systems_and_wire_bytes(ray_session, tmp_path, capsys):
     status = main(
-        ["train", "--quick", "--scale", "0.05", "--scenarios", "fits_in_dram"]
+        ["train", "--quick", "--scale", "0.05", "--scenarios", "fits_in_dram", "--rounds", "2"]
         + ["--output-dir", str(tmp_path)]
     )
     assert status == 0
@@ -48,6 +48,10 @@ def test_tiny_train_bench_measures_all_five_systems_and_wire_bytes(ray_session, 
         run = runs["fits_in_dram"]
         assert run["samples_per_s"] > 0, system
         assert run["per_step"] and run["peak_rss_bytes"], system
+        # two interleaved rounds, each with its own fresh engine; the figure is their median
+        assert len(run["rounds"]) == 2, system
+        rates = sorted(r["samples_per_s"] for r in run["rounds"])
+        assert run["samples_per_s"] == pytest.approx(sum(rates) / 2), system
         # clock ticks are 10 ms and these runs last milliseconds: 0 is a valid reading here
         # (tests/bench/test_cpu_meter.py checks the figures themselves)
         assert run["cpu_per_step"]["machine_busy_s"] >= 0, system
@@ -95,6 +99,8 @@ def test_tiny_train_bench_measures_all_five_systems_and_wire_bytes(ray_session, 
     assert "1. fits in DRAM" in out and "4. link bytes per sample" in out
     assert "CPU per sample (machine busy us/sample, x all_gpu): fits_in_dram: all_gpu" in out
     assert "2. large_zipf: ndp / os_paged: not measured" in out
+    assert "median of 2 interleaved round(s)" in out
+    assert "## rounds" in (tmp_path / "results.md").read_text()
     # the worker's dense half gets this process's cores (capped by Ray's), like the baselines'
     assert results["options"]["worker_cpus"] == min(len(os.sched_getaffinity(0)), 4)
 
