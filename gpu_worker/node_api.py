@@ -46,10 +46,18 @@ class NodeApi(Protocol):
     """One storage node as a GPU worker uses it (`storage_node.client.StorageClient`)."""
 
     def lookup_async(
-        self, step: int, worker: int, bags: NodeBags, *, train: bool = True, use_early: bool = False
+        self,
+        step: int,
+        worker: int,
+        bags: NodeBags,
+        *,
+        train: bool = True,
+        use_early: bool = False,
+        previous_push: Mapping[str, torch.Tensor] | None = None,
     ) -> Reply[dict[str, torch.Tensor]]:
         """Pooled vectors {feature: float32 [B, D]} of the bags; with `use_early`, of the
-        bags this worker's kept `early_lookup` of `step` pooled (not sent again)."""
+        bags this worker's kept `early_lookup` of `step` pooled (not sent again);
+        `previous_push`: this worker's gradients of step - 1, applied first (same call)."""
         ...
 
     def early_lookup_async(
@@ -79,10 +87,18 @@ class NodeCore(Protocol):
     """A storage node's core in this process (`storage_node.node.StorageNodeCore`)."""
 
     def lookup(
-        self, step: int, worker: int, bags: dict[str, Bags], *, train: bool = True
+        self,
+        step: int,
+        worker: int,
+        bags: dict[str, Bags],
+        *,
+        train: bool = True,
+        previous_push: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]: ...
 
-    def lookup_early(self, step: int, worker: int) -> dict[str, torch.Tensor]: ...
+    def lookup_early(
+        self, step: int, worker: int, *, previous_push: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]: ...
 
     def early_lookup(
         self, step: int, worker: int, bags: dict[str, Bags], *, correct: bool = True
@@ -104,11 +120,21 @@ class InProcessNode:
         self.core = core
 
     def lookup_async(
-        self, step: int, worker: int, bags: NodeBags, *, train: bool = True, use_early: bool = False
+        self,
+        step: int,
+        worker: int,
+        bags: NodeBags,
+        *,
+        train: bool = True,
+        use_early: bool = False,
+        previous_push: Mapping[str, torch.Tensor] | None = None,
     ) -> Reply[dict[str, torch.Tensor]]:
+        push = None if previous_push is None else dict(previous_push)
         if use_early:
-            return _Done(lambda: self.core.lookup_early(step, worker))
-        return _Done(lambda: self.core.lookup(step, worker, dict(bags), train=train))
+            return _Done(lambda: self.core.lookup_early(step, worker, previous_push=push))
+        return _Done(
+            lambda: self.core.lookup(step, worker, dict(bags), train=train, previous_push=push)
+        )
 
     def early_lookup_async(
         self, step: int, worker: int, bags: NodeBags, *, correct: bool = True

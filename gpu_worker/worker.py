@@ -93,6 +93,9 @@ class DenseWorker:
         self._wire_at_timings: dict[str, int] = {}
         self._group_ready = world_size == 1
         self._pushes_in_flight: list[Reply[bool]] = []
+        self._push_with_lookup = cfg.pipeline.push == "with_next_lookup"
+        self._held_push: tuple[int, dict[int, dict[str, torch.Tensor]]] | None = None
+        """(step, {node: gradients}) held for the next step's lookups (`pipeline.push`)."""
         self._prefetches_in_flight: list[tuple[int, Reply[None]]] = []
         """(step, reply) of prefetches sent; collected by that step's `train_step` or `flush`."""
         self._ahead: dict[int, _RoutedShare] = {}
@@ -207,6 +210,7 @@ class DenseWorker:
         Call before anything that must see the state after the last step (the coordinator
         does: predict, table rows, checkpoints, close).
         """
+        self._send_held_push()
         with self._clock.phase("push_wait_s"):
             _resolve_all(self._take_pushes())
         _resolve_all(self._take_prefetches())
@@ -324,6 +328,7 @@ class DenseWorker:
         return self._early_kept.get((step, node)) is bags
 
     def _lookup(self, step: int, routed: RoutedBags, *, train: bool) -> dict[str, torch.Tensor]:
+        riding = self._pushes_riding_on(step, routed) if train else {}
         with self._clock.phase("lookup_wait_s"):
             futures = {
                 node: self.clients[node].lookup_async(
@@ -332,6 +337,7 @@ class DenseWorker:
                     bags,
                     train=train,
                     use_early=train and self._answers_from_early_pool(step, node, bags),
+                    previous_push=riding.get(node),
                 )
                 for node, bags in routed.items()
             }
@@ -345,12 +351,45 @@ class DenseWorker:
         return reassemble(partials, self.plan)
 
     def _push_gradients(self, step: int, grads: dict[str, torch.Tensor]) -> None:
+        """Step `step`'s gradients: held for the next lookups (`pipeline.push` =
+        `with_next_lookup`), or sent now, each node's in its own call."""
         routed = route_gradients(grads, self.plan)
+        self._send_held_push()  # never two held: a step's push goes before the next one's
+        if self._push_with_lookup:
+            self._held_push = (step, routed)
+            return
+        self._send_pushes(step, routed)
+
+    def _send_pushes(self, step: int, routed: dict[int, dict[str, torch.Tensor]]) -> None:
         with self._clock.phase("gradient_push_s"):  # sending only; acknowledged in the next step
-            self._pushes_in_flight = [
+            self._pushes_in_flight += [
                 self.clients[node].push_gradients_async(step, self.rank, node_grads)
                 for node, node_grads in routed.items()
             ]
+
+    def _send_held_push(self) -> None:
+        """Send a held push in calls of its own (before a flush, or when no lookup of the
+        next step will carry it)."""
+        held, self._held_push = self._held_push, None
+        if held is not None:
+            self._send_pushes(*held)
+
+    def _pushes_riding_on(
+        self, step: int, routed: RoutedBags
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """{node: gradients of step - 1} that the lookups of `step` carry; the held push's
+        other nodes (or a push of another step) are sent alone first."""
+        held, self._held_push = self._held_push, None
+        if held is None:
+            return {}
+        held_step, per_node = held
+        if held_step != step - 1:
+            self._send_pushes(held_step, per_node)
+            return {}
+        alone = {node: grads for node, grads in per_node.items() if node not in routed}
+        if alone:
+            self._send_pushes(held_step, alone)
+        return {node: grads for node, grads in per_node.items() if node in routed}
 
     def _sum_dense_gradients(self) -> None:
         """All-reduce (sum) the dense gradients, flattened into one tensor.

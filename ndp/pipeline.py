@@ -30,10 +30,13 @@ When update s lands, the node has the old and new values of every row it changed
 the exact change to the kept vectors (`pooled[b] += scale_b * sum_{r in b, r updated}
 weight_b,r * (w_new[r] - w_old[r])`), so the lookup of s+1 answers them without pooling; they
 equal pooling after the update up to float rounding. A lookup whose bags differ from the early
-ones pools afresh. The gradient push is also taken off the critical path: the worker returns
-from step s without waiting for the push's acknowledgement; the step barrier orders the next
-lookup after the update, and the engine's `flush()` collects the acknowledgements before
-predict, reading rows, checkpoints and close.
+ones pools afresh. The gradient push never waits on the worker: by default
+(`pipeline.push: with_next_lookup`) push s rides on the lookup of s+1 (the node applies update
+s and adds delta s to the kept pool when that call arrives); with `during_backward` it leaves
+from inside backward without waiting for its acknowledgement (the timeline above). Either
+way the step barrier orders the next lookup after the update, and the engine's `flush()`
+sends a held push and collects acknowledgements before predict, reading rows, checkpoints
+and close.
 
 `pipeline.mode = "stale"` changes the math: the node pools s+1 early and does NOT add update
 s, so step s+1 trains on rows one update old (bounded staleness of one step; the gradient

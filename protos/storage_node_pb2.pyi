@@ -43,20 +43,22 @@ class KeyedTensor(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("step", "worker", "train", "wire_dtype", "use_early", "bags")
+    __slots__ = ("step", "worker", "train", "wire_dtype", "use_early", "bags", "push")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     USE_EARLY_FIELD_NUMBER: _ClassVar[int]
     BAGS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     step: int
     worker: int
     train: bool
     wire_dtype: str
     use_early: bool
     bags: KeyedJaggedTensor
-    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., train: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., use_early: _Optional[bool] = ..., bags: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ...) -> None: ...
+    push: PushGradientsRequest
+    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., train: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., use_early: _Optional[bool] = ..., bags: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ..., push: _Optional[_Union[PushGradientsRequest, _Mapping]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("pooled",)

@@ -303,6 +303,12 @@ class RowCache:
         self.counters.bytes_written = written
         return True
 
+    def all_resident(self, rows: np.ndarray) -> bool:
+        """Whether every one of `rows` is cached now (a question, not an access: nothing is
+        counted, as nothing is read)."""
+        slots = self.index.find(np.asarray(rows, dtype=np.int64))
+        return not (slots.size and int(slots.min()) < 0)
+
     def resident_slots(self, rows: np.ndarray) -> np.ndarray | None:
         """Slots of `rows` (any order, repeats allowed) if every one is cached, else None.
 

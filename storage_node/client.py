@@ -211,6 +211,7 @@ class StorageClient:
         *,
         train: bool = True,
         use_early: bool = False,
+        previous_push: Mapping[str, torch.Tensor] | None = None,
     ) -> ReplyFuture[dict[str, torch.Tensor]]:
         """Pooled vectors {feature: float32 [B, D]} of every feature in `bags`.
 
@@ -220,14 +221,26 @@ class StorageClient:
         Args:
             use_early: `bags` are those of this worker's kept `early_lookup` of `step`: they
                 are not sent again, the node answers the kept vectors (training only).
+            previous_push: this worker's d(loss)/d(pooled) of step - 1 on this node, applied
+                before the lookup (one call instead of a push and a lookup; training only).
         """
         request = codec.lookup_request_bytes(
-            step, worker, bags, train=train, dtype=self.wire_dtype, use_early=use_early
+            step,
+            worker,
+            bags,
+            train=train,
+            dtype=self.wire_dtype,
+            use_early=use_early,
+            previous_push=previous_push,
         )
+        pushed = 0
+        if previous_push is not None:
+            pushed = sum(g.numel() for g in previous_push.values()) * self.wire_dtype.itemsize
         return self._call(
             "Lookup",
             request,
             codec.parse_lookup_response,
+            sent_float_data=pushed,
             received_float_data=lambda reply: codec.float_data_bytes(reply.pooled),
         )
 
@@ -262,9 +275,17 @@ class StorageClient:
     # ----------------------------------------------------------------- blocking forms
 
     def lookup(
-        self, step: int, worker: int, bags: Mapping[str, Bags], *, train: bool = True
+        self,
+        step: int,
+        worker: int,
+        bags: Mapping[str, Bags],
+        *,
+        train: bool = True,
+        previous_push: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        return self.lookup_async(step, worker, bags, train=train).result()
+        return self.lookup_async(
+            step, worker, bags, train=train, previous_push=previous_push
+        ).result()
 
     def push_gradients(self, step: int, worker: int, grads: Mapping[str, torch.Tensor]) -> bool:
         return self.push_gradients_async(step, worker, grads).result()

@@ -530,10 +530,13 @@ def lookup_request_bytes(
     train: bool,
     dtype: torch.dtype,
     use_early: bool = False,
+    previous_push: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
     """A serialized `LookupRequest`: all features one node serves for one batch.
 
     With `use_early` the bags stay home: the node answers the early pool it kept for them.
+    `previous_push`: this worker's gradients of step - 1 on this node, in `dtype`, applied
+    by the node before it answers (the request's `push` field).
     """
     fields = {
         "step": step,
@@ -543,6 +546,9 @@ def lookup_request_bytes(
         "use_early": use_early,
         "bags": None if use_early else bags_fields(bags),
     }
+    if previous_push is not None:
+        grads = keyed_tensor_fields(previous_push, dtype, what="gradients", scratch=True)
+        fields["push"] = {"step": step - 1, "worker": worker, "grads": grads}
     return serialize(pb.LookupRequest.DESCRIPTOR, fields)
 
 
@@ -567,6 +573,25 @@ def parse_lookup_request(
             + ", ".join(DTYPE_NAMES[d] for d in _FLOAT_DTYPES)
         )
     return decode_jagged(request.bags, what="lookup bags"), answer_dtype
+
+
+def parse_previous_push(request: pb.LookupRequest) -> dict[str, torch.Tensor] | None:
+    """The gradients of step - 1 a training lookup carries (None without a `push`).
+
+    Raises:
+        BadTensorError: the push names another worker or step than step - 1, rides on an
+            evaluation lookup, or its gradients are malformed.
+    """
+    if not request.HasField("push"):
+        return None
+    push = request.push
+    if not request.train or push.worker != request.worker or push.step != request.step - 1:
+        raise BadTensorError(
+            f"a lookup's push must be the same worker's gradients of the step before, on a "
+            f"training lookup: lookup step {request.step} worker {request.worker} "
+            f"train={request.train} carries a push of step {push.step} worker {push.worker}"
+        )
+    return parse_push_gradients_request(push)
 
 
 def early_lookup_request_bytes(

@@ -131,9 +131,11 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
             "early_hits": 0,
             "early_hits_without_bags": 0,
             "early_mismatches": 0,
+            "early_groups_deferred": 0,
         }
         """Early pools kept; answered by a lookup (of them: by a `lookup_early` that sent no
-        bags); dropped because the lookup's bags differed."""
+        bags); dropped because the lookup's bags differed; groups of them kept unpooled
+        because every row was resident (`storage_node.early_pools`)."""
         self.update_paths = {"fbgemm_kernel": 0, "node_kernels": 0}
         """Arena updates applied by FBGEMM's backward kernel (`storage_node.fused_update`) and
         by the node's own dedupe/merge/optimizer path."""
@@ -320,6 +322,7 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
         *,
         train: bool = True,
         wait_timeout_s: float | None = None,
+        previous_push: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pooled vectors per feature: float32 [B, D].
 
@@ -329,6 +332,11 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
         `applied_step >= step - 1` only when given `wait_timeout_s` (the wire's lookups are).
         The request is validated completely before any wait, so a malformed one is refused
         at once instead of after the step barrier.
+
+        Args:
+            previous_push: this worker's gradients of step - 1 (`push_gradients`), applied
+                after this request is validated and before the wait: one call per node and
+                step (`pipeline.push = "with_next_lookup"`). Refused bags apply nothing.
         """
         with self._lock:
             self._check_open()
@@ -336,6 +344,8 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
             started = time.perf_counter()
             request = self._validated_request(bags)
             busy = time.perf_counter() - started  # the wait for the step is not lookup work
+            if previous_push is not None:
+                self._push_previous(step, worker, previous_push, train=train)
             if train or wait_timeout_s is not None:
                 timeout_s = self.storage.step_wait_timeout_s
                 self.wait_for_step(
@@ -344,7 +354,7 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
             started = time.perf_counter()
             early = self._take_early(step, worker, request) if train else None
             if early is not None:
-                pooled = early.answer()
+                pooled = early.answer(self._pool)
                 request = early.request
             else:
                 pooled = {}
@@ -393,6 +403,17 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
         )
 
     # ------------------------------------------------------------------ push / update
+
+    def _push_previous(
+        self, step: int, worker: int, grads: Mapping[str, torch.Tensor], *, train: bool
+    ) -> None:
+        """The push of step - 1 that rides on the training lookup of `step`."""
+        if not train:
+            raise StepOrderError(
+                f"step {step}, worker {worker}: gradients ride only on a training lookup (the "
+                "next step's); push them with push_gradients before an evaluation lookup"
+            )
+        self.push_gradients(step - 1, worker, dict(grads))
 
     def push_gradients(self, step: int, worker: int, grads: dict[str, torch.Tensor]) -> bool:
         """Accept d(loss)/d(pooled) [B, D] per feature of (step, worker).

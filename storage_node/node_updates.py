@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from storage_node.arena import Arena
-from storage_node.early_pools import Request, UpdatedRows, correct_early_pools
+from storage_node.early_pools import Request, UpdatedRows, correct_early_pools, pooled_early
 from storage_node.errors import BadTensorError
 from storage_node.fused_update import FUSED_OPTIMIZERS, fused_backward
 from storage_node.keyed_bags import PushedGradients, merge_row_gradients
@@ -115,6 +115,7 @@ class Updates:
             self.update_paths["fbgemm_kernel"] += 1
             return
         self.update_paths["node_kernels"] += 1
+        early = pooled_early(self._early.values(), arena)
         updated = UpdatedRows.of(pushed.rows, arena.flash.layout.num_rows)
         merged = merge_row_gradients(pushed, updated.inverse, updated.rows.numel(), updated.order)
         unique_np = updated.rows.numpy()
@@ -124,14 +125,14 @@ class Updates:
             weights = torch.from_numpy(arena.cache.weights)
             state = torch.from_numpy(arena.cache.state)
             slots_t = torch.from_numpy(slots)
-            old = weights[slots_t] if self._early else None
+            old = weights[slots_t] if early else None
             apply_update_at(self.optimizer, weights, state, slots_t, merged, iteration=iteration)
             if old is not None:
-                correct_early_pools(self._early.values(), arena, updated, weights[slots_t] - old)
+                correct_early_pools(early, updated, weights[slots_t] - old)
             return
         with arena.flash.holding_reads():  # rows read here and written straight back
             records = torch.from_numpy(arena.cache.fetch(unique_np))
-            old = records[:, :dim].clone() if self._early else None
+            old = records[:, :dim].clone() if early else None
             apply_update(
                 self.optimizer,
                 records[:, :dim],
@@ -141,7 +142,7 @@ class Updates:
             )
             arena.cache.store(unique_np, records.numpy())
         if old is not None:
-            correct_early_pools(self._early.values(), arena, updated, records[:, :dim] - old)
+            correct_early_pools(early, updated, records[:, :dim] - old)
 
     def _update_fused(self, arena: Arena, pushed: PushedGradients) -> bool:
         """`_update_arena` by FBGEMM's backward kernel on the slot tensors
@@ -155,7 +156,8 @@ class Updates:
         slots_np, distinct_slots = resident
         weights, slots = torch.from_numpy(arena.cache.weights), torch.from_numpy(slots_np)
         updated = old = None
-        if self._early:  # kept early pools take each updated row's change
+        early = pooled_early(self._early.values(), arena)
+        if early:  # groups pooled early take each updated row's change
             # from the distinct slots the residency check found: no sort of every value
             rows = arena.cache.slot_rows[distinct_slots]
             updated, order = UpdatedRows.of_distinct(rows, arena.flash.layout.num_rows)
@@ -165,5 +167,5 @@ class Updates:
         fused_backward(self.optimizer, weights, state, slots, pushed.keyed)
         if updated is not None and old is not None:
             delta = weights[updated_slots] - old
-            correct_early_pools(self._early.values(), arena, updated, delta)
+            correct_early_pools(early, updated, delta)
         return True

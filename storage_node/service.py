@@ -114,15 +114,24 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         memory and the final join; `server.add_servicer` passes bytes through)."""
         self._carry(request)
         bags, answer_dtype = codec.parse_lookup_request(request)
+        previous_push = codec.parse_previous_push(request)
         # A training lookup reads weights that step s-1's update must already have changed;
         # an evaluation lookup only needs them not to be older than that. The core checks
-        # the request before it waits, so a malformed one is refused at once.
+        # the request before it waits (and before it applies a push riding on it), so a
+        # malformed one is refused at once.
         wait_s = self._wait_timeout(context)
         if request.use_early:
-            pooled = self.core.lookup_early(request.step, request.worker, wait_timeout_s=wait_s)
+            pooled = self.core.lookup_early(
+                request.step, request.worker, wait_timeout_s=wait_s, previous_push=previous_push
+            )
         else:
             pooled = self.core.lookup(
-                request.step, request.worker, bags, train=request.train, wait_timeout_s=wait_s
+                request.step,
+                request.worker,
+                bags,
+                train=request.train,
+                wait_timeout_s=wait_s,
+                previous_push=previous_push,
             )
         reply = codec.lookup_response_bytes(pooled, answer_dtype)
         self._carry(reply)

@@ -761,7 +761,9 @@ def link_bytes_check(systems: dict[str, dict[str, Any]]) -> dict[str, float] | N
         "expected_fp32": float(len(CRITEO_ROWS) * DIM * WIRE_BYTES["fp32"]),
         "pooled_data_fp32": wire.get("Lookup.received.float_data", 0.0),
         "lookup_reply_fp32": wire.get("Lookup.received", 0.0),
-        "gradient_data_fp32": wire.get("PushGradients.sent.float_data", 0.0),
+        # gradients ride on the next lookup (`pipeline.push`) or go in pushes of their own
+        "gradient_data_fp32": wire.get("PushGradients.sent.float_data", 0.0)
+        + wire.get("Lookup.sent.float_data", 0.0),
     }
     if "fits_in_dram_fp16_wire" in runs:
         wire16 = runs["fits_in_dram_fp16_wire"]["wire_bytes_per_sample"]
@@ -930,6 +932,7 @@ def _wire_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """ndp link bytes per sample by RPC and direction, and hit rates and peak RSS."""
     keys = (
         "Lookup.sent",
+        "Lookup.sent.float_data",
         "Lookup.received",
         "Lookup.received.float_data",
         "PushGradients.sent",

@@ -99,6 +99,13 @@ def test_ndp_matches_reference_step_by_step(ray_session, sparse_optimizer):
         assert {p.sharding_type for p in engine.plan.pieces_of("big")} == {"row_wise"}
         assert len({p.node for p in engine.plan.pieces_of("big")}) == 2
         ndp_losses = [engine.train_step(step, b) for step, b in enumerate(batches)]
+        engine.flush()
+        # by default each step's gradients ride on the next step's lookups (one call per
+        # node and step); only the last step's push goes alone, at the flush
+        wire = engine.wire_bytes()
+        pushed_alone = wire["PushGradients.sent.float_data"]
+        assert pushed_alone > 0
+        assert wire["Lookup.sent.float_data"] == (STEPS - 1) * pushed_alone
 
         torch.testing.assert_close(
             torch.tensor(ndp_losses), torch.tensor(reference_losses), rtol=1e-5, atol=0
@@ -121,6 +128,32 @@ def test_ndp_matches_reference_step_by_step(ray_session, sparse_optimizer):
         torch.testing.assert_close(
             engine.predict(STEPS, probe), reference.predict(STEPS, probe), rtol=1e-5, atol=1e-5
         )
+
+
+def test_gradients_pushed_during_backward_train_the_same_model(ray_session):
+    """`pipeline.push: during_backward` (a call of its own per node and step, sent from
+    inside backward) trains what the reference trains, as the default does."""
+    cfg = tiny_config("rowwise_adagrad")
+    cfg = replace(cfg, pipeline=replace(cfg.pipeline, push="during_backward"))
+    batches = list(build_datasets(cfg)[0].batches(BATCH))[:8]
+    reference = ReferenceEngine(cfg)
+    reference_losses = [reference.train_step(step, b) for step, b in enumerate(batches)]
+    with NdpEngine(cfg) as engine:
+        losses = [engine.train_step(step, b) for step, b in enumerate(batches)]
+        engine.flush()
+        wire = engine.wire_bytes()
+        assert wire["PushGradients.sent.float_data"] > 0
+        assert wire.get("Lookup.sent.float_data", 0) == 0
+        for table in cfg.model.tables:
+            torch.testing.assert_close(
+                engine.table_rows(table.name)[0],
+                reference.embeddings.table_weights(table.name),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=0
+    )
 
 
 def _train_ndp(cfg: Config, batches: list) -> tuple[list[float], dict, dict]:

@@ -15,7 +15,9 @@ DIM = 8
 ROWS = 40
 
 
-def _node(tmp_path, name: str, *, optimizer: str, pooling: str) -> StorageNodeCore:
+def _node(
+    tmp_path, name: str, *, optimizer: str, pooling: str, cache_rows: int = 6
+) -> StorageNodeCore:
     """A one-table node with a 6-row cache (most rows on flash), same seed for every name."""
     spec = ShardSpec(
         table_name="t0",
@@ -29,7 +31,7 @@ def _node(tmp_path, name: str, *, optimizer: str, pooling: str) -> StorageNodeCo
     return StorageNodeCore(
         node_id=name,
         shards=[spec],
-        storage=StorageConfig(page_bytes=512, io_threads=2, cache_bytes=6 * 200),
+        storage=StorageConfig(page_bytes=512, io_threads=2, cache_bytes=cache_rows * 200),
         optimizer=SparseOptimizerConfig(name=optimizer, lr=0.3, eps=1e-8),
         seed=3,
         flash_dir=tmp_path / name,
@@ -90,6 +92,9 @@ def test_early_pool_plus_corrections_equals_pooling_after_the_updates(
         "early_hits": 2,
         "early_hits_without_bags": 0,
         "early_mismatches": 0,
+        # step 2's rows came from flash (a 6-row cache): pooled early, then corrected by
+        # updates 0 and 1; step 1's rows had just been read by it: kept, pooled at its lookup
+        "early_groups_deferred": 1,
     }
     torch.testing.assert_close(
         early.read_rows("t0", torch.arange(ROWS)), plain.read_rows("t0", torch.arange(ROWS))
@@ -151,3 +156,49 @@ def test_a_lookup_without_bags_and_no_kept_pool_is_refused_and_changes_nothing(t
         node.lookup_early(0, 0)
     assert node.health()["pending_steps"] == []
     torch.testing.assert_close(node.read_rows("t0", torch.arange(ROWS)), before)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_an_early_lookup_of_resident_rows_is_pooled_at_its_lookup_bit_for_bit(tmp_path, optimizer):
+    """Every row in the cache: the early lookup keeps the validated bags unpooled (reading
+    them later costs nothing; a correction would cost what pooling early saves), and the
+    lookup pools them after the update, exactly as a lookup with its bags does."""
+    plain = _node(tmp_path, "plain", optimizer=optimizer, pooling="mean", cache_rows=ROWS)
+    early = _node(tmp_path, "early", optimizer=optimizer, pooling="mean", cache_rows=ROWS)
+    for node in (plain, early):  # every row read once: all of them resident now
+        node.lookup(0, 0, {"f0": _bags([list(range(ROWS))], False)}, train=False)
+    _train(plain, 0, weighted=True)
+    assert early.early_lookup(1, 0, _batch(1, True))
+    _train(early, 0, weighted=True)
+    got = early.lookup_early(1, 0)
+    want = plain.lookup(1, 0, _batch(1, True))
+    for feature, vectors in want.items():
+        assert torch.equal(got[feature], vectors), feature
+    assert early.early_counters["early_groups_deferred"] == 1
+    assert early.early_counters["early_hits"] == 1
+
+
+def test_a_correction_that_touches_few_values_equals_pooling_after_the_update(tmp_path):
+    """Step 1's bags share one row with step 0's update among twelve values: the correction
+    gathers that one change (the sparse form) instead of pooling every value's delta."""
+    plain = _node(tmp_path, "plain", optimizer="sgd", pooling="sum")
+    early = _node(tmp_path, "early", optimizer="sgd", pooling="sum")
+    first = {"f0": _bags([[3, 4], [5]], True), "f1": _bags([[6]], True)}
+    later = {
+        "f0": _bags([[3, 30, 31], [32, 33], [34, 35, 36]], True),
+        "f1": _bags([[37, 38], [39, 29]], True),
+    }
+    before = plain.lookup(1, 0, later, train=False)
+    assert early.early_lookup(1, 0, later)
+    for node in (plain, early):
+        pooled = node.lookup(0, 0, first)
+        grads = {f: torch.full(p.shape, 0.25) for f, p in pooled.items()}
+        node.push_gradients(0, 0, grads)
+    got = early.lookup_early(1, 0)
+    want = plain.lookup(1, 0, later)
+    for feature, vectors in want.items():
+        torch.testing.assert_close(got[feature], vectors, rtol=0, atol=1e-6)
+    # only the bag holding row 3 changed: the correction was needed, and confined to it
+    assert not torch.equal(before["f0"][0], want["f0"][0])
+    assert torch.equal(before["f0"][1:], want["f0"][1:]) and torch.equal(before["f1"], want["f1"])
+    assert early.early_counters["early_groups_deferred"] == 0
