@@ -61,9 +61,16 @@ class NodeApi(Protocol):
         ...
 
     def early_lookup_async(
-        self, step: int, worker: int, bags: NodeBags, *, correct: bool = True
+        self,
+        step: int,
+        worker: int,
+        bags: NodeBags,
+        *,
+        correct: bool = True,
+        prefetch: tuple[int, Mapping[str, torch.Tensor]] | None = None,
     ) -> Reply[bool]:
-        """Pool a future step's bags now; True when the node kept them."""
+        """Pool a future step's bags now; True when the node kept them. `prefetch`: (a
+        later step, its rows) staged in the same call."""
         ...
 
     def push_gradients_async(
@@ -137,9 +144,21 @@ class InProcessNode:
         )
 
     def early_lookup_async(
-        self, step: int, worker: int, bags: NodeBags, *, correct: bool = True
+        self,
+        step: int,
+        worker: int,
+        bags: NodeBags,
+        *,
+        correct: bool = True,
+        prefetch: tuple[int, Mapping[str, torch.Tensor]] | None = None,
     ) -> Reply[bool]:
-        return _Done(lambda: self.core.early_lookup(step, worker, dict(bags), correct=correct))
+        def call() -> bool:
+            kept = self.core.early_lookup(step, worker, dict(bags), correct=correct)
+            if prefetch is not None:
+                self.core.prefetch(prefetch[0], dict(prefetch[1]))
+            return kept
+
+        return _Done(call)
 
     def push_gradients_async(
         self, step: int, worker: int, grads: Mapping[str, torch.Tensor]

@@ -97,6 +97,8 @@ class DenseWorker:
         self._held_push: tuple[int, dict[int, dict[str, torch.Tensor]]] | None = None
         """(step, {node: gradients}) held for the next step's lookups (`pipeline.push`)."""
         self._prefetches_in_flight: list[tuple[int, Reply[None]]] = []
+        self._held_prefetches: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        """step -> {node: rows}: prefetches waiting to ride on an early lookup."""
         """(step, reply) of prefetches sent; collected by that step's `train_step` or `flush`."""
         self._ahead: dict[int, _RoutedShare] = {}
         """Shares of batches read ahead (`prefetch`), by step, with their routed bags."""
@@ -146,10 +148,23 @@ class DenseWorker:
                 self._ahead[step] = _RoutedShare(batch, {}, error)
                 return
             self._ahead[step] = _RoutedShare(batch, routed)
-            self._prefetches_in_flight += [
-                (step, self.clients[node].prefetch_async(step, node_rows))
-                for node, node_rows in distinct_rows(routed, self.plan).items()
-            ]
+            rows = distinct_rows(routed, self.plan)
+            if self._early_pooling:  # sent with an early lookup (`_early_lookups`)
+                self._held_prefetches[step] = rows
+            else:
+                self._send_prefetches(step, rows)
+
+    def _send_prefetches(self, step: int, rows: dict[int, dict[str, torch.Tensor]]) -> None:
+        self._prefetches_in_flight += [
+            (step, self.clients[node].prefetch_async(step, node_rows))
+            for node, node_rows in rows.items()
+        ]
+
+    def _send_held_prefetches(self, up_to_step: int | None = None) -> None:
+        """Send held prefetches (of steps <= `up_to_step`, default all) in calls of their own."""
+        for step in sorted(self._held_prefetches):
+            if up_to_step is None or step <= up_to_step:
+                self._send_prefetches(step, self._held_prefetches.pop(step))
 
     def train_step(self, step: int, batch: Batch | None = None) -> float:
         """Steps 2-5 of the design's data path for this worker's share; returns its mean loss.
@@ -167,23 +182,16 @@ class DenseWorker:
                 this step is sent.
         """
         share = self._take_share(step, batch)
+        self._send_held_prefetches(up_to_step=step + 1)  # needed before the next early lookup
         _resolve_all(self._take_prefetches(up_to_step=step))
         self._resolve_early_lookups(keep=True)
         pooled = self._lookup(step, share.routed, train=True)
         upcoming = self._ahead.get(step + 1)
         if self._early_pooling and upcoming is not None and upcoming.error is None:
             with self._clock.phase("early_lookup_s"):
-                self._early_in_flight = [
-                    _EarlySent(
-                        step + 1,
-                        node,
-                        bags,
-                        self.clients[node].early_lookup_async(
-                            step + 1, self.rank, bags, correct=self._early_correct
-                        ),
-                    )
-                    for node, bags in upcoming.routed.items()
-                ]
+                self._early_lookups(step + 1, upcoming.routed)
+        else:
+            self._send_held_prefetches()
         batch = share.batch
         leaves = self.dense.leaves(pooled)
         early_push = _PushOnceReady(lambda grads: self._push_gradients(step, grads), leaves)
@@ -196,6 +204,33 @@ class DenseWorker:
             self._sum_dense_gradients()
         self.dense.optimizer_step()
         return float(loss)
+
+    def _early_lookups(self, step: int, routed: RoutedBags) -> None:
+        """Send `step`'s bags to be pooled early, each node's call carrying the rows of the
+        next held prefetch for that node (one call per node instead of two)."""
+        riding: dict[int, dict[str, torch.Tensor]] = {}
+        prefetch_step = min(self._held_prefetches, default=None)
+        if prefetch_step is not None:
+            rows = self._held_prefetches.pop(prefetch_step)
+            riding = {node: node_rows for node, node_rows in rows.items() if node in routed}
+            alone = {node: node_rows for node, node_rows in rows.items() if node not in routed}
+            if alone:
+                self._send_prefetches(prefetch_step, alone)
+        self._early_in_flight = [
+            _EarlySent(
+                step,
+                node,
+                bags,
+                self.clients[node].early_lookup_async(
+                    step,
+                    self.rank,
+                    bags,
+                    correct=self._early_correct,
+                    prefetch=None if node not in riding else (prefetch_step, riding[node]),
+                ),
+            )
+            for node, bags in routed.items()
+        ]
 
     @torch.no_grad()
     def predict(self, step: int, batch: Batch) -> torch.Tensor:
@@ -211,6 +246,7 @@ class DenseWorker:
         does: predict, table rows, checkpoints, close).
         """
         self._send_held_push()
+        self._send_held_prefetches()
         with self._clock.phase("push_wait_s"):
             _resolve_all(self._take_pushes())
         _resolve_all(self._take_prefetches())

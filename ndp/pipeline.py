@@ -4,7 +4,8 @@ The training loop hands an engine one batch at a time. `with_lookahead` sits bet
 loop's batch iterator and the engine: it reads `k` batches ahead of the step being trained
 and hands each to the engine's `prefetch(step, batch)` as soon as it is read. The ndp engine
 hands each GPU worker its share then, once: the worker routes it, sends the nodes its
-distinct rows (`Prefetch`, without waiting for the reply), and keeps the routed share for
+distinct rows (without waiting for the reply: a `Prefetch` call, or with early pooling on,
+inside the next `EarlyLookup` to that node), and keeps the routed share for
 that step, which the engine then starts without shipping the batch again. A node stages the
 missing rows from flash into its DRAM cache and pins them until that step's update is
 applied. When step s+k's lookup arrives, its rows are

@@ -67,16 +67,18 @@ class LookupResponse(_message.Message):
     def __init__(self, pooled: _Optional[_Union[KeyedTensor, _Mapping]] = ...) -> None: ...
 
 class EarlyLookupRequest(_message.Message):
-    __slots__ = ("step", "worker", "correct", "bags")
+    __slots__ = ("step", "worker", "correct", "bags", "prefetch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
     BAGS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     worker: int
     correct: bool
     bags: KeyedJaggedTensor
-    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., correct: _Optional[bool] = ..., bags: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ...) -> None: ...
+    prefetch: PrefetchRequest
+    def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., correct: _Optional[bool] = ..., bags: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ..., prefetch: _Optional[_Union[PrefetchRequest, _Mapping]] = ...) -> None: ...
 
 class EarlyLookupResponse(_message.Message):
     __slots__ = ("kept",)

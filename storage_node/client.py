@@ -257,13 +257,22 @@ class StorageClient:
         )
 
     def early_lookup_async(
-        self, step: int, worker: int, bags: Mapping[str, Bags], *, correct: bool = True
+        self,
+        step: int,
+        worker: int,
+        bags: Mapping[str, Bags],
+        *,
+        correct: bool = True,
+        prefetch: tuple[int, Mapping[str, torch.Tensor]] | None = None,
     ) -> ReplyFuture[bool]:
-        """Have the node pool a future training step's bags now (lookahead early pooling).
+        """Have the node pool a future training step's bags now (lookahead early pooling),
+        and stage `prefetch` = (a later step, {feature: local rows}) in the same call.
 
         Resolves to True when the node kept the pooled vectors (False: step already applied).
         """
-        request = codec.early_lookup_request_bytes(step, worker, bags, correct=correct)
+        request = codec.early_lookup_request_bytes(
+            step, worker, bags, correct=correct, prefetch=prefetch
+        )
         return self._call("EarlyLookup", request, lambda reply: reply.kept)
 
     def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> ReplyFuture[None]:

@@ -595,17 +595,33 @@ def parse_previous_push(request: pb.LookupRequest) -> dict[str, torch.Tensor] | 
 
 
 def early_lookup_request_bytes(
-    step: int, worker: int, bags: Mapping[str, Bags], *, correct: bool
+    step: int,
+    worker: int,
+    bags: Mapping[str, Bags],
+    *,
+    correct: bool,
+    prefetch: tuple[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> bytes:
     """A serialized `EarlyLookupRequest`: a future training step's bags for one node, to
-    pool early (`correct`: exact mode)."""
+    pool early (`correct`: exact mode); `prefetch`: (a later step, its rows) to stage."""
     fields = {"step": step, "worker": worker, "correct": correct, "bags": bags_fields(bags)}
+    if prefetch is not None:
+        fields["prefetch"] = {"step": prefetch[0], "rows": rows_fields(prefetch[1])}
     return serialize(pb.EarlyLookupRequest.DESCRIPTOR, fields)
 
 
 def parse_early_lookup_request(request: pb.EarlyLookupRequest) -> KeyedJagged:
     """The bags of an early lookup request (flat, as they came)."""
     return decode_jagged(request.bags, what="early lookup bags")
+
+
+def parse_riding_prefetch(
+    request: pb.EarlyLookupRequest,
+) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(step, rows per feature) of the prefetch an early lookup carries, or None."""
+    if not request.HasField("prefetch"):
+        return None
+    return request.prefetch.step, parse_prefetch_request(request.prefetch)
 
 
 def prefetch_request_bytes(step: int, indices: Mapping[str, torch.Tensor]) -> bytes:

@@ -143,7 +143,10 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
     ) -> pb.EarlyLookupResponse:
         self._carry(request)
         bags = codec.parse_early_lookup_request(request)
+        prefetch = codec.parse_riding_prefetch(request)
         kept = self.core.early_lookup(request.step, request.worker, bags, correct=request.correct)
+        if prefetch is not None:
+            self.core.prefetch(*prefetch)
         return pb.EarlyLookupResponse(kept=bool(kept))
 
     @_translate_errors
