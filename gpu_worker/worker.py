@@ -166,12 +166,19 @@ class DenseWorker:
             if up_to_step is None or step <= up_to_step:
                 self._send_prefetches(step, self._held_prefetches.pop(step))
 
-    def train_step(self, step: int, batch: Batch | None = None) -> float:
+    def train_step(
+        self,
+        step: int,
+        batch: Batch | None = None,
+        ahead: Sequence[tuple[int, Batch]] = (),
+    ) -> float:
         """Steps 2-5 of the design's data path for this worker's share; returns its mean loss.
 
         Args:
             batch: this worker's share of step `step`'s batch, routed here; None: the share
                 `prefetch(step, ...)` already delivered and routed (lookahead).
+            ahead: (later step, share) pairs read ahead, each taken by `prefetch` first: the
+                coordinator delivers them with the step instead of in calls of their own.
 
         With early pooling on and step + 1's share held (`prefetch`), its routed bags are
         pooled on the nodes while this step's dense half runs. Returns before the nodes
@@ -181,6 +188,8 @@ class DenseWorker:
             DataError: an index outside its table in this step's share, before anything of
                 this step is sent.
         """
+        for later_step, later_share in ahead:
+            self.prefetch(later_step, later_share)
         share = self._take_share(step, batch)
         self._send_held_prefetches(up_to_step=step + 1)  # needed before the next early lookup
         _resolve_all(self._take_prefetches(up_to_step=step))

@@ -74,7 +74,9 @@ class NdpEngine:
         self._nodes: list[Any] = []
         self._workers: list[Any] = []
         self._update_seconds: dict[int, float] = {}  # per node, at the last timings()
-        self._prefetches_in_flight: list[Any] = []  # Ray refs of workers' `prefetch` calls
+        self._ahead: list[tuple[int, Batch]] = []
+        """Batches read ahead (`prefetch`) not yet handed to the workers: they go with the
+        next `train_step` call (one Ray call per worker and step, not two)."""
         self._held: dict[int, Batch] = {}
         """step -> batch whose shares the workers hold (`prefetch`): not shipped again."""
         try:
@@ -134,14 +136,15 @@ class NdpEngine:
         parts: list[Batch | None] = [None] * self.num_workers
         if not held:
             parts = list(batch.split(self.num_workers))
+        ahead, self._ahead = self._ahead, []
+        shares = [list(later.split(self.num_workers)) for _, later in ahead]
         refs = [
-            worker.train_step.remote(step, part)
-            for worker, part in zip(self._workers, parts, strict=True)
+            worker.train_step.remote(
+                step, part, [(s, split[rank]) for (s, _), split in zip(ahead, shares, strict=True)]
+            )
+            for rank, (worker, part) in enumerate(zip(self._workers, parts, strict=True))
         ]
         losses = self._wait(refs)
-        # every prefetch sent so far ran on its worker before this step (an actor runs its
-        # calls in order), so this does not wait; it raises an actor's failure in one
-        self._raise_prefetch_errors()
         return float(sum(losses) / len(losses))
 
     def flush(self) -> None:
@@ -151,29 +154,20 @@ class NdpEngine:
             the first refusal of a push (e.g. a StorageNodeError) a worker collected.
         """
         if self._workers:
-            self._raise_prefetch_errors()
             self._wait([w.flush.remote() for w in self._workers])
 
     def prefetch(self, step: int, batch: Batch) -> None:
         """Lookahead: hand each worker its share of `batch`, the batch of a future `step`.
 
-        Asynchronous: the calls go out and this returns. Each worker routes its share once,
+        The shares go with the next `train_step` call (each worker takes them before that
+        step: one Ray call per worker and step, not two). Each worker routes its share once,
         sends the nodes its distinct rows to stage and pin for `step` (a node stages them
         from flash into its cache while the current step runs; see `ndp.pipeline`), and
         keeps the routed share for the early lookup and for `train_step(step)`. A share that
         cannot be routed (bad index) is refused by that step's `train_step`.
         """
         self._held[step] = batch
-        self._prefetches_in_flight += [
-            worker.prefetch.remote(step, part)
-            for worker, part in zip(self._workers, batch.split(self.num_workers), strict=True)
-        ]
-
-    def _raise_prefetch_errors(self) -> None:
-        """Collect the workers' `prefetch` calls sent so far; re-raise the first error."""
-        refs, self._prefetches_in_flight = self._prefetches_in_flight, []
-        if refs:
-            self._wait(refs)
+        self._ahead.append((step, batch))
 
     def predict(self, step: int, batch: Batch) -> torch.Tensor:
         """Logits [B] through the storage nodes, without updates (`step`: next training step)."""
@@ -336,7 +330,7 @@ class NdpEngine:
         """
         import ray
 
-        self._prefetches_in_flight, self._held = [], {}  # the fresh workers hold no shares
+        self._ahead, self._held = [], {}  # the fresh workers hold no shares
         names = [f"ndp-gpu-worker-{r}" for r in range(len(self._workers))]
         names += [f"ndp-storage-node-{n}" for n in range(len(self._nodes))]
         for actor in [*self._workers, *self._nodes]:
@@ -377,7 +371,7 @@ class NdpEngine:
         """Stop workers and storage nodes (servers closed, flash dirs removed), then Ray if ours."""
         import ray
 
-        self._prefetches_in_flight, self._held = [], {}
+        self._ahead, self._held = [], {}
         if not ray.is_initialized():
             return
         _quietly(self.flush)  # the last step's update lands before the nodes shut down

@@ -132,8 +132,17 @@ class BenchOptions:
     @classmethod
     def quick(cls) -> BenchOptions:
         """Why 8 + 60 steps: with 36 timed steps (~4 s per system) two runs on the 2-core
-        machine differed by up to 40% in a ratio; the window is most of the noise."""
-        return cls(batch_size=1024, warmup_steps=8, steps=60, fits_rows=20_000, large_rows=300_000)
+        machine differed by up to 40% in a ratio; the window is most of the noise. Why three
+        rounds: with two, two runs still differed by 15-22% in two ratios (a median of two
+        is their mean; one disturbed window moves it)."""
+        return cls(
+            batch_size=1024,
+            warmup_steps=8,
+            steps=60,
+            fits_rows=20_000,
+            large_rows=300_000,
+            rounds=3,
+        )
 
     def scaled(self, scale: float) -> BenchOptions:
         """Smaller (scale < 1) for tests: fewer rows, smaller batches, fewer steps."""
