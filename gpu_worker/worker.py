@@ -398,12 +398,12 @@ class DenseWorker:
     def _push_gradients(self, step: int, grads: dict[str, torch.Tensor]) -> None:
         """Step `step`'s gradients: held for the next lookups (`pipeline.push` =
         `with_next_lookup`), or sent now, each node's in its own call."""
-        routed = route_gradients(grads, self.plan)
         self._send_held_push()  # never two held: a step's push goes before the next one's
         if self._push_with_lookup:
-            self._held_push = (step, routed)
+            with self._clock.phase("gradient_push_s"):  # routing; it leaves with the lookup
+                self._held_push = (step, route_gradients(grads, self.plan))
             return
-        self._send_pushes(step, routed)
+        self._send_pushes(step, route_gradients(grads, self.plan))
 
     def _send_pushes(self, step: int, routed: dict[int, dict[str, torch.Tensor]]) -> None:
         with self._clock.phase("gradient_push_s"):  # sending only; acknowledged in the next step
