@@ -97,9 +97,9 @@ class DenseWorker:
         self._held_push: tuple[int, dict[int, dict[str, torch.Tensor]]] | None = None
         """(step, {node: gradients}) held for the next step's lookups (`pipeline.push`)."""
         self._prefetches_in_flight: list[tuple[int, Reply[None]]] = []
+        """(step, reply) of prefetches sent; collected by that step's `train_step` or `flush`."""
         self._held_prefetches: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         """step -> {node: rows}: prefetches waiting to ride on an early lookup."""
-        """(step, reply) of prefetches sent; collected by that step's `train_step` or `flush`."""
         self._ahead: dict[int, _RoutedShare] = {}
         """Shares of batches read ahead (`prefetch`), by step, with their routed bags."""
         self._early_in_flight: list[_EarlySent] = []
@@ -220,9 +220,7 @@ class DenseWorker:
         riding: dict[int, dict[str, torch.Tensor]] = {}
         prefetch_step = min(self._held_prefetches, default=None)
         if prefetch_step is not None:
-            rows = self._held_prefetches.pop(prefetch_step)
-            riding = {node: node_rows for node, node_rows in rows.items() if node in routed}
-            alone = {node: node_rows for node, node_rows in rows.items() if node not in routed}
+            riding, alone = _split_by_node(self._held_prefetches.pop(prefetch_step), routed)
             if alone:
                 self._send_prefetches(prefetch_step, alone)
         self._early_in_flight = [
@@ -431,10 +429,10 @@ class DenseWorker:
         if held_step != step - 1:
             self._send_pushes(held_step, per_node)
             return {}
-        alone = {node: grads for node, grads in per_node.items() if node not in routed}
+        riding, alone = _split_by_node(per_node, routed)
         if alone:
             self._send_pushes(held_step, alone)
-        return {node: grads for node, grads in per_node.items() if node in routed}
+        return riding
 
     def _sum_dense_gradients(self) -> None:
         """All-reduce (sum) the dense gradients, flattened into one tensor.
@@ -524,6 +522,16 @@ class _PushOnceReady:
     def _send(self) -> None:
         self._sent = True
         self._push({feature: self._grads[feature] for feature in self._leaves})
+
+
+def _split_by_node(
+    per_node: dict[int, dict[str, torch.Tensor]], routed: RoutedBags
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict[str, torch.Tensor]]]:
+    """(the parts for nodes `routed` sends a call to: they ride on it; the others: they go
+    alone) of something held per node, a push or a prefetch."""
+    riding = {node: part for node, part in per_node.items() if node in routed}
+    alone = {node: part for node, part in per_node.items() if node not in routed}
+    return riding, alone
 
 
 def _resolve_all(futures: Sequence[Reply[Any]]) -> None:

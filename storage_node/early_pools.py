@@ -107,17 +107,6 @@ class UpdatedRows:
         position = torch.searchsorted(self.rows, values).clamp_(max=updated - 1)
         return torch.where(self.rows[position] == values, position, updated)
 
-    def find(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bool [n]: which of `values` were updated, int64 [hits]: their positions in `rows`)."""
-        if self._position_of_row is not None:
-            position = torch.from_numpy(self._position_of_row[values.numpy()])
-            hit = position >= 0
-            return hit, position[hit]
-        # one binary search finds both whether each value was updated and where
-        position = torch.searchsorted(self.rows, values).clamp_(max=self.rows.numel() - 1)
-        hit = self.rows[position] == values
-        return hit, position[hit]
-
 
 @dataclass
 class EarlyPool:
