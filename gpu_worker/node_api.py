@@ -28,6 +28,7 @@ from typing import Generic, Protocol, TypeVar
 import torch
 
 from ndp.plan import Bags
+from storage_node.client import EarlyLookupAnswer
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -68,9 +69,10 @@ class NodeApi(Protocol):
         *,
         correct: bool = True,
         prefetch: tuple[int, Mapping[str, torch.Tensor]] | None = None,
-    ) -> Reply[bool]:
-        """Pool a future step's bags now; True when the node kept them. `prefetch`: (a
-        later step, its rows) staged in the same call."""
+    ) -> Reply[EarlyLookupAnswer]:
+        """Pool a future step's bags now; answers whether the node kept them and whether every
+        row it holds is resident. `prefetch`: (a later step, its rows) staged in the same
+        call."""
         ...
 
     def push_gradients_async(
@@ -79,8 +81,9 @@ class NodeApi(Protocol):
         """d(loss)/d(pooled) {feature: [B, D]} of (step, worker); True once the step applied."""
         ...
 
-    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> Reply[None]:
-        """Stage {feature: local rows int64 [n]} of a future step into the node's cache."""
+    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> Reply[bool]:
+        """Stage {feature: local rows int64 [n]} of a future step into the node's cache;
+        answers whether every row the node holds is resident."""
         ...
 
     def take_wire_bytes(self) -> dict[str, int]:
@@ -114,6 +117,8 @@ class NodeCore(Protocol):
     def push_gradients(self, step: int, worker: int, grads: dict[str, torch.Tensor]) -> bool: ...
 
     def prefetch(self, step: int, indices: dict[str, torch.Tensor]) -> None: ...
+
+    def every_row_resident(self) -> bool: ...
 
 
 class InProcessNode:
@@ -151,12 +156,12 @@ class InProcessNode:
         *,
         correct: bool = True,
         prefetch: tuple[int, Mapping[str, torch.Tensor]] | None = None,
-    ) -> Reply[bool]:
-        def call() -> bool:
+    ) -> Reply[EarlyLookupAnswer]:
+        def call() -> EarlyLookupAnswer:
             kept = self.core.early_lookup(step, worker, dict(bags), correct=correct)
             if prefetch is not None:
                 self.core.prefetch(prefetch[0], dict(prefetch[1]))
-            return kept
+            return EarlyLookupAnswer(kept, self.core.every_row_resident())
 
         return _Done(call)
 
@@ -165,8 +170,12 @@ class InProcessNode:
     ) -> Reply[bool]:
         return _Done(lambda: self.core.push_gradients(step, worker, dict(grads)))
 
-    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> Reply[None]:
-        return _Done(lambda: self.core.prefetch(step, dict(indices)))
+    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> Reply[bool]:
+        def call() -> bool:
+            self.core.prefetch(step, dict(indices))
+            return self.core.every_row_resident()
+
+        return _Done(call)
 
     def take_wire_bytes(self) -> dict[str, int]:
         """Nothing crosses a wire in this process."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,9 @@ from ndp.errors import CollectiveError, DataError
 from ndp.model.dense_step import DenseStep
 from ndp.plan import Bags, ShardingPlan
 from ndp.routing import distinct_rows, reassemble, route_gradients, route_lookup
-from storage_node.client import link_bytes
+from storage_node.client import EarlyLookupAnswer, link_bytes
+
+T = TypeVar("T")
 
 RoutedBags = Mapping[int, Mapping[str, Bags]]
 """{node: {feature: Bags}} for one worker's share of a batch (from `ndp.routing.route_lookup`)."""
@@ -96,8 +98,14 @@ class DenseWorker:
         self._push_with_lookup = cfg.pipeline.push == "with_next_lookup"
         self._held_push: tuple[int, dict[int, dict[str, torch.Tensor]]] | None = None
         """(step, {node: gradients}) held for the next step's lookups (`pipeline.push`)."""
-        self._prefetches_in_flight: list[tuple[int, Reply[None]]] = []
-        """(step, reply) of prefetches sent; collected by that step's `train_step` or `flush`."""
+        self._prefetches_in_flight: list[tuple[int, int, Reply[bool]]] = []
+        """(step, node, reply) of prefetches sent; collected by that step's `train_step` or
+        `flush`."""
+        self._resident_nodes: set[int] = set()
+        """Nodes whose last early lookup or prefetch answered that every row they hold is
+        resident for good: lookahead sends them no prefetches, nor early lookups in exact mode
+        (those would stage nothing and defer every pool), until the next `flush` (after which
+        a restore or resharding may have replaced their rows)."""
         self._held_prefetches: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         """step -> {node: rows}: prefetches waiting to ride on an early lookup."""
         self._ahead: dict[int, _RoutedShare] = {}
@@ -148,7 +156,11 @@ class DenseWorker:
                 self._ahead[step] = _RoutedShare(batch, {}, error)
                 return
             self._ahead[step] = _RoutedShare(batch, routed)
-            rows = distinct_rows(routed, self.plan)
+            staging = {n: b for n, b in routed.items() if n not in self._resident_nodes}
+            self._counters["prefetches_skipped"] += len(routed) - len(staging)
+            if not staging:
+                return
+            rows = distinct_rows(staging, self.plan)
             if self._early_pooling:  # sent with an early lookup (`_early_lookups`)
                 self._held_prefetches[step] = rows
             else:
@@ -156,7 +168,7 @@ class DenseWorker:
 
     def _send_prefetches(self, step: int, rows: dict[int, dict[str, torch.Tensor]]) -> None:
         self._prefetches_in_flight += [
-            (step, self.clients[node].prefetch_async(step, node_rows))
+            (step, node, self.clients[node].prefetch_async(step, node_rows))
             for node, node_rows in rows.items()
         ]
 
@@ -192,7 +204,7 @@ class DenseWorker:
             self.prefetch(later_step, later_share)
         share = self._take_share(step, batch)
         self._send_held_prefetches(up_to_step=step + 1)  # needed before the next early lookup
-        _resolve_all(self._take_prefetches(up_to_step=step))
+        self._collect_prefetches(up_to_step=step)
         self._resolve_early_lookups(keep=True)
         pooled = self._lookup(step, share.routed, train=True)
         upcoming = self._ahead.get(step + 1)
@@ -216,11 +228,17 @@ class DenseWorker:
 
     def _early_lookups(self, step: int, routed: RoutedBags) -> None:
         """Send `step`'s bags to be pooled early, each node's call carrying the rows of the
-        next held prefetch for that node (one call per node instead of two)."""
+        next held prefetch for that node (one call per node instead of two). Nodes whose
+        every row is resident get none in exact mode (`_resident_nodes`)."""
+        if self._early_correct:
+            sending = {n: b for n, b in routed.items() if n not in self._resident_nodes}
+            self._counters["early_lookups_skipped"] += len(routed) - len(sending)
+            routed = sending
         riding: dict[int, dict[str, torch.Tensor]] = {}
         prefetch_step = min(self._held_prefetches, default=None)
         if prefetch_step is not None:
             riding, alone = _split_by_node(self._held_prefetches.pop(prefetch_step), routed)
+            alone = {n: rows for n, rows in alone.items() if n not in self._resident_nodes}
             if alone:
                 self._send_prefetches(prefetch_step, alone)
         self._early_in_flight = [
@@ -256,11 +274,13 @@ class DenseWorker:
         self._send_held_prefetches()
         with self._clock.phase("push_wait_s"):
             _resolve_all(self._take_pushes())
-        _resolve_all(self._take_prefetches())
+        self._collect_prefetches()
         # forget the kept pools: what runs after a flush may drop them on the nodes (restore,
         # write_rows), so the next lookup sends its bags (a node still holding the pool
-        # matches them and answers it anyway)
+        # matches them and answers it anyway); for the same reason, ask again which nodes
+        # hold every row
         self._resolve_early_lookups(keep=False)
+        self._resident_nodes.clear()
 
     def timings(self) -> dict[str, float]:
         """Seconds per phase and counters since the last call.
@@ -313,19 +333,27 @@ class DenseWorker:
         futures, self._pushes_in_flight = self._pushes_in_flight, []
         return futures
 
-    def _take_prefetches(self, up_to_step: int | None = None) -> list[Reply[None]]:
-        """The prefetch replies of steps <= `up_to_step` (all with None), no longer tracked.
+    def _collect_prefetches(self, up_to_step: int | None = None) -> None:
+        """Collect the prefetch replies of steps <= `up_to_step` (all with None): raise the
+        first refusal, note the nodes that hold every row (`_resident_nodes`).
 
         Why collected at their own step: a prefetch was sent `lookahead_depth` steps earlier
         and is long answered then, so collecting it never waits; a refusal surfaces there.
         """
-        taken = [r for s, r in self._prefetches_in_flight if up_to_step is None or s <= up_to_step]
+        taken = [
+            (n, r)
+            for s, n, r in self._prefetches_in_flight
+            if up_to_step is None or s <= up_to_step
+        ]
         self._prefetches_in_flight = [
-            (s, r)
-            for s, r in self._prefetches_in_flight
+            (s, n, r)
+            for s, n, r in self._prefetches_in_flight
             if up_to_step is not None and s > up_to_step
         ]
-        return taken
+        answers = _resolve_all([reply for _, reply in taken])
+        self._resident_nodes.update(
+            node for (node, _), resident in zip(taken, answers, strict=True) if resident
+        )
 
     def _route(self, batch: Batch) -> RoutedBags:
         """The one place a share is routed: {node: {feature: Bags}} (counted per share)."""
@@ -356,10 +384,17 @@ class DenseWorker:
         """Collect the early lookups in flight; with `keep`, remember the pools nodes kept."""
         sent, self._early_in_flight = self._early_in_flight, []
         with self._clock.phase("early_lookup_s"):
-            _resolve_all([early.reply for early in sent])
+            answers = _resolve_all([early.reply for early in sent])
         self._early_kept = {
-            (early.step, early.node): early.bags for early in sent if keep and early.reply.result()
+            (early.step, early.node): early.bags
+            for early, answer in zip(sent, answers, strict=True)
+            if keep and answer.kept
         }
+        self._resident_nodes.update(
+            early.node
+            for early, answer in zip(sent, answers, strict=True)
+            if answer.every_row_resident
+        )
 
     def _answers_from_early_pool(self, step: int, node: int, bags: Mapping[str, Bags]) -> bool:
         """True when `node` keeps this worker's early pool of these very bags for `step`.
@@ -477,8 +512,8 @@ class _EarlySent:
     step: int
     node: int
     bags: Mapping[str, Bags]
-    reply: Reply[bool]
-    """True when the node kept the pooled vectors."""
+    reply: Reply[EarlyLookupAnswer]
+    """Whether the node kept the pooled vectors, and whether it holds every row."""
 
 
 class _PushOnceReady:
@@ -534,16 +569,19 @@ def _split_by_node(
     return riding, alone
 
 
-def _resolve_all(futures: Sequence[Reply[Any]]) -> None:
-    """Wait for every future (none left behind), then raise the first error, if any."""
+def _resolve_all(futures: Sequence[Reply[T]]) -> list[T]:
+    """Wait for every future (none left behind), then raise the first error, if any; else
+    their values, in order."""
     first: BaseException | None = None
+    values = []
     for future in futures:
         try:
-            future.result()
+            values.append(future.result())
         except Exception as error:
             first = first or error
     if first is not None:
         raise first
+    return values
 
 
 def _first_line(error: BaseException) -> str:

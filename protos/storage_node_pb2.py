@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/storage_node.proto\x12\x10ndp.storage_node\"9\n\x0bTensorProto\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xf5\x01\n\x11KeyedJaggedTensor\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0e\n\x06stride\x18\x02 \x01(\x03\x12.\n\x07lengths\x18\x03 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12-\n\x06values\x18\x04 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12.\n\x07weights\x18\x05 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12\x33\n\x0cmean_divisor\x18\x06 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\"X\n\x0bKeyedTensor\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0c\n\x04\x64ims\x18\x02 \x03(\x03\x12-\n\x06values\x18\x03 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\"\xdc\x01\n\rLookupRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\r\n\x05train\x18\x03 \x01(\x08\x12\x12\n\nwire_dtype\x18\x05 \x01(\t\x12\x11\n\tuse_early\x18\x06 \x01(\x08\x12\x31\n\x04\x62\x61gs\x18\x07 \x01(\x0b\x32#.ndp.storage_node.KeyedJaggedTensor\x12\x34\n\x04push\x18\x08 \x01(\x0b\x32&.ndp.storage_node.PushGradientsRequestJ\x04\x08\x04\x10\x05R\x08\x66\x65\x61tures\"E\n\x0eLookupResponse\x12-\n\x06pooled\x18\x02 \x01(\x0b\x32\x1d.ndp.storage_node.KeyedTensorJ\x04\x08\x01\x10\x02\"\xbb\x01\n\x12\x45\x61rlyLookupRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x08\x12\x31\n\x04\x62\x61gs\x18\x05 \x01(\x0b\x32#.ndp.storage_node.KeyedJaggedTensor\x12\x33\n\x08prefetch\x18\x06 \x01(\x0b\x32!.ndp.storage_node.PrefetchRequestJ\x04\x08\x03\x10\x04R\x08\x66\x65\x61tures\"#\n\x13\x45\x61rlyLookupResponse\x12\x0c\n\x04kept\x18\x01 \x01(\x08\"a\n\x0fPrefetchRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x31\n\x04rows\x18\x03 \x01(\x0b\x32#.ndp.storage_node.KeyedJaggedTensorJ\x04\x08\x02\x10\x03R\x07indices\"\x12\n\x10PrefetchResponse\"h\n\x14PushGradientsRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12,\n\x05grads\x18\x04 \x01(\x0b\x32\x1d.ndp.storage_node.KeyedTensorJ\x04\x08\x03\x10\x04\"(\n\x15PushGradientsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x32\xeb\x02\n\x0bStorageNode\x12K\n\x06Lookup\x12\x1f.ndp.storage_node.LookupRequest\x1a .ndp.storage_node.LookupResponse\x12Q\n\x08Prefetch\x12!.ndp.storage_node.PrefetchRequest\x1a\".ndp.storage_node.PrefetchResponse\x12Z\n\x0b\x45\x61rlyLookup\x12$.ndp.storage_node.EarlyLookupRequest\x1a%.ndp.storage_node.EarlyLookupResponse\x12`\n\rPushGradients\x12&.ndp.storage_node.PushGradientsRequest\x1a\'.ndp.storage_node.PushGradientsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/storage_node.proto\x12\x10ndp.storage_node\"9\n\x0bTensorProto\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xf5\x01\n\x11KeyedJaggedTensor\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0e\n\x06stride\x18\x02 \x01(\x03\x12.\n\x07lengths\x18\x03 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12-\n\x06values\x18\x04 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12.\n\x07weights\x18\x05 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\x12\x33\n\x0cmean_divisor\x18\x06 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\"X\n\x0bKeyedTensor\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0c\n\x04\x64ims\x18\x02 \x03(\x03\x12-\n\x06values\x18\x03 \x01(\x0b\x32\x1d.ndp.storage_node.TensorProto\"\xdc\x01\n\rLookupRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\r\n\x05train\x18\x03 \x01(\x08\x12\x12\n\nwire_dtype\x18\x05 \x01(\t\x12\x11\n\tuse_early\x18\x06 \x01(\x08\x12\x31\n\x04\x62\x61gs\x18\x07 \x01(\x0b\x32#.ndp.storage_node.KeyedJaggedTensor\x12\x34\n\x04push\x18\x08 \x01(\x0b\x32&.ndp.storage_node.PushGradientsRequestJ\x04\x08\x04\x10\x05R\x08\x66\x65\x61tures\"E\n\x0eLookupResponse\x12-\n\x06pooled\x18\x02 \x01(\x0b\x32\x1d.ndp.storage_node.KeyedTensorJ\x04\x08\x01\x10\x02\"\xbb\x01\n\x12\x45\x61rlyLookupRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x08\x12\x31\n\x04\x62\x61gs\x18\x05 \x01(\x0b\x32#.ndp.storage_node.KeyedJaggedTensor\x12\x33\n\x08prefetch\x18\x06 \x01(\x0b\x32!.ndp.storage_node.PrefetchRequestJ\x04\x08\x03\x10\x04R\x08\x66\x65\x61tures\"?\n\x13\x45\x61rlyLookupResponse\x12\x0c\n\x04kept\x18\x01 \x01(\x08\x12\x1a\n\x12\x65very_row_resident\x18\x02 \x01(\x08\"a\n\x0fPrefetchRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x31\n\x04rows\x18\x03 \x01(\x0b\x32#.ndp.storage_node.KeyedJaggedTensorJ\x04\x08\x02\x10\x03R\x07indices\".\n\x10PrefetchResponse\x12\x1a\n\x12\x65very_row_resident\x18\x01 \x01(\x08\"h\n\x14PushGradientsRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12,\n\x05grads\x18\x04 \x01(\x0b\x32\x1d.ndp.storage_node.KeyedTensorJ\x04\x08\x03\x10\x04\"(\n\x15PushGradientsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x32\xeb\x02\n\x0bStorageNode\x12K\n\x06Lookup\x12\x1f.ndp.storage_node.LookupRequest\x1a .ndp.storage_node.LookupResponse\x12Q\n\x08Prefetch\x12!.ndp.storage_node.PrefetchRequest\x1a\".ndp.storage_node.PrefetchResponse\x12Z\n\x0b\x45\x61rlyLookup\x12$.ndp.storage_node.EarlyLookupRequest\x1a%.ndp.storage_node.EarlyLookupResponse\x12`\n\rPushGradients\x12&.ndp.storage_node.PushGradientsRequest\x1a\'.ndp.storage_node.PushGradientsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,15 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EARLYLOOKUPREQUEST']._serialized_start=739
   _globals['_EARLYLOOKUPREQUEST']._serialized_end=926
   _globals['_EARLYLOOKUPRESPONSE']._serialized_start=928
-  _globals['_EARLYLOOKUPRESPONSE']._serialized_end=963
-  _globals['_PREFETCHREQUEST']._serialized_start=965
-  _globals['_PREFETCHREQUEST']._serialized_end=1062
-  _globals['_PREFETCHRESPONSE']._serialized_start=1064
-  _globals['_PREFETCHRESPONSE']._serialized_end=1082
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1084
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1188
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1190
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1230
-  _globals['_STORAGENODE']._serialized_start=1233
-  _globals['_STORAGENODE']._serialized_end=1596
+  _globals['_EARLYLOOKUPRESPONSE']._serialized_end=991
+  _globals['_PREFETCHREQUEST']._serialized_start=993
+  _globals['_PREFETCHREQUEST']._serialized_end=1090
+  _globals['_PREFETCHRESPONSE']._serialized_start=1092
+  _globals['_PREFETCHRESPONSE']._serialized_end=1138
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1140
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1244
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1246
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1286
+  _globals['_STORAGENODE']._serialized_start=1289
+  _globals['_STORAGENODE']._serialized_end=1652
 # @@protoc_insertion_point(module_scope)

@@ -81,10 +81,12 @@ class EarlyLookupRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., worker: _Optional[int] = ..., correct: _Optional[bool] = ..., bags: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ..., prefetch: _Optional[_Union[PrefetchRequest, _Mapping]] = ...) -> None: ...
 
 class EarlyLookupResponse(_message.Message):
-    __slots__ = ("kept",)
+    __slots__ = ("kept", "every_row_resident")
     KEPT_FIELD_NUMBER: _ClassVar[int]
+    EVERY_ROW_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     kept: bool
-    def __init__(self, kept: _Optional[bool] = ...) -> None: ...
+    every_row_resident: bool
+    def __init__(self, kept: _Optional[bool] = ..., every_row_resident: _Optional[bool] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
     __slots__ = ("step", "rows")
@@ -95,8 +97,10 @@ class PrefetchRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., rows: _Optional[_Union[KeyedJaggedTensor, _Mapping]] = ...) -> None: ...
 
 class PrefetchResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("every_row_resident",)
+    EVERY_ROW_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    every_row_resident: bool
+    def __init__(self, every_row_resident: _Optional[bool] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
     __slots__ = ("step", "worker", "grads")

@@ -368,6 +368,12 @@ class RowCache:
         statistics (recency, frequency, the hot set) decide nothing and are not kept."""
         return self.capacity_rows >= self.flash.layout.num_rows
 
+    @property
+    def every_row_resident(self) -> bool:
+        """Every row of the row space is cached, for good (`holds_all` and all placed): no
+        read of this cache can miss until `invalidate`."""
+        return self.holds_all and self._filled >= self.flash.layout.num_rows
+
     def _count(self, rows: np.ndarray, hit_slots: np.ndarray) -> None:
         """Hit/miss counters and policy statistics for an access of unique `rows`."""
         n_hit = int(hit_slots.size)

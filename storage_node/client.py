@@ -20,6 +20,7 @@ import os
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -95,6 +96,17 @@ def pick_address(addresses: str | Mapping[str, Any]) -> str:
     ):
         return unix
     return addresses["tcp"]
+
+
+@dataclass(frozen=True)
+class EarlyLookupAnswer:
+    """A node's answer to an early lookup (`EarlyLookupResponse`)."""
+
+    kept: bool
+    """The node keeps the pooled vectors for the step's lookup (False: already applied)."""
+    every_row_resident: bool
+    """Every row the node holds is cached for good: early lookups (exact mode) and
+    prefetches to it change nothing a lookup would not do."""
 
 
 class ReplyFuture(Generic[T]):
@@ -264,21 +276,31 @@ class StorageClient:
         *,
         correct: bool = True,
         prefetch: tuple[int, Mapping[str, torch.Tensor]] | None = None,
-    ) -> ReplyFuture[bool]:
+    ) -> ReplyFuture[EarlyLookupAnswer]:
         """Have the node pool a future training step's bags now (lookahead early pooling),
         and stage `prefetch` = (a later step, {feature: local rows}) in the same call.
 
-        Resolves to True when the node kept the pooled vectors (False: step already applied).
+        Resolves to whether the node kept the pooled vectors (not when the step is already
+        applied) and whether every row it holds is resident (`EarlyLookupAnswer`).
         """
         request = codec.early_lookup_request_bytes(
             step, worker, bags, correct=correct, prefetch=prefetch
         )
-        return self._call("EarlyLookup", request, lambda reply: reply.kept)
-
-    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> ReplyFuture[None]:
-        """Stage {feature: local rows int64 [n]} of a future step into the node's cache."""
         return self._call(
-            "Prefetch", codec.prefetch_request_bytes(step, indices), lambda reply: None
+            "EarlyLookup",
+            request,
+            lambda reply: EarlyLookupAnswer(reply.kept, reply.every_row_resident),
+        )
+
+    def prefetch_async(self, step: int, indices: Mapping[str, torch.Tensor]) -> ReplyFuture[bool]:
+        """Stage {feature: local rows int64 [n]} of a future step into the node's cache.
+
+        Resolves to whether every row the node holds is resident (then prefetches to it
+        stage nothing; `EarlyLookupAnswer.every_row_resident`)."""
+        return self._call(
+            "Prefetch",
+            codec.prefetch_request_bytes(step, indices),
+            lambda reply: reply.every_row_resident,
         )
 
     # ----------------------------------------------------------------- blocking forms
@@ -302,7 +324,7 @@ class StorageClient:
     def early_lookup(
         self, step: int, worker: int, bags: Mapping[str, Bags], *, correct: bool = True
     ) -> bool:
-        return self.early_lookup_async(step, worker, bags, correct=correct).result()
+        return self.early_lookup_async(step, worker, bags, correct=correct).result().kept
 
     def prefetch(self, step: int, indices: Mapping[str, torch.Tensor]) -> None:
         self.prefetch_async(step, indices).result()

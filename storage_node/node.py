@@ -312,6 +312,12 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
                     f"{self.applied_step + 1} or later"
                 )
 
+    def every_row_resident(self) -> bool:
+        """Every row of every piece on this node is cached for good (`RowCache.
+        every_row_resident`): an early lookup (exact mode) or a prefetch would stage nothing
+        and pool nothing early, so the replies tell workers they can stop sending them."""
+        return all(arena.cache.every_row_resident for arena in self._arenas)
+
     # ------------------------------------------------------------------ lookup
 
     def lookup(

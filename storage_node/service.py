@@ -147,7 +147,9 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
         kept = self.core.early_lookup(request.step, request.worker, bags, correct=request.correct)
         if prefetch is not None:
             self.core.prefetch(*prefetch)
-        return pb.EarlyLookupResponse(kept=bool(kept))
+        return pb.EarlyLookupResponse(
+            kept=bool(kept), every_row_resident=self.core.every_row_resident()
+        )
 
     @_translate_errors
     def Prefetch(
@@ -155,7 +157,7 @@ class StorageNodeServicer(pb_grpc.StorageNodeServicer):
     ) -> pb.PrefetchResponse:
         self._carry(request)
         self.core.prefetch(request.step, codec.parse_prefetch_request(request))
-        return pb.PrefetchResponse()
+        return pb.PrefetchResponse(every_row_resident=self.core.every_row_resident())
 
     @_translate_errors
     def PushGradients(

@@ -35,9 +35,10 @@ STEPS = 8
 BATCH = 16
 
 
-def _config(**pipeline) -> Config:
+def _config(cache_bytes: int = 2048, **pipeline) -> Config:
     """`model.tiny`'s three tables; the mean-pooled `t1` split row-wise over both nodes (the
-    whole-bag divisor crosses pieces), caches of a few rows (rows go to flash and back)."""
+    whole-bag divisor crosses pieces), caches of a few rows (rows go to flash and back)
+    unless `cache_bytes` says otherwise."""
     return tiny_config(
         data={"synthetic": {"num_samples": STEPS * BATCH, "num_val_samples": 32, "seed": 7}},
         optimizer={
@@ -50,7 +51,7 @@ def _config(**pipeline) -> Config:
             "num_gpu_workers": 1,
             "constraints": {"t1": {"sharding_type": "row_wise"}},
         },
-        storage={"cache_bytes": 2048},
+        storage={"cache_bytes": cache_bytes},
         pipeline=pipeline,
     )
 
@@ -218,6 +219,31 @@ def test_with_lookahead_each_share_is_received_once_and_routed_once(tmp_path, de
         early = [core.early_counters for core in cores]
         assert sum(e["early_hits_without_bags"] for e in early) == len(cores) * (STEPS - 1)
         assert sum(e["early_mismatches"] for e in early) == 0
+
+
+def test_lookahead_stops_calling_nodes_that_hold_every_row_and_trains_the_same(tmp_path):
+    """Where a node's cache holds every row for good, an early lookup would stage nothing and
+    defer every pool: after the first answer says so, the worker sends that node no early
+    lookups and no prefetches, its lookups carry their bags, and the model is the
+    reference's. A flush (restore, resharding may follow) makes it ask again."""
+    cfg = _config(cache_bytes=1 << 20, lookahead_depth=1, early_pooling=True)
+    batches = list(build_datasets(cfg)[0].batches(BATCH))[:STEPS]
+    reference = ReferenceEngine(cfg)
+    with _worker_on_cores(cfg, tmp_path) as (worker, cores):
+        assert all(core.every_row_resident() for core in cores)
+        losses = _train(worker, cfg, batches)
+        worker.flush()
+        expected = [reference.train_step(step, batch) for step, batch in enumerate(batches)]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+        counted = worker.timings()
+        # the prefetches of steps 0 and 1 went before step 0's lookup; their answers told
+        assert sum(core.early_counters["early_pools"] for core in cores) == 0
+        assert counted["early_lookups_skipped"] == len(cores) * (STEPS - 1)
+        assert counted["prefetches_skipped"] == len(cores) * (STEPS - 2)
+        worker.prefetch(STEPS, batches[0])  # after the flush: asks again
+        worker.prefetch(STEPS + 1, batches[1])
+        worker.train_step(STEPS)
+        assert worker.timings()["prefetches_skipped"] == 0
 
 
 def test_a_step_shipped_again_is_routed_again_and_its_lookup_sends_its_bags(tmp_path):

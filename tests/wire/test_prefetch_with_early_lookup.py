@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ndp.errors import StorageNodeError
+from storage_node.client import EarlyLookupAnswer
 from wire.tiny_node import random_bags, tiny_config
 
 
@@ -18,8 +19,8 @@ def test_a_prefetch_riding_on_an_early_lookup_stages_and_pins_its_rows(serve_nod
     with node.client() as client:
         client.lookup(0, 0, random_bags(4, seed=0))
         assert node.core.stats()["cache"]["pinned_rows"] == 0
-        kept = client.early_lookup_async(1, 0, random_bags(4, seed=1), prefetch=(2, rows))
-        assert kept.result() is True
+        answer = client.early_lookup_async(1, 0, random_bags(4, seed=1), prefetch=(2, rows))
+        assert answer.result() == EarlyLookupAnswer(kept=True, every_row_resident=False)
         assert node.core.early_counters["early_pools"] == 1
         assert node.core.stats()["cache"]["pinned_rows"] == 5  # pinned until step 2 applies
         wire = client.take_wire_bytes()
@@ -34,3 +35,15 @@ def test_a_riding_prefetch_with_a_row_outside_its_table_is_refused_by_name(serve
         with pytest.raises(StorageNodeError, match="f2"):
             client.early_lookup_async(1, 0, random_bags(4, seed=1), prefetch=(2, bad)).result()
         assert node.core.stats()["cache"]["pinned_rows"] == 0
+
+
+def test_a_node_whose_cache_holds_every_row_says_so_in_its_lookahead_replies(serve_node):
+    """The worker stops sending early lookups and prefetches to such a node: they would stage
+    nothing and pool nothing early (`DenseWorker._resident_nodes`)."""
+    node = serve_node(tiny_config(cache_bytes=1 << 20))  # 65 rows: all preloaded at open
+    rows = {"f0": torch.tensor([1, 2, 3])}
+    with node.client() as client:
+        client.lookup(0, 0, random_bags(4, seed=0))
+        answer = client.early_lookup_async(1, 0, random_bags(4, seed=1), prefetch=(2, rows))
+        assert answer.result() == EarlyLookupAnswer(kept=True, every_row_resident=True)
+        assert client.prefetch_async(3, rows).result() is True
