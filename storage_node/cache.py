@@ -277,11 +277,14 @@ class RowCache:
         if count:
             self._count(rows, hit_slots)
         if not hit.all():
-            miss_rows = rows[~hit]
-            miss_records = self.flash.read_rows(miss_rows)
-            out[~hit] = miss_records
-            if admit:
-                self._admit(miss_rows, miss_records, dirty=False)
+            # held: the dirty rows that admitting the misses evicts are written back mostly
+            # into the blocks this read just brought in, without reading them again
+            with self.flash.holding_reads():
+                miss_rows = rows[~hit]
+                miss_records = self.flash.read_rows(miss_rows)
+                out[~hit] = miss_records
+                if admit:
+                    self._admit(miss_rows, miss_records, dirty=False)
         return out
 
     def preload(self, chunk_rows: int = 1 << 16) -> bool:

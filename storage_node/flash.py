@@ -611,11 +611,16 @@ class FlashStore:
         """Keep the blocks read inside this block so that writes to them skip the re-read.
 
         Why: an update reads the rows it changes (misses come from flash), and rows the cache
-        does not admit are written straight back: without this, that write's
-        read-modify-write reads the same blocks again. The held copies are the I/O buffers
-        of this one operation (released at exit) and every write inside the block updates
-        them, so they always equal the file.
+        does not admit are written straight back; a lookup reads its misses, and admitting
+        them evicts dirty rows that are written back, mostly into the blocks just read.
+        Without this, each of those writes' read-modify-write reads the same blocks again.
+        The held copies are the I/O buffers of this one operation (released at exit) and
+        every write inside the block updates them, so they always equal the file. Nested
+        blocks hold into the outermost one, which releases them.
         """
+        if self._held is not None:
+            yield
+            return
         self._held = []
         try:
             yield
@@ -636,13 +641,11 @@ class FlashStore:
         data = np.frombuffer(buf, dtype=np.uint8, count=blocks.size * self.layout.block_bytes)
         self._held.append((blocks, data.reshape(blocks.size, self.layout.block_bytes), buf))
 
-    def _held_copy(self, blocks: np.ndarray) -> mmap.mmap | None:
-        """An aligned buffer of sorted unique `blocks` from the held reads, if all are held.
-
-        The held buffers are searched newest first, so each block comes from its latest copy.
-        """
+    def _current_blocks(self, blocks: np.ndarray) -> mmap.mmap:
+        """An aligned buffer of the current bytes of sorted unique `blocks`: those held
+        (`holding_reads`) copied, newest copy first, only the others read from the device."""
         if not self._held:
-            return None
+            return self._read_blocks(blocks)
         nbytes = blocks.size * self.layout.block_bytes
         buf = IO_BUFFERS.take(nbytes)
         target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(blocks.size, -1)
@@ -653,11 +656,18 @@ class FlashStore:
             target[found] = held_data[where[found]]
             missing &= ~found
             if not missing.any():
-                del target
-                return buf
+                break
+        if missing.any():
+            rest = blocks[missing]
+            read = self._read_blocks(rest)
+            count = rest.size * self.layout.block_bytes
+            target[missing] = np.frombuffer(read, dtype=np.uint8, count=count).reshape(
+                rest.size, -1
+            )
+            IO_BUFFERS.give(read)
+        self.counters.blocks_from_held += int(blocks.size - missing.sum())
         del target
-        IO_BUFFERS.give(buf)
-        return None
+        return buf
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Records of local `rows` (any order, duplicates allowed): float32 [n, D + S]."""
@@ -697,9 +707,7 @@ class FlashStore:
         lay = self.layout
         blocks, block_pos, _ = unique_inverse(rows // lay.rows_per_block, self.layout.num_blocks)
         span = fill_gaps(blocks, self._max_gap_blocks)
-        buf = self._held_copy(span)
-        if buf is None:
-            buf = self._read_blocks(span)
+        buf = self._current_blocks(span)
         view = np.frombuffer(buf, dtype=np.float32)
         view[self._float_index(self._positions(span, blocks)[block_pos], rows)] = records
         del view

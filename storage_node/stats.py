@@ -56,6 +56,9 @@ class FlashCounters:
     read_requests: int = 0
     """pread calls (a batch is coalesced into runs; each run is one request)."""
     write_requests: int = 0
+    blocks_from_held: int = 0
+    """Blocks a write took from the bytes of a read or write held in the same operation
+    (`FlashStore.holding_reads`) instead of reading them from the device again."""
     emulated_delay_s: float = 0.0
     read_seconds: float = 0.0
     """Wall seconds spent issuing reads (the batch's runs in flight), device emulation not

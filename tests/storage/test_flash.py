@@ -249,6 +249,31 @@ def test_held_blocks_follow_every_write_so_a_later_write_keeps_the_earlier_one(t
     reopened.close()
 
 
+def test_a_write_partly_over_held_blocks_reads_only_the_others_and_nests_in_an_outer_hold(
+    tmp_path,
+):
+    store = open_store(tmp_path / "s", merge_gap_bytes=0)  # 8 rows per 512-byte block
+    rng = np.random.default_rng(3)
+    records = rng.standard_normal((4, 16)).astype(np.float32)
+    rows = np.array([2, 10, 17, 40])  # blocks 0, 1, 2, 5
+    neighbours = store.read_rows(np.array([3, 11, 41]))  # rows that share those blocks
+    with store.holding_reads():
+        store.read_rows(np.array([1, 9]))  # blocks 0 and 1 held
+        with store.holding_reads():  # nested (a fetch inside an update): holds into the outer
+            pages = store.counters.pages_read
+            store.write_rows(rows, records)
+            assert store.counters.pages_read == pages + 2, "only blocks 2 and 5 come from disk"
+            assert store.counters.blocks_from_held == 2
+        store.write_rows(rows[:1], records[:1] + 1)  # block 0 from the write just held
+        assert store.counters.pages_read == pages + 2
+    store.close()
+    reopened = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(reopened.read_rows(rows[1:]), records[1:])
+    np.testing.assert_array_equal(reopened.read_rows(rows[:1]), records[:1] + 1)
+    np.testing.assert_array_equal(reopened.read_rows(np.array([3, 11, 41])), neighbours)
+    reopened.close()
+
+
 def test_io_buffers_are_reused_by_size_class_and_the_pool_is_bounded():
     pool = IoBuffers(max_cached_bytes=8192)
     first = pool.take(5000)  # rounded up to 8 KiB
