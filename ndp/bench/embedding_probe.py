@@ -7,6 +7,13 @@ between two runs (2.4 vs 3.4 ms at fits_in_dram) while every other ratio moved u
 the same embedding module (the all_gpu engine's, after its timed window) trains the same
 timed batches several times over, and each step's process CPU time is taken: CPU, like the
 nodes' figure, and the median of many steps, not a sum over one window.
+
+Why on one intra-op thread: FBGEMM's CPU table-batched kernel does this step's work on one
+thread (standalone, 13 tables x 1024 bags: 1.70 ms on one thread, 1.71-1.74 ms of wall on two,
+whose second thread only spins: 28 ms of CPU for a 15 ms multihot step), and with a spinning
+partner the median followed whatever else ran on the shared cores: 2.0 and 2.4 ms at
+fits_in_dram, 21.1 and 15.1 ms at multihot, in two bench runs 18 minutes apart. One thread
+times the kernel's work, which is what the nodes' CPU is compared with.
 """
 
 from __future__ import annotations
@@ -28,10 +35,19 @@ def embedding_step_cpu_s(
 ) -> dict[str, float]:
     """Median process CPU and wall seconds of one FBGEMM forward + backward/update step over
     `passes` passes of `batches` after one warm-up pass (upstream gradients random, seeded,
-    the same in every pass).
+    the same in every pass), on one intra-op thread (restored after).
 
     The update changes `embeddings`' tables: call it on a model whose run is over.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _timed_steps(embeddings, batches, passes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed_steps(embeddings: ReferenceEmbeddings, batches: list[Any], passes: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     grads: list[list[torch.Tensor]] = []
     for batch in batches:  # the warm-up pass, which also draws each batch's gradients

@@ -38,8 +38,9 @@ nodes' caches served or missed (lookups, update reads and prefetch staging). A m
 target's line says what limits it: the CPU floor (busy CPU-seconds / usable cores) against
 the step, and the largest phases. The storage-node engine's target divides the nodes' CPU
 per step by all_gpu's FBGEMM forward + backward/update step, timed after all_gpu's window
-in a loop of its own over the same timed batches (`ndp.bench.embedding_probe`: the median of
-many steps, where the phase clock's median of one window moved 35% between runs).
+in a loop of its own over the same timed batches on one intra-op thread
+(`ndp.bench.embedding_probe`: the median of many steps, where the phase clock's median of one
+window moved 35% between runs and a two-thread probe's 20-40%).
 """
 
 from __future__ import annotations

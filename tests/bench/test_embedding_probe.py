@@ -17,7 +17,9 @@ def test_the_probe_trains_the_all_gpu_module_on_the_timed_batches_and_times_each
     batches = list(build_datasets(cfg)[0].batches(16))
     engine = ReferenceEngine(cfg)
     before = engine.embeddings.table_weights("t0").clone()
+    threads = torch.get_num_threads()
     probe = embedding_step_cpu_s(engine.embeddings, batches, passes=2)
+    assert torch.get_num_threads() == threads  # timed on one thread, the setting restored
     assert probe["steps"] == 2 * len(batches)  # the warm-up pass is not counted
     assert probe["wall_s_median"] > 0 and probe["cpu_s_median"] >= 0
     # forward, backward and the fused update ran: the table moved
