@@ -12,9 +12,17 @@ One `cache.RowCache` serves the whole arena: one DRAM slot tensor (weights + opt
 of every piece), one index from arena row to slot, one eviction policy whose statistics count
 accesses across pieces (a statistics-driven cache, not a fixed split per table). Behind it,
 `ArenaFlash` presents the pieces' shard files as the one row space the cache reads and
-writes: each batch of rows is split by piece with one `searchsorted` and each file gets one
-batched call. The shard files themselves are unchanged (one file per piece), so checkpoints,
-restore streams and resharding keep their format.
+writes, and moves a batch of rows of every file as one batch of I/O: arena rows map to
+*arena blocks* (file i's block b is `block_bases[i] + b`, the files' block ranges spaced
+further apart than the merge gap), so one dedupe, one gap fill and one coalescing into runs
+serve every file, and the runs of all files go out in one call to the I/O threads. The shard
+files themselves are unchanged (one file per piece), so checkpoints, restore streams and
+resharding keep their format.
+
+Why batched: at cache_5pct (13 files per node, each step touching most blocks) the per-file
+loop cost ~0.3 ms of numpy and thread hand-offs per file and call, 87 calls per step for two
+nodes; one batch per call took the in-process step (two nodes and a worker) from 110.7 to
+89.6-96.9 CPU-ms with the same bytes and requests.
 
 Why the arena: with a cache per piece every stage of a step looped over tables (a lookup
 per feature, an update per table); with one row space a step's lookup of every feature is
@@ -23,6 +31,9 @@ one `embedding_bag` over the slot tensor, and its update one dedupe and one opti
 
 from __future__ import annotations
 
+import mmap
+import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -30,8 +41,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ndp.plan import ShardSpec
+from ndp.rows import unique_inverse
 from storage_node.cache import RowCache
-from storage_node.flash import DetachedRead, FlashStore
+from storage_node.flash import (
+    IO_BUFFERS,
+    DetachedRead,
+    FlashStore,
+    IoGeometry,
+    block_runs,
+    fill_gaps,
+    issue_runs,
+)
 from storage_node.keyed_bags import FeaturePlace
 
 
@@ -64,6 +84,21 @@ class ArenaFlash:
         self.bases = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         """int64 [pieces + 1]: the first arena row of each piece, and the total."""
         self.layout = ArenaLayout(num_rows=int(self.bases[-1]), row_floats=widths.pop())
+        shapes = {store.io_geometry() for store in stores}
+        self._geometry: IoGeometry | None = (
+            shapes.pop() if len(stores) > 1 and len(shapes) == 1 else None
+        )
+        """Set when the files' I/O is batched: every file has this block shape and merging."""
+        spacing = [
+            store.layout.num_blocks + store.io_geometry().max_gap_blocks + 1 for store in stores
+        ]
+        self.block_bases = np.concatenate([[0], np.cumsum(spacing)]).astype(np.int64)
+        """int64 [pieces + 1]: arena block id of each file's block 0. Ids between two files
+        (more than the merge gap) belong to no file, so neither gap filling nor runs of
+        consecutive blocks ever bridge two files."""
+        self._held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]] | None = None
+        """Inside `holding_reads` (batched I/O): (sorted arena blocks, their bytes [n,
+        block_bytes], the buffer holding them) per read or write, oldest first."""
 
     def split(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(piece, positions in `rows`, local rows) for every piece that `rows` touch."""
@@ -84,25 +119,179 @@ class ArenaFlash:
             yield int(index), positions, rows[positions] - self.bases[index]
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Records of arena `rows` (any order): float32 [n, row_floats], one read per file."""
+        """Records of arena `rows` (any order): float32 [n, row_floats]; the blocks of every
+        file in one batch of requests."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((rows.size, self.layout.row_floats), dtype=np.float32)
-        for index, positions, local in self.split(rows):
-            out[positions] = self.stores[index].read_rows(local)
-        return out
+        if self._geometry is None:
+            out = np.empty((rows.size, self.layout.row_floats), dtype=np.float32)
+            for index, positions, local in self.split(rows):
+                out[positions] = self.stores[index].read_rows(local)
+            return out
+        if rows.size == 0:
+            return np.zeros((0, self.layout.row_floats), dtype=np.float32)
+        span, where = self._span(rows)
+        buf = self._read_span(span)
+        records = np.frombuffer(buf, dtype=np.float32)[where]
+        self._hold(span, buf)  # after the copy: outside holding_reads buf is reused
+        return records
 
     def write_rows(self, rows: np.ndarray, records: np.ndarray) -> None:
-        """Write records of unique arena `rows`, one batched write per file."""
-        for index, positions, local in self.split(rows):
-            self.stores[index].write_rows(local, records[positions])
+        """Write records of unique arena `rows` (read-modify-write of their blocks, the read
+        skipped for blocks held by `holding_reads`); every file's blocks in one batch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._geometry is None:
+            for index, positions, local in self.split(rows):
+                self.stores[index].write_rows(local, records[positions])
+            return
+        if rows.size == 0:
+            return
+        geo = self._geometry
+        span, where = self._span(rows)
+        buf = self._current_blocks(span)
+        view = np.frombuffer(buf, dtype=np.float32)
+        view[where] = records
+        del view
+        piece_of_block = self._piece_of(span)
+        touched, firsts, ends = _groups(piece_of_block)
+        for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
+            self.stores[index].note_write(span[first:end] - self.block_bases[index])
+        started = time.monotonic()
+        requests = self._issue(os.pwritev, buf, span)
+        self._hold(span, buf)
+        for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
+            counters = self.stores[index].counters
+            nbytes = (end - first) * geo.block_bytes
+            counters.bytes_written += nbytes
+            counters.pages_written += nbytes // geo.page_bytes
+            counters.write_batches += 1
+            counters.write_requests += int(requests[index])
+        self._throttle(touched, ends - firsts, started, write=True)
 
     @contextmanager
     def holding_reads(self) -> Iterator[None]:
-        """`FlashStore.holding_reads` of every file (an update's read-then-write-back)."""
-        with ExitStack() as stack:
-            for store in self.stores:
-                stack.enter_context(store.holding_reads())
+        """Keep the blocks read or written inside this block so that writes to them skip
+        the re-read (`FlashStore.holding_reads`, for the arena's batched I/O; of every file
+        where the files are not batched). Nested blocks hold into the outermost one."""
+        if self._geometry is None:
+            with ExitStack() as stack:
+                for store in self.stores:
+                    stack.enter_context(store.holding_reads())
+                yield
+            return
+        if self._held is not None:
             yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            for _, _, buf in held:
+                IO_BUFFERS.give(buf)
+
+    # ------------------------------------------------------------------ batched I/O
+
+    def _span(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted arena blocks to move for `rows`, gaps filled; float offsets [n, row_floats]
+        of each row's record in a buffer of those blocks)."""
+        geo = self._geometry
+        piece = np.searchsorted(self.bases, rows, side="right") - 1
+        local = rows - self.bases[piece]
+        arena_blocks = self.block_bases[piece] + local // geo.rows_per_block
+        blocks, block_pos, _ = unique_inverse(arena_blocks, int(self.block_bases[-1]))
+        span = fill_gaps(blocks, geo.max_gap_blocks)
+        if span is not blocks:
+            block_pos = np.searchsorted(span, blocks)[block_pos]
+        start = (
+            block_pos * (geo.block_bytes // 4)
+            + (local % geo.rows_per_block) * self.layout.row_floats
+        )
+        return span, start[:, None] + np.arange(self.layout.row_floats)[None, :]
+
+    def _piece_of(self, blocks: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.block_bases, blocks, side="right") - 1
+
+    def _issue(self, op, buf: mmap.mmap, span: np.ndarray) -> np.ndarray:
+        """`op` over the runs of sorted arena blocks `span` (block i at byte i * block_bytes
+        of `buf`), every file's runs in one call; requests per piece (int64 [pieces])."""
+        geo = self._geometry
+        firsts, lengths = block_runs(span, geo.max_run_blocks)
+        run_piece = self._piece_of(firsts)
+        offsets = geo.page_bytes + (firsts - self.block_bases[run_piece]) * geo.block_bytes
+        lead = self.stores[0]
+        files = [(store.fd, store.path) for store in self.stores]
+        shares = issue_runs(
+            op, buf, geo.block_bytes, lengths, [files[i] for i in run_piece.tolist()],
+            offsets.tolist(), lead.io_pool, geo.io_threads,
+        )  # fmt: skip
+        self._shares = shares
+        return np.bincount(run_piece, minlength=len(self.stores))
+
+    def _read_span(self, span: np.ndarray) -> mmap.mmap:
+        """Read sorted arena blocks into one page-aligned buffer, counted per file."""
+        geo = self._geometry
+        buf = IO_BUFFERS.take(span.size * geo.block_bytes)
+        started = time.monotonic()
+        requests = self._issue(os.preadv, buf, span)
+        seconds = time.monotonic() - started
+        touched, firsts, ends = _groups(self._piece_of(span))
+        for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
+            self.stores[index].count_read(
+                (end - first) * geo.block_bytes,
+                requests=int(requests[index]),
+                threads=self._shares,
+                seconds=seconds * (end - first) / span.size,
+            )
+        self._throttle(touched, ends - firsts, started, write=False)
+        return buf
+
+    def _throttle(
+        self, pieces: np.ndarray, blocks: np.ndarray, started: float, *, write: bool
+    ) -> None:
+        """Each file's emulated device time, one after another (one device per node, as when
+        the files were read one by one)."""
+        geo = self._geometry
+        for index, count in zip(pieces.tolist(), blocks.tolist(), strict=True):
+            started = self.stores[index].throttle_transfer(
+                count * geo.block_bytes, started, write=write
+            )
+
+    def _hold(self, span: np.ndarray, buf: mmap.mmap) -> None:
+        """`FlashStore._hold` for arena blocks."""
+        if self._held is None:
+            IO_BUFFERS.give(buf)
+            return
+        data = np.frombuffer(buf, dtype=np.uint8, count=span.size * self._geometry.block_bytes)
+        self._held.append((span, data.reshape(span.size, -1), buf))
+
+    def _current_blocks(self, span: np.ndarray) -> mmap.mmap:
+        """`FlashStore._current_blocks` for arena blocks: held copies newest first, only the
+        rest read from the files (in one batch)."""
+        if not self._held:
+            return self._read_span(span)
+        nbytes = span.size * self._geometry.block_bytes
+        buf = IO_BUFFERS.take(nbytes)
+        target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(span.size, -1)
+        missing = np.ones(span.size, dtype=bool)
+        for held_blocks, held_data, _ in reversed(self._held):
+            where = np.searchsorted(held_blocks, span).clip(max=held_blocks.size - 1)
+            found = missing & (held_blocks[where] == span)
+            target[found] = held_data[where[found]]
+            missing &= ~found
+            if not missing.any():
+                break
+        from_held = np.bincount(self._piece_of(span[~missing]), minlength=len(self.stores))
+        for index in np.flatnonzero(from_held).tolist():
+            self.stores[index].counters.blocks_from_held += int(from_held[index])
+        if missing.any():
+            rest = span[missing]
+            read = self._read_span(rest)
+            target[missing] = np.frombuffer(
+                read, dtype=np.uint8, count=rest.size * self._geometry.block_bytes
+            ).reshape(rest.size, -1)
+            IO_BUFFERS.give(read)
+        del target
+        return buf
 
     def detached_read(self, rows: np.ndarray) -> ArenaDetachedRead:
         """A `FlashStore.detached_read` of each file that `rows` touch (call under the lock)."""
@@ -111,6 +300,15 @@ class ArenaFlash:
             for index, positions, local in self.split(rows)
         ]
         return ArenaDetachedRead(np.asarray(rows, dtype=np.int64), self.layout.row_floats, parts)
+
+
+def _groups(sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct ids, first index, end index) of each run of equal ids in sorted `sorted_ids`."""
+    if sorted_ids.size == 0:
+        return sorted_ids, sorted_ids, sorted_ids
+    starts = np.flatnonzero(np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]]))
+    ends = np.concatenate([starts[1:], [sorted_ids.size]])
+    return sorted_ids[starts], starts, ends
 
 
 class ArenaDetachedRead:

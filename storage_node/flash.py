@@ -140,6 +140,61 @@ def transfer_all(
             done += moved
 
 
+def issue_runs(
+    op: Callable[[int, list, int], int],
+    buf: mmap.mmap,
+    block_bytes: int,
+    lengths: np.ndarray,
+    files: list[tuple[int, Path]],
+    offsets: list[int],
+    pool: ThreadPoolExecutor,
+    io_threads: int,
+) -> int:
+    """`op` (os.preadv or os.pwritev) of consecutive runs of blocks laid one after another in
+    `buf`: run k is `lengths[k]` blocks of file `files[k]` (descriptor, path) at byte
+    `offsets[k]`. The runs go out from up to `io_threads` threads of `pool`, one task per
+    thread (a future costs ~30 us of Python while a 4 KiB pread costs ~5 us of it); runs of
+    several files may share one call (`storage_node.arena.ArenaFlash` does).
+
+    Returns:
+        The threads that issued them (0 when there are no runs).
+    """
+    positions = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    with memoryview(buf) as whole:
+        chunks = [
+            whole[pos * block_bytes : (pos + length) * block_bytes]
+            for pos, length in zip(positions.tolist(), lengths.tolist(), strict=True)
+        ]
+
+        def run_share(share: int) -> None:
+            for k in range(share, len(chunks), io_threads):
+                fd, path = files[k]
+                transfer_all(op, fd, chunks[k], offsets[k], path)
+
+        shares = min(io_threads, len(chunks))
+        try:
+            if shares == 1:
+                run_share(0)  # no thread hand-off for a single run
+            elif shares > 1:
+                list(pool.map(run_share, range(shares)))
+        finally:
+            for chunk in chunks:
+                chunk.release()
+    return shares
+
+
+@dataclass(frozen=True)
+class IoGeometry:
+    """What batching the I/O of several shard files needs them to share."""
+
+    rows_per_block: int
+    block_bytes: int
+    page_bytes: int
+    max_gap_blocks: int
+    max_run_blocks: int
+    io_threads: int
+
+
 @dataclass(frozen=True)
 class FlashLayout:
     """Where each row of a shard lives in its file (pure arithmetic, no I/O)."""
@@ -180,7 +235,7 @@ class FlashLayout:
         return self.page_bytes + block * self.block_bytes
 
 
-def _runs(blocks: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+def block_runs(blocks: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """Coalesce sorted unique block ids into runs: (first block, length) per run."""
     if blocks.size == 0:
         return blocks, blocks
@@ -532,9 +587,10 @@ class FlashStore:
 
     def _throttle(
         self, num_bytes: int, bandwidth: float | None, latency: float | None, started: float
-    ) -> None:
+    ) -> float:
         """Hold the caller until the emulated device has moved `num_bytes` (issued at
-        `started`, `time.monotonic()`).
+        `started`, `time.monotonic()`); returns when the device is done (`started` when the
+        transfer costs nothing).
 
         Why a device clock and not a sleep of the whole delay after the I/O: the real I/O
         already took part of the device's time (sleeping on top of it would make the device
@@ -544,14 +600,15 @@ class FlashStore:
         """
         delay = transfer_delay_s(num_bytes, bandwidth, latency)
         if delay <= 0:
-            return
+            return started
         with self._counters_lock:
             self.counters.emulated_delay_s += delay
             begin = max(started, self._device_busy_until)
-            self._device_busy_until = begin + delay
-            wait = self._device_busy_until - time.monotonic()
+            self._device_busy_until = end = begin + delay
+            wait = end - time.monotonic()
         if wait > 0:
             time.sleep(wait)
+        return end
 
     def _issue(self, op, buf: mmap.mmap, blocks: np.ndarray) -> tuple[int, int]:
         """Run `op` (os.preadv or os.pwritev) over the coalesced runs of `blocks`, in parallel.
@@ -562,30 +619,63 @@ class FlashStore:
             The number of I/O requests issued, and the threads that issued them.
         """
         lay = self.layout
-        firsts, lengths = _runs(blocks, self._max_run_blocks)
-        positions = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        with memoryview(buf) as whole:
-            chunks = [
-                whole[pos * lay.block_bytes : (pos + length) * lay.block_bytes]
-                for pos, length in zip(positions.tolist(), lengths.tolist(), strict=True)
-            ]
-            offsets = [lay.block_offset(first) for first in firsts.tolist()]
-            fd = self._fd
+        firsts, lengths = block_runs(blocks, self._max_run_blocks)
+        offsets = [lay.block_offset(first) for first in firsts.tolist()]
+        shares = issue_runs(
+            op, buf, lay.block_bytes, lengths, [(self._fd, self.path)] * len(offsets), offsets,
+            self._pool, self._io_threads,
+        )  # fmt: skip
+        return len(offsets), shares
 
-            def run_share(share: int) -> None:
-                # every io_threads-th run: one task per thread, not one per run, because a
-                # future costs ~30 us of Python while a 4 KiB pread costs ~5 us of it
-                for k in range(share, len(chunks), self._io_threads):
-                    transfer_all(op, fd, chunks[k], offsets[k], self.path)
+    # ------------------------------------------------------------------ batched with others
 
-            shares = min(self._io_threads, len(chunks))
-            if shares == 1:
-                run_share(0)  # no thread hand-off for a single run
-            elif shares > 1:
-                list(self._pool.map(run_share, range(shares)))
-            for chunk in chunks:
-                chunk.release()
-        return len(chunks), shares
+    def io_geometry(self) -> IoGeometry:
+        lay = self.layout
+        return IoGeometry(
+            rows_per_block=lay.rows_per_block,
+            block_bytes=lay.block_bytes,
+            page_bytes=lay.page_bytes,
+            max_gap_blocks=self._max_gap_blocks,
+            max_run_blocks=self._max_run_blocks,
+            io_threads=self._io_threads,
+        )
+
+    @property
+    def fd(self) -> int:
+        """The open descriptor (for I/O batched across files, `storage_node.arena`)."""
+        if self._fd < 0:
+            raise ShardFileError(f"shard file {self.path} is closed")
+        return self._fd
+
+    @property
+    def io_pool(self) -> ThreadPoolExecutor:
+        return self._pool
+
+    def count_read(self, nbytes: int, *, requests: int, threads: int, seconds: float) -> None:
+        """Count a read of this file's blocks that another caller issued."""
+        with self._counters_lock:  # a detached read may count at the same time
+            self.counters.read_seconds += seconds
+            self.counters.read_depth_sum += requests * threads
+            self.counters.read_requests += requests
+            self.counters.bytes_read += nbytes
+            self.counters.pages_read += nbytes // self.layout.page_bytes
+            self.counters.read_batches += 1
+
+    def note_write(self, blocks: np.ndarray) -> None:
+        """Sorted local `blocks` are about to be written by another caller (detached reads
+        open now will name their rows stale)."""
+        self._generation += 1
+        if self._open_marks:
+            self._write_log.append((self._generation, blocks))
+
+    def throttle_transfer(self, num_bytes: int, started: float, *, write: bool) -> float:
+        """`_throttle` at this file's read or write figures; returns when the device is done."""
+        emu = self._emulation
+        if write:
+            bandwidth, latency = emu.flash_write_bandwidth_mbps, emu.flash_write_latency_us
+        else:
+            bandwidth, latency = emu.flash_read_bandwidth_mbps, emu.flash_read_latency_us
+        return self._throttle(num_bytes, bandwidth, latency, started)
 
     def _read_blocks(self, blocks: np.ndarray) -> mmap.mmap:
         """Read sorted unique blocks into one page-aligned buffer."""

@@ -1,0 +1,131 @@
+"""An arena's shard files as one row space: a batch of rows of every file read and written in
+one batch of requests, with the same bytes, counters and detached-read staleness as the files
+read one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from storage_node.arena import ArenaFlash
+from storage_node.flash import FlashStore
+
+SIZES = (40, 7, 90)  # rows per file; 5 rows per 512-byte block (dim 8 + state 16 = 96 B)
+
+
+def open_files(directory, *, merge_gap_bytes=1024, io_threads=2) -> list[FlashStore]:
+    return [
+        FlashStore(
+            directory / f"t{index}",
+            table_name=f"t{index}",
+            table_num_rows=rows,
+            row_start=0,
+            num_rows=rows,
+            embedding_dim=8,
+            state_width=16,
+            seed=index,
+            page_bytes=512,
+            io_threads=io_threads,
+            merge_gap_bytes=merge_gap_bytes,
+        )
+        for index, rows in enumerate(SIZES)
+    ]
+
+
+@pytest.fixture
+def arena(tmp_path):
+    arena = ArenaFlash(open_files(tmp_path / "batched"))
+    yield arena
+    for store in arena.stores:
+        store.close()
+
+
+@pytest.fixture
+def one_by_one(tmp_path):
+    """The same files, read and written one file at a time (the per-file path)."""
+    stores = open_files(tmp_path / "per-file")
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def per_file_read(stores, bases, rows):
+    out = np.empty((rows.size, 24), dtype=np.float32)
+    piece = np.searchsorted(bases, rows, side="right") - 1
+    for index, store in enumerate(stores):
+        where = np.flatnonzero(piece == index)
+        if where.size:
+            out[where] = store.read_rows(rows[where] - bases[index])
+    return out
+
+
+def test_the_files_of_an_arena_are_batched_and_gaps_never_bridge_two_files(arena):
+    assert arena._geometry is not None
+    gap = arena._geometry.max_gap_blocks
+    # between the last block of one file and the first of the next lie more than the gap
+    for index, store in enumerate(arena.stores[:-1]):
+        last = arena.block_bases[index] + store.layout.num_blocks - 1
+        assert arena.block_bases[index + 1] - last - 1 > gap
+
+
+def test_a_batch_over_every_file_reads_what_each_file_holds(arena, one_by_one):
+    rows = np.array([0, 39, 40, 46, 47, 136, 5, 41, 100, 39], dtype=np.int64)
+    expected = per_file_read(one_by_one, arena.bases, rows)
+    np.testing.assert_array_equal(arena.read_rows(rows), expected)
+    # one read batch per file touched, the pages of each file counted in its own counters
+    for store, mine in zip(arena.stores, one_by_one, strict=True):
+        assert store.counters.read_batches == 1
+        assert store.counters.bytes_read == mine.counters.bytes_read
+
+
+def test_writes_over_every_file_land_in_their_files_and_leave_the_rest(arena, one_by_one):
+    rng = np.random.default_rng(0)
+    rows = np.array([1, 38, 40, 45, 50, 136, 90], dtype=np.int64)
+    records = rng.standard_normal((rows.size, 24)).astype(np.float32)
+    arena.write_rows(rows, records)
+    everything = np.arange(arena.layout.num_rows, dtype=np.int64)
+    expected = per_file_read(one_by_one, arena.bases, everything)
+    expected[rows] = records
+    np.testing.assert_array_equal(arena.read_rows(everything), expected)
+    # and on disk, through each file alone
+    np.testing.assert_array_equal(per_file_read(arena.stores, arena.bases, everything), expected)
+    assert [s.counters.write_batches for s in arena.stores] == [1, 1, 1]
+
+
+def test_held_blocks_make_a_write_back_skip_the_re_read_and_keep_earlier_writes(arena):
+    rows = np.array([2, 41, 60], dtype=np.int64)
+    first = np.full((3, 24), 1.0, dtype=np.float32)
+    second = np.full((2, 24), 2.0, dtype=np.float32)
+    with arena.holding_reads():
+        arena.read_rows(rows)
+        reads = sum(s.counters.read_requests for s in arena.stores)
+        arena.write_rows(rows, first)
+        with arena.holding_reads():  # nested: joins the outer hold
+            arena.write_rows(np.array([3, 61]), second)  # same blocks as rows 2 and 60
+        assert sum(s.counters.read_requests for s in arena.stores) == reads
+        assert sum(s.counters.blocks_from_held for s in arena.stores) >= 5
+    got = arena.read_rows(np.array([2, 3, 41, 60, 61]))
+    np.testing.assert_array_equal(got[[0, 2, 3]], first)
+    np.testing.assert_array_equal(got[[1, 4]], second)
+
+
+def test_a_detached_read_names_the_rows_a_batched_write_changed(arena):
+    detached = arena.detached_read(np.array([0, 40, 50], dtype=np.int64))
+    detached.read()
+    arena.write_rows(np.array([1, 51], dtype=np.int64), np.zeros((2, 24), dtype=np.float32))
+    # rows 0 and 1 share a block of t0; 50 and 51 (t2 rows 3, 4) one of t2; t1 not written
+    assert detached.finish().tolist() == [True, False, True]
+
+
+def test_an_arena_of_files_with_different_merging_goes_file_by_file(tmp_path, one_by_one):
+    stores = open_files(tmp_path / "a", merge_gap_bytes=0)[:2] + open_files(tmp_path / "b")[2:]
+    arena = ArenaFlash(stores)
+    try:
+        assert arena._geometry is None
+        rows = np.array([0, 45, 100], dtype=np.int64)
+        np.testing.assert_array_equal(
+            arena.read_rows(rows), per_file_read(one_by_one, arena.bases, rows)
+        )
+    finally:
+        for store in stores:
+            store.close()
