@@ -49,6 +49,7 @@ from storage_node.flash import (
     FlashStore,
     IoGeometry,
     block_runs,
+    current_blocks,
     fill_gaps,
     issue_runs,
 )
@@ -269,28 +270,12 @@ class ArenaFlash:
         rest read from the files (in one batch)."""
         if not self._held:
             return self._read_span(span)
-        nbytes = span.size * self._geometry.block_bytes
-        buf = IO_BUFFERS.take(nbytes)
-        target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(span.size, -1)
-        missing = np.ones(span.size, dtype=bool)
-        for held_blocks, held_data, _ in reversed(self._held):
-            where = np.searchsorted(held_blocks, span).clip(max=held_blocks.size - 1)
-            found = missing & (held_blocks[where] == span)
-            target[found] = held_data[where[found]]
-            missing &= ~found
-            if not missing.any():
-                break
-        from_held = np.bincount(self._piece_of(span[~missing]), minlength=len(self.stores))
-        for index in np.flatnonzero(from_held).tolist():
-            self.stores[index].counters.blocks_from_held += int(from_held[index])
-        if missing.any():
-            rest = span[missing]
-            read = self._read_span(rest)
-            target[missing] = np.frombuffer(
-                read, dtype=np.uint8, count=rest.size * self._geometry.block_bytes
-            ).reshape(rest.size, -1)
-            IO_BUFFERS.give(read)
-        del target
+        buf, from_held = current_blocks(
+            self._held, span, self._geometry.block_bytes, self._read_span
+        )
+        counts = np.bincount(self._piece_of(span[from_held]), minlength=len(self.stores))
+        for index in np.flatnonzero(counts).tolist():
+            self.stores[index].counters.blocks_from_held += int(counts[index])
         return buf
 
     def detached_read(self, rows: np.ndarray) -> ArenaDetachedRead:

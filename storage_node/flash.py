@@ -235,6 +235,36 @@ class FlashLayout:
         return self.page_bytes + block * self.block_bytes
 
 
+def current_blocks(
+    held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]],
+    blocks: np.ndarray,
+    block_bytes: int,
+    read_blocks: Callable[[np.ndarray], mmap.mmap],
+) -> tuple[mmap.mmap, np.ndarray]:
+    """An aligned buffer of the current bytes of sorted unique `blocks`: the newest held copy
+    of each (`holding_reads`: sorted blocks, their bytes, their buffer; oldest first), the
+    others read with `read_blocks`; and the mask of the blocks taken from held copies."""
+    nbytes = blocks.size * block_bytes
+    buf = IO_BUFFERS.take(nbytes)
+    target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(blocks.size, -1)
+    missing = np.ones(blocks.size, dtype=bool)
+    for held_blocks, held_data, _ in reversed(held):
+        where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
+        found = missing & (held_blocks[where] == blocks)
+        target[found] = held_data[where[found]]
+        missing &= ~found
+        if not missing.any():
+            break
+    if missing.any():
+        rest = blocks[missing]
+        read = read_blocks(rest)
+        count = rest.size * block_bytes
+        target[missing] = np.frombuffer(read, dtype=np.uint8, count=count).reshape(rest.size, -1)
+        IO_BUFFERS.give(read)
+    del target
+    return buf, ~missing
+
+
 def block_runs(blocks: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """Coalesce sorted unique block ids into runs: (first block, length) per run."""
     if blocks.size == 0:
@@ -736,27 +766,10 @@ class FlashStore:
         (`holding_reads`) copied, newest copy first, only the others read from the device."""
         if not self._held:
             return self._read_blocks(blocks)
-        nbytes = blocks.size * self.layout.block_bytes
-        buf = IO_BUFFERS.take(nbytes)
-        target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(blocks.size, -1)
-        missing = np.ones(blocks.size, dtype=bool)
-        for held_blocks, held_data, _ in reversed(self._held):
-            where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
-            found = missing & (held_blocks[where] == blocks)
-            target[found] = held_data[where[found]]
-            missing &= ~found
-            if not missing.any():
-                break
-        if missing.any():
-            rest = blocks[missing]
-            read = self._read_blocks(rest)
-            count = rest.size * self.layout.block_bytes
-            target[missing] = np.frombuffer(read, dtype=np.uint8, count=count).reshape(
-                rest.size, -1
-            )
-            IO_BUFFERS.give(read)
-        self.counters.blocks_from_held += int(blocks.size - missing.sum())
-        del target
+        buf, from_held = current_blocks(
+            self._held, blocks, self.layout.block_bytes, self._read_blocks
+        )
+        self.counters.blocks_from_held += int(from_held.sum())
         return buf
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
