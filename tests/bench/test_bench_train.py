@@ -199,6 +199,20 @@ def test_os_paged_without_a_memory_limit_is_not_comparable_and_marked_unlimited(
     assert ["os_paged", "large_zipf", "-", "-", "-", "unlimited"] in table["rows"]
 
 
+def test_os_pageds_limit_cell_names_the_budget_and_the_room_a_step_has_above_it():
+    limit = {
+        "applied": True,
+        "cgroup_version": 2,
+        "page_cache_budget_bytes": 663672,
+        "headroom_bytes": 34230272,
+    }
+    systems = {"os_paged": {"cache_5pct": {"samples_per_s": 1.0, "memory_limit": limit}}}
+    (row,) = _flash_and_memory_table(systems)["rows"]
+    assert (
+        row[-1] == "cgroup v2: page cache 0.63 MiB at each step's start, + 32.6 MiB within a step"
+    )
+
+
 def test_cpu_per_sample_is_reported_for_every_system_with_its_ratio_to_all_gpu():
     def run(us: float) -> dict:
         return {"samples_per_s": 1.0, "step_s": 1.0, "machine_cpu_us_per_sample": us}
