@@ -68,6 +68,11 @@ class ArenaLayout:
         return 4 * self.row_floats
 
 
+CARRY_MAX_BYTES = 32 << 20
+"""Most bytes of blocks an arena carries from a step's lookup to its update (about the room
+os_paged's memory cgroup leaves a step above its page-cache budget: 34 MiB at cache_5pct)."""
+
+
 class ArenaFlash:
     """The shard files of an arena's pieces as one row space (arena row = base + local row).
 
@@ -98,6 +103,11 @@ class ArenaFlash:
         (more than the merge gap) belong to no file, so neither gap filling nor runs of
         consecutive blocks ever bridge two files."""
         self._held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]] | None = None
+        self._held_bytes = 0
+        self._hold_depth = 0
+        """Open `holding_reads` blocks (nested)."""
+        self._carrying = False
+        """Between `carry_until_update` and `release_held`."""
         """Inside `holding_reads` (batched I/O): (sorted arena blocks, their bytes [n,
         block_bytes], the buffer holding them) per read or write, oldest first."""
 
@@ -131,7 +141,7 @@ class ArenaFlash:
         if rows.size == 0:
             return np.zeros((0, self.layout.row_floats), dtype=np.float32)
         span, where = self._span(rows)
-        buf = self._read_span(span)
+        buf = self._current_blocks(span)  # held copies equal the files: read only the rest
         records = np.frombuffer(buf, dtype=np.float32)[where]
         self._hold(span, buf)  # after the copy: outside holding_reads buf is reused
         return records
@@ -172,23 +182,53 @@ class ArenaFlash:
     def holding_reads(self) -> Iterator[None]:
         """Keep the blocks read or written inside this block so that writes to them skip
         the re-read (`FlashStore.holding_reads`, for the arena's batched I/O; of every file
-        where the files are not batched). Nested blocks hold into the outermost one."""
+        where the files are not batched). Nested blocks hold into the outermost one, and
+        all of them into a carry (`carry_until_update`)."""
         if self._geometry is None:
             with ExitStack() as stack:
                 for store in self.stores:
                     stack.enter_context(store.holding_reads())
                 yield
             return
-        if self._held is not None:
-            yield
-            return
-        self._held = []
+        if self._held is None:
+            self._held = []
+        self._hold_depth += 1
         try:
             yield
         finally:
-            held, self._held = self._held, None
-            for _, _, buf in held:
-                IO_BUFFERS.give(buf)
+            self._hold_depth -= 1
+            if self._hold_depth == 0 and not self._carrying:
+                self._drop_held()
+
+    def carry_until_update(self) -> None:
+        """Hold every block this arena reads or writes from now until `release_held`.
+
+        The node calls it when a training lookup begins and releases after that step's
+        update: the update's read-modify-write then finds the lookup's blocks in memory
+        instead of reading them again (at cache_5pct each step's misses touch nearly every
+        block, so this is a whole second read pass). Why that is fair to the baselines:
+        os_paged's memory cgroup leaves each step tens of MiB above its page-cache budget
+        (`baselines.PageCacheBudget`), and its update finds the lookup's pages cached.
+        At most `CARRY_MAX_BYTES` are held (oldest copies dropped first: the files are
+        always current, so a dropped copy only costs a read). A no-op where the files are
+        not batched."""
+        if self._geometry is None:
+            return
+        self._carrying = True
+        if self._held is None:
+            self._held = []
+
+    def release_held(self) -> None:
+        """End a carry: give back the held blocks (at once, or when the open hold ends).
+        Call before anything writes the files other than through this arena (a restore)."""
+        self._carrying = False
+        if self._hold_depth == 0:
+            self._drop_held()
+
+    def _drop_held(self) -> None:
+        held, self._held, self._held_bytes = self._held or [], None, 0
+        for _, _, buf in held:
+            IO_BUFFERS.give(buf)
 
     # ------------------------------------------------------------------ batched I/O
 
@@ -262,8 +302,14 @@ class ArenaFlash:
         if self._held is None:
             IO_BUFFERS.give(buf)
             return
-        data = np.frombuffer(buf, dtype=np.uint8, count=span.size * self._geometry.block_bytes)
+        nbytes = span.size * self._geometry.block_bytes
+        data = np.frombuffer(buf, dtype=np.uint8, count=nbytes)
         self._held.append((span, data.reshape(span.size, -1), buf))
+        self._held_bytes += nbytes
+        while self._carrying and self._held_bytes > CARRY_MAX_BYTES and len(self._held) > 1:
+            old_span, _, old_buf = self._held.pop(0)
+            self._held_bytes -= old_span.size * self._geometry.block_bytes
+            IO_BUFFERS.give(old_buf)
 
     def _current_blocks(self, span: np.ndarray) -> mmap.mmap:
         """`FlashStore._current_blocks` for arena blocks: held copies newest first, only the

@@ -358,6 +358,9 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
                     step, timeout_s if wait_timeout_s is None else wait_timeout_s, training=train
                 )
             started = time.perf_counter()
+            if train:  # the blocks this step reads stay for its update (`_apply_step`)
+                for arena, _ in request.groups:
+                    arena.flash.carry_until_update()
             early = self._take_early(step, worker, request) if train else None
             if early is not None:
                 pooled = early.answer(self._pool)
@@ -467,6 +470,7 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
                 self._update_threads.shutdown(wait=True)
             for arena in self._arenas:
                 arena.cache.flush()
+                arena.flash.release_held()
                 for store in arena.flash.stores:
                     store.close()
             self._closed = True

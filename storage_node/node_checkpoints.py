@@ -139,6 +139,7 @@ class Checkpoints:
                 raise
             for arena in self._arenas:
                 arena.cache.invalidate()
+                arena.flash.release_held()  # the files are replaced under it
             for piece, target in staged:
                 counters = piece.flash.counters
                 piece.flash.close()

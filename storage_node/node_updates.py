@@ -102,6 +102,7 @@ class Updates:
         self._release_pins(up_to_step=step)
         for arena in self._arenas:
             arena.cache.on_step()
+            arena.flash.release_held()  # carried from the step's lookups (`lookup`)
         self._step_applied.notify_all()
 
     def _update_arena(self, arena: Arena, parts: list[PushedGradients], iteration: int) -> None:

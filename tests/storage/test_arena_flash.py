@@ -129,3 +129,38 @@ def test_an_arena_of_files_with_different_merging_goes_file_by_file(tmp_path, on
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_carry_keeps_a_lookups_blocks_for_the_update_and_release_gives_them_back(arena):
+    rows = np.array([0, 6, 41, 50, 130], dtype=np.int64)
+    arena.carry_until_update()
+    looked_up = arena.read_rows(rows)  # the lookup's read, outside any holding block
+    reads = sum(s.counters.read_requests for s in arena.stores)
+    with arena.holding_reads():  # the update: read, change, write back
+        again = arena.read_rows(rows)
+        arena.write_rows(rows, again + 1.0)
+    # the update read nothing from the files and the carry outlived its holding block
+    assert sum(s.counters.read_requests for s in arena.stores) == reads
+    np.testing.assert_array_equal(again, looked_up)
+    np.testing.assert_array_equal(arena.read_rows(rows), looked_up + 1.0)
+    arena.release_held()
+    assert arena._held is None
+    # what the files hold is what the carry said
+    np.testing.assert_array_equal(per_file_read(arena.stores, arena.bases, rows), looked_up + 1.0)
+    arena.read_rows(rows)
+    assert sum(s.counters.read_requests for s in arena.stores) > reads  # from the files again
+
+
+def test_a_carry_drops_its_oldest_copies_past_its_cap_and_stays_exact(arena, monkeypatch):
+    from storage_node import arena as arena_module
+
+    monkeypatch.setattr(arena_module, "CARRY_MAX_BYTES", 2 * 512)
+    arena.carry_until_update()
+    first = np.array([0, 47], dtype=np.int64)  # one block of t0, one of t2
+    arena.write_rows(first, np.full((2, 24), 7.0, dtype=np.float32))
+    arena.read_rows(np.array([100, 120], dtype=np.int64))  # two more blocks: the first go
+    assert arena._held_bytes <= 2 * 512
+    reads = sum(s.counters.read_requests for s in arena.stores)
+    np.testing.assert_array_equal(arena.read_rows(first), np.full((2, 24), 7.0))
+    assert sum(s.counters.read_requests for s in arena.stores) > reads  # dropped: read again
+    arena.release_held()
