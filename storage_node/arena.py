@@ -167,7 +167,7 @@ class ArenaFlash:
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
             self.stores[index].note_write(span[first:end] - self.block_bases[index])
         started = time.monotonic()
-        requests = self._issue(os.pwritev, buf, span)
+        requests, _ = self._issue(os.pwritev, buf, span)
         self._hold(span, buf)
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
             counters = self.stores[index].counters
@@ -252,9 +252,10 @@ class ArenaFlash:
     def _piece_of(self, blocks: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.block_bases, blocks, side="right") - 1
 
-    def _issue(self, op, buf: mmap.mmap, span: np.ndarray) -> np.ndarray:
+    def _issue(self, op, buf: mmap.mmap, span: np.ndarray) -> tuple[np.ndarray, int]:
         """`op` over the runs of sorted arena blocks `span` (block i at byte i * block_bytes
-        of `buf`), every file's runs in one call; requests per piece (int64 [pieces])."""
+        of `buf`), every file's runs in one call; requests per piece (int64 [pieces]) and the
+        threads that issued them."""
         geo = self._geometry
         firsts, lengths = block_runs(span, geo.max_run_blocks)
         run_piece = self._piece_of(firsts)
@@ -265,22 +266,21 @@ class ArenaFlash:
             op, buf, geo.block_bytes, lengths, [files[i] for i in run_piece.tolist()],
             offsets.tolist(), lead.io_pool, geo.io_threads,
         )  # fmt: skip
-        self._shares = shares
-        return np.bincount(run_piece, minlength=len(self.stores))
+        return np.bincount(run_piece, minlength=len(self.stores)), shares
 
     def _read_span(self, span: np.ndarray) -> mmap.mmap:
         """Read sorted arena blocks into one page-aligned buffer, counted per file."""
         geo = self._geometry
         buf = IO_BUFFERS.take(span.size * geo.block_bytes)
         started = time.monotonic()
-        requests = self._issue(os.preadv, buf, span)
+        requests, threads = self._issue(os.preadv, buf, span)
         seconds = time.monotonic() - started
         touched, firsts, ends = _groups(self._piece_of(span))
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
             self.stores[index].count_read(
                 (end - first) * geo.block_bytes,
                 requests=int(requests[index]),
-                threads=self._shares,
+                threads=threads,
                 seconds=seconds * (end - first) / span.size,
             )
         self._throttle(touched, ends - firsts, started, write=False)
