@@ -79,6 +79,10 @@ class NdpEngine:
         next `train_step` call (one Ray call per worker and step, not two)."""
         self._held: dict[int, Batch] = {}
         """step -> batch whose shares the workers hold (`prefetch`): not shipped again."""
+        self._abandoned_calls = False
+        """A wait raised before every actor answered (`_get` fails on the first error): the
+        others may still be blocked, e.g. in the dense all-reduce of a step their peer left,
+        so `close` must not wait on them."""
         try:
             init_local_ray(
                 address=address or cfg.cluster.address, include_dashboard=cfg.cluster.dashboard
@@ -331,6 +335,7 @@ class NdpEngine:
         import ray
 
         self._ahead, self._held = [], {}  # the fresh workers hold no shares
+        self._abandoned_calls = False
         names = [f"ndp-gpu-worker-{r}" for r in range(len(self._workers))]
         names += [f"ndp-storage-node-{n}" for n in range(len(self._nodes))]
         for actor in [*self._workers, *self._nodes]:
@@ -361,9 +366,13 @@ class NdpEngine:
         self, refs: Any, component: ComponentKind = "gpu-worker", index: int | None = None
     ) -> Any:
         """`_get` with the job's deadline (`cluster.step_timeout_s`): a hung actor is named."""
-        return _get(
-            refs, timeout_s=self.cfg.cluster.step_timeout_s, component=component, index=index
-        )
+        try:
+            return _get(
+                refs, timeout_s=self.cfg.cluster.step_timeout_s, component=component, index=index
+            )
+        except BaseException:
+            self._abandoned_calls = True
+            raise
 
     # ----------------------------------------------------------------- tear-down
 
@@ -374,9 +383,16 @@ class NdpEngine:
         self._ahead, self._held = [], {}
         if not ray.is_initialized():
             return
-        _quietly(self.flush)  # the last step's update lands before the nodes shut down
+        # After a failed call some workers may be blocked for good (in the all-reduce of a
+        # step a peer left): flushing or closing them would wait cluster.step_timeout_s each
+        # (10 minutes by default), so they are killed at once; the failed step's update is
+        # lost either way.
+        graceful = not self._abandoned_calls
+        if graceful:
+            _quietly(self.flush)  # the last step's update lands before the nodes shut down
         for worker in self._workers:
-            _quietly(lambda w=worker: ray.get(w.close.remote(), timeout=30))
+            if graceful:
+                _quietly(lambda w=worker: ray.get(w.close.remote(), timeout=30))
             _quietly(lambda w=worker: ray.kill(w))
         for node in self._nodes:
             _quietly(lambda n=node: ray.get(n.shutdown.remote(), timeout=30))

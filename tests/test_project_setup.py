@@ -138,6 +138,15 @@ def _venv_is_current() -> bool:
     return stamp.read_text().strip() == hashlib.sha256(text).hexdigest()
 
 
+def _env_without_make_overrides(**extra: str) -> dict[str, str]:
+    """This process's environment minus what an outer `make` hands down: under `make test
+    ARGS=...` MAKEFLAGS carries that ARGS, which would override the inner run's ARGS and run
+    the whole suite inside this test."""
+    inherited = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    return {**env, **extra}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "passes"),
@@ -157,7 +166,7 @@ def test_ci_fails_exactly_when_the_tests_do_not_pass(body, passes, tmp_path):
     test_file.write_text(body)
     result = subprocess.run(
         [str(REPO_ROOT / ".ci" / "run")],
-        env=dict(os.environ, ARGS=f"-p no:cacheprovider {test_file}"),
+        env=_env_without_make_overrides(ARGS=f"-p no:cacheprovider {test_file}"),
         capture_output=True,
         text=True,
         timeout=300,

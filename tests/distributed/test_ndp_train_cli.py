@@ -7,16 +7,19 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from test_equivalence import tiny_config
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ndp.coordinator import NdpEngine
+from ndp.data.batch import Batch
 from ndp.data.loader import build_datasets
-from ndp.errors import StorageNodeError
+from ndp.errors import DataError, StorageNodeError
 from ndp.train_loop import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -186,9 +189,49 @@ def test_close_leaves_no_actors_or_listening_ports_even_after_a_worker_error(ray
     assert sorted(_ndp_actor_names(ray_session)) == ACTOR_NAMES
 
     engine.train_step(0, batch)
+    engine.flush()  # step 0 applied on every node: its repeat is refused whatever comes first
     with pytest.raises(StorageNodeError):
         engine.train_step(0, batch)  # step 0 again: the nodes refuse it inside the workers
     engine.close()
+
+    assert _ndp_actor_names(ray_session) == []
+    assert not any(_listening(a) for a in addresses)
+
+
+def _with_bad_index_in_second_half(batch: Batch) -> Batch:
+    """`batch` with one row index of a sample in its second half (worker 1's share of two)
+    far outside its table."""
+    kjt = batch.sparse
+    size = batch.labels.numel()
+    lengths, offsets = kjt.lengths(), kjt.offsets()
+    values = kjt.values().clone()
+    bag = next(
+        f * size + b
+        for f in range(len(kjt.keys()))
+        for b in range(size // 2, size)
+        if lengths[f * size + b] > 0
+    )
+    values[offsets[bag]] = 10**9
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=values, lengths=lengths)
+    return Batch(dense=batch.dense, sparse=sparse, labels=batch.labels)
+
+
+def test_close_is_prompt_when_a_peer_is_left_blocked_in_the_all_reduce(ray_session):
+    """Worker 1 refuses its share (a bad index) while worker 0 trains its share and waits in
+    the dense all-reduce for a peer that never comes: close kills it instead of flushing it
+    (which would wait cluster.step_timeout_s, 10 minutes by default)."""
+    cfg = tiny_config("sgd")
+    batch = next(iter(build_datasets(cfg)[0].batches(cfg.train.batch_size)))
+    engine = NdpEngine(cfg)
+    addresses = [a["tcp"] for a in engine.node_addresses]
+    engine.train_step(0, batch)
+    with pytest.raises(DataError, match="outside"):
+        engine.train_step(1, _with_bad_index_in_second_half(batch))
+
+    started = time.monotonic()
+    engine.close()
+    assert time.monotonic() - started < 60
+    assert cfg.cluster.step_timeout_s >= 600  # what a flush of the blocked worker would wait
 
     assert _ndp_actor_names(ray_session) == []
     assert not any(_listening(a) for a in addresses)
