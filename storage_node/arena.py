@@ -34,7 +34,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -102,14 +102,24 @@ class ArenaFlash:
         """int64 [pieces + 1]: arena block id of each file's block 0. Ids between two files
         (more than the merge gap) belong to no file, so neither gap filling nor runs of
         consecutive blocks ever bridge two files."""
-        self._held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]] | None = None
+        self._held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]] = []
+        """Held copies of blocks (batched I/O): (sorted arena blocks, their bytes [n,
+        block_bytes], the buffer holding them) per read or write, oldest first. Every copy
+        equals its blocks on the files (a write updates every held copy it overlaps), so
+        any copy may be dropped at any time: it only costs a read."""
+        self._held_tags: list[int | None] = []
+        """Per held copy: the step whose update keeps it (`carrying`), or None: dropped
+        when the outermost `holding_reads` ends."""
         self._held_bytes = 0
         self._hold_depth = 0
         """Open `holding_reads` blocks (nested)."""
-        self._carrying = False
-        """Between `carry_until_update` and `release_held`."""
-        """Inside `holding_reads` (batched I/O): (sorted arena blocks, their bytes [n,
-        block_bytes], the buffer holding them) per read or write, oldest first."""
+        self._carry_step: int | None = None
+        """Inside `carrying(step)`: the step the copies made now are kept for."""
+        self.peak_held_bytes = 0
+        """Most bytes of held copies at any time: DRAM beyond the cache's budget."""
+        self.peak_carried_bytes = 0
+        """Most bytes still held right after a step's update released its copies (kept for
+        later steps' updates: lookahead's early lookups), i.e. held across a step boundary."""
 
     def split(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(piece, positions in `rows`, local rows) for every piece that `rows` touch."""
@@ -168,6 +178,7 @@ class ArenaFlash:
             self.stores[index].note_write(span[first:end] - self.block_bases[index])
         started = time.monotonic()
         requests, _ = self._issue(os.pwritev, buf, span)
+        self._refresh_held(span, buf)
         self._hold(span, buf)
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
             counters = self.stores[index].counters
@@ -182,53 +193,81 @@ class ArenaFlash:
     def holding_reads(self) -> Iterator[None]:
         """Keep the blocks read or written inside this block so that writes to them skip
         the re-read (`FlashStore.holding_reads`, for the arena's batched I/O; of every file
-        where the files are not batched). Nested blocks hold into the outermost one, and
-        all of them into a carry (`carry_until_update`)."""
+        where the files are not batched). Nested blocks hold into the outermost one; inside
+        `carrying(step)` the copies are kept for that step's update instead."""
         if self._geometry is None:
             with ExitStack() as stack:
                 for store in self.stores:
                     stack.enter_context(store.holding_reads())
                 yield
             return
-        if self._held is None:
-            self._held = []
         self._hold_depth += 1
         try:
             yield
         finally:
             self._hold_depth -= 1
-            if self._hold_depth == 0 and not self._carrying:
-                self._drop_held()
+            if self._hold_depth == 0:
+                self._drop_held(lambda tag: tag is None)
 
-    def carry_until_update(self) -> None:
-        """Hold every block this arena reads or writes from now until `release_held`.
+    @contextmanager
+    def carrying(self, step: int) -> Iterator[None]:
+        """Keep every block this arena reads or writes inside this block until the update of
+        `step` is applied (`release_held(up_to_step=step)`).
 
-        The node calls it when a training lookup begins and releases after that step's
-        update: the update's read-modify-write then finds the lookup's blocks in memory
-        instead of reading them again (at cache_5pct each step's misses touch nearly every
-        block, so this is a whole second read pass). Why that is fair to the baselines:
-        os_paged's memory cgroup leaves each step tens of MiB above its page-cache budget
-        (`baselines.PageCacheBudget`), and its update finds the lookup's pages cached.
-        At most `CARRY_MAX_BYTES` are held (oldest copies dropped first: the files are
-        always current, so a dropped copy only costs a read). A no-op where the files are
-        not batched."""
+        The node carries a training lookup's reads to its step's update, and an early
+        lookup's reads (lookahead: step s + 1's rows, read before step s's update) to the
+        update of the step they were pooled for: the update's read-modify-write then finds
+        those blocks in memory instead of reading them again (at cache_5pct each step's
+        misses touch nearly every block, so this is a whole second read pass). Why that is
+        fair to the baselines: os_paged's memory cgroup leaves each step tens of MiB above
+        its page-cache budget (`baselines.PageCacheBudget`), and its update finds the
+        lookup's pages cached. At most `CARRY_MAX_BYTES` are held (oldest copies dropped
+        first: every copy equals the files, so a dropped copy only costs a read). A no-op
+        where the files are not batched."""
         if self._geometry is None:
+            yield
             return
-        self._carrying = True
-        if self._held is None:
-            self._held = []
+        outer, self._carry_step = self._carry_step, step
+        try:
+            yield
+        finally:
+            self._carry_step = outer
 
-    def release_held(self) -> None:
-        """End a carry: give back the held blocks (at once, or when the open hold ends).
-        Call before anything writes the files other than through this arena (a restore)."""
-        self._carrying = False
-        if self._hold_depth == 0:
-            self._drop_held()
+    def release_held(self, *, up_to_step: int | None = None) -> None:
+        """Give back the copies kept for the updates of steps <= `up_to_step` (after that
+        update), or every held copy (None: call before anything writes the files other than
+        through this arena, such as a restore, and at close)."""
+        if up_to_step is None:
+            self._drop_held(lambda tag: True)
+        else:
+            self._drop_held(lambda tag: tag is not None and tag <= up_to_step)
+            self.peak_carried_bytes = max(self.peak_carried_bytes, self._held_bytes)
 
-    def _drop_held(self) -> None:
-        held, self._held, self._held_bytes = self._held or [], None, 0
-        for _, _, buf in held:
-            IO_BUFFERS.give(buf)
+    def _drop_held(self, dropped: Callable[[int | None], bool]) -> None:
+        kept: list[tuple[np.ndarray, np.ndarray, mmap.mmap]] = []
+        kept_tags: list[int | None] = []
+        for entry, tag in zip(self._held, self._held_tags, strict=True):
+            if dropped(tag):
+                self._held_bytes -= entry[0].size * self._geometry.block_bytes
+                IO_BUFFERS.give(entry[2])
+            else:
+                kept.append(entry)
+                kept_tags.append(tag)
+        self._held, self._held_tags = kept, kept_tags
+
+    def _refresh_held(self, span: np.ndarray, buf: mmap.mmap) -> None:
+        """Copy the blocks `span` just written (their bytes in `buf`) into every held copy
+        of them, so that every copy stays equal to the files."""
+        if not self._held:
+            return
+        new = np.frombuffer(buf, dtype=np.uint8, count=span.size * self._geometry.block_bytes)
+        new = new.reshape(span.size, -1)
+        for held_blocks, held_data, _ in self._held:
+            _, at_held, at_new = np.intersect1d(
+                held_blocks, span, assume_unique=True, return_indices=True
+            )
+            if at_held.size:
+                held_data[at_held] = new[at_new]
 
     # ------------------------------------------------------------------ batched I/O
 
@@ -298,16 +337,20 @@ class ArenaFlash:
             )
 
     def _hold(self, span: np.ndarray, buf: mmap.mmap) -> None:
-        """`FlashStore._hold` for arena blocks."""
-        if self._held is None:
+        """`FlashStore._hold` for arena blocks: kept while a `holding_reads` is open (until
+        it ends) or inside `carrying(step)` (until that step's update), else given back."""
+        if self._hold_depth == 0 and self._carry_step is None:
             IO_BUFFERS.give(buf)
             return
         nbytes = span.size * self._geometry.block_bytes
         data = np.frombuffer(buf, dtype=np.uint8, count=nbytes)
         self._held.append((span, data.reshape(span.size, -1), buf))
+        self._held_tags.append(self._carry_step)
         self._held_bytes += nbytes
-        while self._carrying and self._held_bytes > CARRY_MAX_BYTES and len(self._held) > 1:
+        self.peak_held_bytes = max(self.peak_held_bytes, self._held_bytes)
+        while self._held_bytes > CARRY_MAX_BYTES and len(self._held) > 1:
             old_span, _, old_buf = self._held.pop(0)
+            self._held_tags.pop(0)
             self._held_bytes -= old_span.size * self._geometry.block_bytes
             IO_BUFFERS.give(old_buf)
 

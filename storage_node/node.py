@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent import futures
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -358,17 +359,18 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
                     step, timeout_s if wait_timeout_s is None else wait_timeout_s, training=train
                 )
             started = time.perf_counter()
-            if train:  # the blocks this step reads stay for its update (`_apply_step`)
-                for arena, _ in request.groups:
-                    arena.flash.carry_until_update()
-            early = self._take_early(step, worker, request) if train else None
-            if early is not None:
-                pooled = early.answer(self._pool)
-                request = early.request
-            else:
-                pooled = {}
-                for arena, keyed in request.groups:
-                    pooled.update(keyed.split(self._pool(arena, keyed)))
+            with ExitStack() as carry:
+                if train:  # the blocks this step reads stay for its update (`_apply_step`)
+                    for arena, _ in request.groups:
+                        carry.enter_context(arena.flash.carrying(step))
+                early = self._take_early(step, worker, request) if train else None
+                if early is not None:
+                    pooled = early.answer(self._pool)
+                    request = early.request
+                else:
+                    pooled = {}
+                    for arena, keyed in request.groups:
+                        pooled.update(keyed.split(self._pool(arena, keyed)))
             if train:
                 self._record_lookup(step, worker, request)
             self.lookup_seconds += busy + time.perf_counter() - started

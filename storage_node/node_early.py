@@ -88,7 +88,11 @@ class EarlyLookups:
             request = self._validated_request(bags)
             if step <= self.applied_step:
                 return False
-            pooled = [self._pool_early(arena, keyed, correct) for arena, keyed in request.groups]
+            pooled = []
+            for arena, keyed in request.groups:
+                # the blocks read now stay for `step`'s update (`ArenaFlash.carrying`)
+                with arena.flash.carrying(step):
+                    pooled.append(self._pool_early(arena, keyed, correct))
             self._early[(step, worker)] = EarlyPool(request, pooled, correct)
             self.early_counters["early_pools"] += 1
             self.early_counters["early_groups_deferred"] += sum(p is None for p in pooled)

@@ -155,6 +155,14 @@ class Inspection:
                 "update_paths": dict(self.update_paths),
                 **total,
                 "arenas": len(self._arenas),
+                # DRAM beyond storage.cache_bytes: flash blocks held from a read to the
+                # update that writes them (`ArenaFlash.carrying`), at most and across steps
+                "held_blocks": {
+                    "peak_bytes": sum(a.flash.peak_held_bytes for a in self._arenas),
+                    "peak_across_steps_bytes": sum(
+                        a.flash.peak_carried_bytes for a in self._arenas
+                    ),
+                },
                 "tables": tables,
             }
 

@@ -102,7 +102,8 @@ class Updates:
         self._release_pins(up_to_step=step)
         for arena in self._arenas:
             arena.cache.on_step()
-            arena.flash.release_held()  # carried from the step's lookups (`lookup`)
+            # carried from the step's lookups and early lookups (`ArenaFlash.carrying`)
+            arena.flash.release_held(up_to_step=step)
         self._step_applied.notify_all()
 
     def _update_arena(self, arena: Arena, parts: list[PushedGradients], iteration: int) -> None:

@@ -285,6 +285,7 @@ def _measure_ndp(
         )
         wire, nodes = engine.wire_bytes(), _node_counters(engine)
         rss = {name: peak_rss_bytes(pid) for name, pid in engine.component_pids().items()}
+        held = [n.get("held_blocks", {}) for n in engine.node_stats()]
     samples = options.steps * options.batch_size
     result["wire_bytes_per_sample"] = {
         k: (v - before["wire"].get(k, 0)) / samples for k, v in sorted(wire.items())
@@ -314,6 +315,12 @@ def _measure_ndp(
         "kind": "storage.cache_bytes per node (row cache; flash read with O_DIRECT)",
         "bytes_per_node": cfg.storage.cache_bytes,
         "nodes": cfg.cluster.num_storage_nodes,
+        # beyond the cache: flash blocks a node holds from a read to the update that writes
+        # them (`ArenaFlash.carrying`), the most of any node, at any time and across steps
+        "held_blocks_peak_bytes": max((h.get("peak_bytes", 0) for h in held), default=0),
+        "held_blocks_peak_across_steps_bytes": max(
+            (h.get("peak_across_steps_bytes", 0) for h in held), default=0
+        ),
     }
     result["peak_rss_bytes"] = rss
     return result
@@ -869,6 +876,20 @@ def _page_cache_limit_cell(limit: dict[str, Any]) -> str:
     return cell
 
 
+def _node_memory_cell(limit: dict[str, Any]) -> str:
+    """ndp's DRAM for rows: each node's cache, and the flash blocks its nodes held beyond it
+    (the most of any node, at any time and carried across a step boundary)."""
+    cell = f"cache {limit['bytes_per_node'] / 2**20:.2f} MiB x {limit['nodes']} nodes"
+    peak = limit.get("held_blocks_peak_bytes", 0)
+    if peak:
+        across = limit.get("held_blocks_peak_across_steps_bytes", 0)
+        cell += (
+            f", + up to {peak / 2**20:.1f} MiB of held flash blocks per node"
+            f" ({across / 2**20:.1f} MiB across steps)"
+        )
+    return cell
+
+
 def _flash_and_memory_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Flash bytes per sample, hit rates over every access, the memory limit that applied."""
     rows = []
@@ -877,7 +898,7 @@ def _flash_and_memory_table(systems: dict[str, dict[str, Any]]) -> dict[str, Any
         if not limit.get("applied"):
             memory = "unlimited"
         elif "bytes_per_node" in limit:
-            memory = f"cache {limit['bytes_per_node'] / 2**20:.2f} MiB x {limit['nodes']} nodes"
+            memory = _node_memory_cell(limit)
         else:
             memory = _page_cache_limit_cell(limit)
         rates = run.get("cache_hit_rate")

@@ -213,6 +213,25 @@ def test_os_pageds_limit_cell_names_the_budget_and_the_room_a_step_has_above_it(
     )
 
 
+def test_ndps_memory_cell_names_the_cache_and_the_flash_blocks_its_nodes_held_beyond_it():
+    limit = {
+        "applied": True,
+        "bytes_per_node": 663552,
+        "nodes": 2,
+        "held_blocks_peak_bytes": 30 << 20,
+        "held_blocks_peak_across_steps_bytes": 12 << 20,
+    }
+    systems = {"ndp_lookahead": {"cache_5pct": {"samples_per_s": 1.0, "memory_limit": limit}}}
+    (row,) = _flash_and_memory_table(systems)["rows"]
+    assert row[-1] == (
+        "cache 0.63 MiB x 2 nodes, + up to 30.0 MiB of held flash blocks per node"
+        " (12.0 MiB across steps)"
+    )
+    del limit["held_blocks_peak_bytes"]  # nothing held (every row cached): the cache alone
+    (row,) = _flash_and_memory_table(systems)["rows"]
+    assert row[-1] == "cache 0.63 MiB x 2 nodes"
+
+
 def test_cpu_per_sample_is_reported_for_every_system_with_its_ratio_to_all_gpu():
     def run(us: float) -> dict:
         return {"samples_per_s": 1.0, "step_s": 1.0, "machine_cpu_us_per_sample": us}

@@ -114,6 +114,10 @@ def test_a_worker_over_in_process_cores_trains_like_the_reference(tmp_path, earl
         )
         hits = sum(core.early_counters["early_hits_without_bags"] for core in cores)
         assert (hits > 0) == early_pooling  # the kept pools answered lookups sent without bags
+        # early lookups' flash blocks were kept past the previous step's update for their own
+        # step's update (`ArenaFlash.carrying`), and the model above is still the reference's
+        carried = sum(a.flash.peak_carried_bytes for core in cores for a in core._arenas)
+        assert (carried > 0) == early_pooling
         timings = worker.timings()
         assert {"lookup_wait_s", "dense_compute_s", "dense_optimizer_s"} <= set(timings)
         assert timings["link_bytes_in"] == timings["link_bytes_out"] == 0

@@ -131,36 +131,82 @@ def test_an_arena_of_files_with_different_merging_goes_file_by_file(tmp_path, on
             store.close()
 
 
+def _reads(arena) -> int:
+    return sum(s.counters.read_requests for s in arena.stores)
+
+
 def test_a_carry_keeps_a_lookups_blocks_for_the_update_and_release_gives_them_back(arena):
     rows = np.array([0, 6, 41, 50, 130], dtype=np.int64)
-    arena.carry_until_update()
-    looked_up = arena.read_rows(rows)  # the lookup's read, outside any holding block
-    reads = sum(s.counters.read_requests for s in arena.stores)
+    with arena.carrying(3):
+        looked_up = arena.read_rows(rows)  # step 3's lookup, outside any holding block
+    reads = _reads(arena)
     with arena.holding_reads():  # the update: read, change, write back
         again = arena.read_rows(rows)
         arena.write_rows(rows, again + 1.0)
     # the update read nothing from the files and the carry outlived its holding block
-    assert sum(s.counters.read_requests for s in arena.stores) == reads
+    assert _reads(arena) == reads
     np.testing.assert_array_equal(again, looked_up)
     np.testing.assert_array_equal(arena.read_rows(rows), looked_up + 1.0)
-    arena.release_held()
-    assert arena._held is None
+    arena.release_held(up_to_step=2)  # an earlier step's release keeps step 3's copies
+    assert arena._held
+    arena.release_held(up_to_step=3)
+    assert arena._held == [] and arena._held_bytes == 0
     # what the files hold is what the carry said
     np.testing.assert_array_equal(per_file_read(arena.stores, arena.bases, rows), looked_up + 1.0)
     arena.read_rows(rows)
-    assert sum(s.counters.read_requests for s in arena.stores) > reads  # from the files again
+    assert _reads(arena) > reads  # from the files again
+
+
+def test_an_early_lookups_blocks_outlive_the_previous_steps_update_and_stay_exact(arena):
+    """Lookahead: step 4's rows are read (early lookup) before step 3's update writes some of
+    the same blocks; step 4's update then reads none of them, and finds step 3's changes."""
+    step3 = np.array([0, 41, 130], dtype=np.int64)
+    step4 = np.array([1, 41, 50, 131], dtype=np.int64)  # shares blocks and a row with step 3
+    with arena.carrying(3):
+        arena.read_rows(step3)
+    with arena.carrying(4):
+        early = arena.read_rows(step4)
+    with arena.holding_reads():  # step 3's update
+        arena.write_rows(step3, arena.read_rows(step3) + 1.0)
+    arena.release_held(up_to_step=3)
+    assert arena._held_tags and all(tag == 4 for tag in arena._held_tags)
+    expected = early.copy()
+    expected[1] += 1.0  # row 41 was step 3's too
+    reads = _reads(arena)
+    with arena.holding_reads():  # step 4's update
+        current = arena.read_rows(step4)
+        np.testing.assert_array_equal(current, expected)
+        arena.write_rows(step4, current * 2.0)
+    assert _reads(arena) == reads
+    arena.release_held(up_to_step=4)
+    assert arena._held == []
+    np.testing.assert_array_equal(per_file_read(arena.stores, arena.bases, step4), expected * 2.0)
+
+
+def test_a_write_updates_every_held_copy_so_dropping_any_copy_is_safe(arena):
+    rows = np.array([0, 47], dtype=np.int64)
+    with arena.carrying(6):
+        arena.read_rows(rows)  # a copy kept for step 6 (an early lookup)
+    with arena.carrying(5):
+        arena.write_rows(rows, np.full((2, 24), 3.0, dtype=np.float32))  # a newer copy
+    arena.release_held(up_to_step=5)  # drops the newer copy, keeps step 6's older one
+    assert arena._held_tags == [6]
+    reads = _reads(arena)
+    np.testing.assert_array_equal(arena.read_rows(rows), np.full((2, 24), 3.0))
+    assert _reads(arena) == reads  # served by step 6's copy, which the write brought up to date
+    arena.release_held()
 
 
 def test_a_carry_drops_its_oldest_copies_past_its_cap_and_stays_exact(arena, monkeypatch):
     from storage_node import arena as arena_module
 
     monkeypatch.setattr(arena_module, "CARRY_MAX_BYTES", 2 * 512)
-    arena.carry_until_update()
     first = np.array([0, 47], dtype=np.int64)  # one block of t0, one of t2
-    arena.write_rows(first, np.full((2, 24), 7.0, dtype=np.float32))
-    arena.read_rows(np.array([100, 120], dtype=np.int64))  # two more blocks: the first go
+    with arena.carrying(1):
+        arena.write_rows(first, np.full((2, 24), 7.0, dtype=np.float32))
+        arena.read_rows(np.array([100, 120], dtype=np.int64))  # two more blocks: the first go
     assert arena._held_bytes <= 2 * 512
-    reads = sum(s.counters.read_requests for s in arena.stores)
+    reads = _reads(arena)
     np.testing.assert_array_equal(arena.read_rows(first), np.full((2, 24), 7.0))
-    assert sum(s.counters.read_requests for s in arena.stores) > reads  # dropped: read again
+    assert _reads(arena) > reads  # dropped: read again
     arena.release_held()
