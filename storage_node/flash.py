@@ -236,21 +236,26 @@ class FlashLayout:
 
 
 def current_blocks(
-    held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]],
+    held: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]],
     blocks: np.ndarray,
     block_bytes: int,
     read_blocks: Callable[[np.ndarray], mmap.mmap],
+    used: list[int] | None = None,
 ) -> tuple[mmap.mmap, np.ndarray]:
     """An aligned buffer of the current bytes of sorted unique `blocks`: the newest held copy
     of each (`holding_reads`: sorted blocks, their bytes, their buffer; oldest first), the
-    others read with `read_blocks`; and the mask of the blocks taken from held copies."""
+    others read with `read_blocks`; and the mask of the blocks taken from held copies.
+    `used`, when given, receives the positions in `held` of the copies that served blocks."""
     nbytes = blocks.size * block_bytes
     buf = IO_BUFFERS.take(nbytes)
     target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(blocks.size, -1)
     missing = np.ones(blocks.size, dtype=bool)
-    for held_blocks, held_data, _ in reversed(held):
+    for position in range(len(held) - 1, -1, -1):
+        held_blocks, held_data, _ = held[position]
         where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
         found = missing & (held_blocks[where] == blocks)
+        if used is not None and found.any():
+            used.append(position)
         target[found] = held_data[where[found]]
         missing &= ~found
         if not missing.any():

@@ -210,3 +210,42 @@ def test_a_carry_drops_its_oldest_copies_past_its_cap_and_stays_exact(arena, mon
     np.testing.assert_array_equal(arena.read_rows(first), np.full((2, 24), 7.0))
     assert _reads(arena) > reads  # dropped: read again
     arena.release_held()
+
+
+@pytest.mark.parametrize("cap_blocks", [6, 64], ids=["copies-dropped", "copies-kept"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_any_mix_of_carried_reads_writes_and_releases_reads_what_was_last_written(
+    arena, one_by_one, seed, cap_blocks, monkeypatch
+):
+    """Lookahead's pattern at random: lookups and early lookups carried for their steps,
+    updates (read, write back) in holding blocks, releases by step, a small cap dropping old
+    copies; every read must equal the same writes applied to the files one by one."""
+    from storage_node import arena as arena_module
+
+    monkeypatch.setattr(arena_module, "CARRY_MAX_BYTES", cap_blocks * 512)
+    rng = np.random.default_rng(seed)
+    total = int(arena.bases[-1])
+    for step in range(12):
+        for carried in (step, step + 1):  # the lookup, then the next step's early lookup
+            rows = rng.choice(total, size=int(rng.integers(1, 20)), replace=False)
+            with arena.carrying(carried):
+                got = arena.read_rows(rows)
+            np.testing.assert_array_equal(got, per_file_read(one_by_one, arena.bases, rows))
+        rows = np.sort(rng.choice(total, size=int(rng.integers(1, 15)), replace=False))
+        with arena.holding_reads():  # the update
+            current = arena.read_rows(rows)
+            np.testing.assert_array_equal(current, per_file_read(one_by_one, arena.bases, rows))
+            changed = current + rng.standard_normal(current.shape).astype(np.float32)
+            arena.write_rows(rows, changed)
+        piece = np.searchsorted(arena.bases, rows, side="right") - 1
+        for index, store in enumerate(one_by_one):
+            mine = piece == index
+            if mine.any():
+                store.write_rows(rows[mine] - arena.bases[index], changed[mine])
+        arena.release_held(up_to_step=step)
+    everything = np.arange(total)
+    np.testing.assert_array_equal(
+        arena.read_rows(everything), per_file_read(one_by_one, arena.bases, everything)
+    )
+    arena.release_held()
+    assert arena._held == [] and arena._held_bytes == 0
