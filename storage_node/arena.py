@@ -51,6 +51,7 @@ from storage_node.flash import (
     block_runs,
     current_blocks,
     fill_gaps,
+    held_sources,
     issue_runs,
 )
 from storage_node.keyed_bags import FeaturePlace
@@ -105,9 +106,9 @@ class ArenaFlash:
         self._held: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]] = []
         """Held copies of blocks (batched I/O): (sorted arena blocks, their bytes [n,
         block_bytes], the buffer holding them or None for a copy of its own) per read or
-        write, oldest first. Every copy
-        equals its blocks on the files (a write updates every held copy it overlaps), so
-        any copy may be dropped at any time: it only costs a read."""
+        write, oldest first. Every copy equals its blocks on the files (a write updates
+        every held copy it overlaps), so any copy may be dropped at any time: it only costs
+        a read."""
         self._held_tags: list[int | None] = []
         """Per held copy: the step whose update keeps it (`carrying`), or None: dropped
         when the outermost `holding_reads` ends."""
@@ -169,13 +170,7 @@ class ArenaFlash:
         block_floats = self._geometry.block_bytes // 4
         block_of_row = where[:, 0] // block_floats
         offsets = (where[:, 0] % block_floats)[:, None] + np.arange(self.layout.row_floats)
-        source = np.full(span.size, -1, dtype=np.int64)  # held copy of each block, -1: none
-        at = np.zeros(span.size, dtype=np.int64)  # its position in that copy
-        for position in range(len(self._held) - 1, -1, -1):
-            held_blocks = self._held[position][0]
-            found = np.searchsorted(held_blocks, span).clip(max=held_blocks.size - 1)
-            hit = (source < 0) & (held_blocks[found] == span)
-            source[hit], at[hit] = position, found[hit]
+        source, at = held_sources(self._held, span)
         records = np.empty((where.shape[0], self.layout.row_floats), dtype=np.float32)
         row_source = source[block_of_row]
         used = np.unique(source[source >= 0]).tolist()
@@ -185,9 +180,7 @@ class ArenaFlash:
             records[rows_here] = data[at[block_of_row[rows_here]][:, None], offsets[rows_here]]
         self._keep_for_carry(used)
         fresh = source < 0
-        counts = np.bincount(self._piece_of(span[~fresh]), minlength=len(self.stores))
-        for index in np.flatnonzero(counts).tolist():
-            self.stores[index].counters.blocks_from_held += int(counts[index])
+        self._count_from_held(span[~fresh])
         if fresh.any():
             blocks = span[fresh]
             buf = self._read_span(blocks)
@@ -388,7 +381,7 @@ class ArenaFlash:
         step's update); `buf` goes back to the pool unless it is kept whole.
 
         Why only those: a block held in several copies costs a copy of its bytes on every
-        read that assembles it and on every write that refreshes it (`_refresh_held`)."""
+        write that assembles it (`_current_blocks`) and refreshes it (`_refresh_held`)."""
         if self._hold_depth == 0 and self._carry_step is None:
             IO_BUFFERS.give(buf)
             return
@@ -436,10 +429,14 @@ class ArenaFlash:
             self._held, span, self._geometry.block_bytes, self._read_span, used
         )
         self._keep_for_carry(used)
-        counts = np.bincount(self._piece_of(span[from_held]), minlength=len(self.stores))
+        self._count_from_held(span[from_held])
+        return buf, from_held
+
+    def _count_from_held(self, blocks: np.ndarray) -> None:
+        """Count arena `blocks` a held copy gave (instead of the device) on their files."""
+        counts = np.bincount(self._piece_of(blocks), minlength=len(self.stores))
         for index in np.flatnonzero(counts).tolist():
             self.stores[index].counters.blocks_from_held += int(counts[index])
-        return buf, from_held
 
     def detached_read(self, rows: np.ndarray) -> ArenaDetachedRead:
         """A `FlashStore.detached_read` of each file that `rows` touch (call under the lock)."""

@@ -235,6 +235,23 @@ class FlashLayout:
         return self.page_bytes + block * self.block_bytes
 
 
+def held_sources(
+    held: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]], blocks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where the newest held copy of each of sorted unique `blocks` is: (position in `held`,
+    -1 where no copy has the block; the block's index in that copy's blocks), int64 [n] each."""
+    source = np.full(blocks.size, -1, dtype=np.int64)
+    at = np.zeros(blocks.size, dtype=np.int64)
+    for position in range(len(held) - 1, -1, -1):
+        held_blocks = held[position][0]
+        where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
+        found = (source < 0) & (held_blocks[where] == blocks)
+        source[found], at[found] = position, where[found]
+        if (source >= 0).all():
+            break
+    return source, at
+
+
 def current_blocks(
     held: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]],
     blocks: np.ndarray,
@@ -249,17 +266,14 @@ def current_blocks(
     nbytes = blocks.size * block_bytes
     buf = IO_BUFFERS.take(nbytes)
     target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(blocks.size, -1)
-    missing = np.ones(blocks.size, dtype=bool)
-    for position in range(len(held) - 1, -1, -1):
-        held_blocks, held_data, _ = held[position]
-        where = np.searchsorted(held_blocks, blocks).clip(max=held_blocks.size - 1)
-        found = missing & (held_blocks[where] == blocks)
-        if used is not None and found.any():
-            used.append(position)
-        target[found] = held_data[where[found]]
-        missing &= ~found
-        if not missing.any():
-            break
+    source, at = held_sources(held, blocks)
+    positions = np.unique(source[source >= 0]).tolist()
+    for position in positions:
+        found = source == position
+        target[found] = held[position][1][at[found]]
+    if used is not None:
+        used.extend(positions)
+    missing = source < 0
     if missing.any():
         rest = blocks[missing]
         read = read_blocks(rest)
