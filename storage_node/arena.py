@@ -49,12 +49,12 @@ from storage_node.flash import (
     FlashStore,
     IoGeometry,
     block_runs,
-    current_blocks,
     fill_gaps,
     held_sources,
     issue_runs,
 )
 from storage_node.keyed_bags import FeaturePlace
+from storage_node.write_behind import WriteBehind, block_runs_from
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,8 @@ class ArenaFlash:
             shapes.pop() if len(stores) > 1 and len(shapes) == 1 else None
         )
         """Set when the files' I/O is batched: every file has this block shape and merging."""
+        self.writes = WriteBehind(self._geometry.io_threads) if self._geometry else None
+        """Batched writes are left in flight (`storage_node.write_behind`)."""
         spacing = [
             store.layout.num_blocks + store.io_geometry().max_gap_blocks + 1 for store in stores
         ]
@@ -103,12 +105,12 @@ class ArenaFlash:
         """int64 [pieces + 1]: arena block id of each file's block 0. Ids between two files
         (more than the merge gap) belong to no file, so neither gap filling nor runs of
         consecutive blocks ever bridge two files."""
-        self._held: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]] = []
+        self._held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]] = []
         """Held copies of blocks (batched I/O): (sorted arena blocks, their bytes [n,
-        block_bytes], the buffer holding them or None for a copy of its own) per read or
-        write, oldest first. Every copy equals its blocks on the files (a write updates
-        every held copy it overlaps), so any copy may be dropped at any time: it only costs
-        a read."""
+        block_bytes], the pool buffer holding them) per read or write, oldest first. A block
+        is in at most one copy, and a copy equals its blocks on the files once the write in
+        flight is done (a write changes the copy and writes from it), so any copy may be
+        dropped at any time: it only costs a read."""
         self._held_tags: list[int | None] = []
         """Per held copy: the step whose update keeps it (`carrying`), or None: dropped
         when the outermost `holding_reads` ends."""
@@ -157,7 +159,7 @@ class ArenaFlash:
             return self._read_with_held(span, where)
         buf = self._read_span(span)
         records = np.frombuffer(buf, dtype=np.float32)[where]
-        self._hold(span, buf, np.zeros(span.size, dtype=bool))  # after the copy
+        self._hold(span, buf)  # after the copy
         return records
 
     def _read_with_held(self, span: np.ndarray, where: np.ndarray) -> np.ndarray:
@@ -191,12 +193,20 @@ class ArenaFlash:
             records[rows_here] = data[
                 position_in_read[block_of_row[rows_here]][:, None], offsets[rows_here]
             ]
-            self._hold(blocks, buf, np.zeros(blocks.size, dtype=bool))
+            self._hold(blocks, buf)
         return records
 
     def write_rows(self, rows: np.ndarray, records: np.ndarray) -> None:
-        """Write records of unique arena `rows` (read-modify-write of their blocks, the read
-        skipped for blocks held by `holding_reads`); every file's blocks in one batch."""
+        """Write records of unique arena `rows`; every file's blocks in one batch, left in
+        flight (`storage_node.write_behind`: whatever could see the files first waits).
+
+        A write is read-modify-write of whole blocks. A block a held copy has is changed in
+        that copy and written from it; the others are read (in one batch), changed and held
+        like a read's (`_hold`). Why in place: each block is held once, so the copy is the
+        block's only image in memory; assembling the blocks into a buffer of their own and
+        copying it back into the held copies cost two copies of every written block (~7 MB
+        per node and step at cache_5pct: 6 of the 10 CPU-ms `write_rows` took per node and
+        step in process)."""
         rows = np.asarray(rows, dtype=np.int64)
         if self._geometry is None:
             for index, positions, local in self.split(rows):
@@ -204,20 +214,48 @@ class ArenaFlash:
             return
         if rows.size == 0:
             return
+        self.writes.wait()  # one batch in flight: it may be writing from the copies changed now
         geo = self._geometry
         span, where = self._span(rows)
-        buf, from_held = self._current_blocks(span)
-        view = np.frombuffer(buf, dtype=np.float32)
-        view[where] = records
-        del view
+        source, at = held_sources(self._held, span)
+        fresh = source < 0
+        self._count_from_held(span[~fresh])
+        self._keep_for_carry(np.unique(source[~fresh]).tolist())
+        buffers = [buf for _, _, buf in self._held]
+        blocks_of = [data.view(np.float32) for _, data, _ in self._held]
+        fresh_blocks, fresh_buf = span[fresh], None
+        if fresh_blocks.size:
+            fresh_buf = self._read_span(fresh_blocks)
+            source[fresh], at[fresh] = len(buffers), np.arange(fresh_blocks.size)
+            buffers.append(fresh_buf)
+            floats = np.frombuffer(
+                fresh_buf, np.float32, count=fresh_blocks.size * geo.block_bytes // 4
+            )
+            blocks_of.append(floats.reshape(fresh_blocks.size, -1))
+        block_floats = geo.block_bytes // 4
+        block_of_row = where[:, 0] // block_floats
+        offsets = where - (block_of_row * block_floats)[:, None]
+        row_source = source[block_of_row]
+        for position in np.unique(row_source).tolist():
+            mine = np.flatnonzero(row_source == position)
+            blocks_of[position][at[block_of_row[mine]][:, None], offsets[mine]] = records[mine]
         piece_of_block = self._piece_of(span)
         touched, firsts, ends = _groups(piece_of_block)
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
             self.stores[index].note_write(span[first:end] - self.block_bases[index])
         started = time.monotonic()
-        requests, _ = self._issue(os.pwritev, buf, span)
-        self._refresh_held(span, buf)
-        self._hold(span, buf, from_held)
+        runs = block_runs_from(span, source, at, buffers, geo)
+        files = [(store.fd, store.path) for store in self.stores]
+        run_piece = self._piece_of(runs.firsts)
+        offsets = geo.page_bytes + (runs.firsts - self.block_bases[run_piece]) * geo.block_bytes
+        done_at = self._throttle(touched, ends - firsts, started, write=True, sleep=False)
+        self.writes.start(
+            span, runs.chunks, [files[i] for i in run_piece.tolist()], offsets.tolist(),
+            buffers, runs.views, done_at,
+        )  # fmt: skip
+        if fresh_buf is not None:
+            self._hold(fresh_blocks, fresh_buf)
+        requests = np.bincount(run_piece, minlength=len(self.stores))
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
             counters = self.stores[index].counters
             nbytes = (end - first) * geo.block_bytes
@@ -225,7 +263,6 @@ class ArenaFlash:
             counters.pages_written += nbytes // geo.page_bytes
             counters.write_batches += 1
             counters.write_requests += int(requests[index])
-        self._throttle(touched, ends - firsts, started, write=True)
 
     @contextmanager
     def holding_reads(self) -> Iterator[None]:
@@ -276,10 +313,35 @@ class ArenaFlash:
         update), or every held copy (None: call before anything writes the files other than
         through this arena, such as a restore, and at close)."""
         if up_to_step is None:
+            self.drain()
             self._drop_held(lambda tag: True)
         else:
             self._drop_held(lambda tag: tag is not None and tag <= up_to_step)
             self.peak_carried_bytes = max(self.peak_carried_bytes, self._held_bytes)
+
+    def drain(self) -> None:
+        """Return once every write is on the files (before anything reads or copies them
+        other than through this arena: a checkpoint's sync, a detached read); raises a
+        write's error."""
+        if self.writes is not None:
+            self.writes.wait()
+
+    def close(self) -> None:
+        """Drain, give back every held copy, and close the files (the node's close)."""
+        try:
+            self.release_held()
+        finally:
+            if self.writes is not None:
+                self.writes.close()
+            for store in self.stores:
+                store.close()
+
+    def _give(self, buf: mmap.mmap) -> None:
+        """Give `buf` back to the pool (once written, if a write is still using it)."""
+        if self.writes is not None:
+            self.writes.give(buf)
+        else:
+            IO_BUFFERS.give(buf)
 
     def _drop_held(self, dropped: Callable[[int | None], bool]) -> None:
         kept: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]] = []
@@ -287,26 +349,11 @@ class ArenaFlash:
         for entry, tag in zip(self._held, self._held_tags, strict=True):
             if dropped(tag):
                 self._held_bytes -= entry[0].size * self._geometry.block_bytes
-                if entry[2] is not None:  # else a copy of its own (`_hold`)
-                    IO_BUFFERS.give(entry[2])
+                self._give(entry[2])
             else:
                 kept.append(entry)
                 kept_tags.append(tag)
         self._held, self._held_tags = kept, kept_tags
-
-    def _refresh_held(self, span: np.ndarray, buf: mmap.mmap) -> None:
-        """Copy the blocks `span` just written (their bytes in `buf`) into every held copy
-        of them, so that every copy stays equal to the files."""
-        if not self._held:
-            return
-        new = np.frombuffer(buf, dtype=np.uint8, count=span.size * self._geometry.block_bytes)
-        new = new.reshape(span.size, -1)
-        for held_blocks, held_data, _ in self._held:
-            _, at_held, at_new = np.intersect1d(
-                held_blocks, span, assume_unique=True, return_indices=True
-            )
-            if at_held.size:
-                held_data[at_held] = new[at_new]
 
     # ------------------------------------------------------------------ batched I/O
 
@@ -330,25 +377,33 @@ class ArenaFlash:
     def _piece_of(self, blocks: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.block_bases, blocks, side="right") - 1
 
+    def _runs(self, span: np.ndarray) -> tuple[np.ndarray, list, list[int], np.ndarray]:
+        """The runs of sorted arena blocks `span`, every file's in one list: (lengths in
+        blocks, (descriptor, path) of each run's file, byte offsets, requests per piece)."""
+        geo = self._geometry
+        firsts, lengths = block_runs(span, geo.max_run_blocks)
+        run_piece = self._piece_of(firsts)
+        offsets = geo.page_bytes + (firsts - self.block_bases[run_piece]) * geo.block_bytes
+        files = [(store.fd, store.path) for store in self.stores]
+        run_files = [files[i] for i in run_piece.tolist()]
+        return lengths, run_files, offsets.tolist(), np.bincount(run_piece, minlength=len(files))
+
     def _issue(self, op, buf: mmap.mmap, span: np.ndarray) -> tuple[np.ndarray, int]:
         """`op` over the runs of sorted arena blocks `span` (block i at byte i * block_bytes
         of `buf`), every file's runs in one call; requests per piece (int64 [pieces]) and the
         threads that issued them."""
         geo = self._geometry
-        firsts, lengths = block_runs(span, geo.max_run_blocks)
-        run_piece = self._piece_of(firsts)
-        offsets = geo.page_bytes + (firsts - self.block_bases[run_piece]) * geo.block_bytes
-        lead = self.stores[0]
-        files = [(store.fd, store.path) for store in self.stores]
+        lengths, files, offsets, requests = self._runs(span)
         shares = issue_runs(
-            op, buf, geo.block_bytes, lengths, [files[i] for i in run_piece.tolist()],
-            offsets.tolist(), lead.io_pool, geo.io_threads,
+            op, buf, geo.block_bytes, lengths, files, offsets, self.stores[0].io_pool,
+            geo.io_threads,
         )  # fmt: skip
-        return np.bincount(run_piece, minlength=len(self.stores)), shares
+        return requests, shares
 
     def _read_span(self, span: np.ndarray) -> mmap.mmap:
         """Read sorted arena blocks into one page-aligned buffer, counted per file."""
         geo = self._geometry
+        self.writes.wait(span)  # a block still being written is read once it is
         buf = IO_BUFFERS.take(span.size * geo.block_bytes)
         started = time.monotonic()
         requests, threads = self._issue(os.preadv, buf, span)
@@ -365,47 +420,46 @@ class ArenaFlash:
         return buf
 
     def _throttle(
-        self, pieces: np.ndarray, blocks: np.ndarray, started: float, *, write: bool
-    ) -> None:
+        self,
+        pieces: np.ndarray,
+        blocks: np.ndarray,
+        started: float,
+        *,
+        write: bool,
+        sleep: bool = True,
+    ) -> float:
         """Each file's emulated device time, one after another (one device per node, as when
-        the files were read one by one)."""
+        the files were read one by one); returns when the device is done. With `sleep`
+        False the caller does not wait for it (a write left in flight)."""
         geo = self._geometry
         for index, count in zip(pieces.tolist(), blocks.tolist(), strict=True):
             started = self.stores[index].throttle_transfer(
-                count * geo.block_bytes, started, write=write
+                count * geo.block_bytes, started, write=write, sleep=sleep
             )
+        return started
 
-    def _hold(self, span: np.ndarray, buf: mmap.mmap, from_held: np.ndarray) -> None:
-        """Keep the blocks of `span` that no held copy has (`from_held` False) while a
-        `holding_reads` is open (until it ends) or inside `carrying(step)` (until that
-        step's update); `buf` goes back to the pool unless it is kept whole.
+    def _hold(self, blocks: np.ndarray, buf: mmap.mmap) -> None:
+        """Keep sorted arena `blocks` (no held copy has any of them; their bytes at the start
+        of `buf`) while a `holding_reads` is open (until it ends) or inside `carrying(step)`
+        (until that step's update); else `buf` goes back to the pool. Past
+        `CARRY_MAX_BYTES` the oldest copies are dropped.
 
-        Why only those: a block held in several copies costs a copy of its bytes on every
-        write that assembles it (`_current_blocks`) and refreshes it (`_refresh_held`)."""
+        Why each block once: a block held in two copies would need every write to change
+        both, and reads to pick the newer."""
         if self._hold_depth == 0 and self._carry_step is None:
-            IO_BUFFERS.give(buf)
+            self._give(buf)
             return
         block_bytes = self._geometry.block_bytes
-        data = np.frombuffer(buf, dtype=np.uint8, count=span.size * block_bytes)
-        data = data.reshape(span.size, -1)
-        fresh = ~from_held
-        if fresh.all():
-            kept: mmap.mmap | None = buf
-        else:
-            span, data, kept = span[fresh], data[fresh], None  # a copy: buf goes back
-            IO_BUFFERS.give(buf)
-            if span.size == 0:
-                return
-        self._held.append((span, data, kept))
+        data = np.frombuffer(buf, dtype=np.uint8, count=blocks.size * block_bytes)
+        self._held.append((blocks, data.reshape(blocks.size, -1), buf))
         self._held_tags.append(self._carry_step)
-        self._held_bytes += span.size * block_bytes
+        self._held_bytes += blocks.size * block_bytes
         self.peak_held_bytes = max(self.peak_held_bytes, self._held_bytes)
         while self._held_bytes > CARRY_MAX_BYTES and len(self._held) > 1:
-            old_span, _, old_buf = self._held.pop(0)
+            old_blocks, _, old_buf = self._held.pop(0)
             self._held_tags.pop(0)
-            self._held_bytes -= old_span.size * block_bytes
-            if old_buf is not None:
-                IO_BUFFERS.give(old_buf)
+            self._held_bytes -= old_blocks.size * block_bytes
+            self._give(old_buf)
 
     def _keep_for_carry(self, positions: list[int]) -> None:
         """Inside `carrying(step)`: the held copies at `positions` served this step, so they
@@ -418,20 +472,6 @@ class ArenaFlash:
             if tag is None or tag < step:
                 self._held_tags[position] = step
 
-    def _current_blocks(self, span: np.ndarray) -> tuple[mmap.mmap, np.ndarray]:
-        """`FlashStore._current_blocks` for arena blocks: held copies first, only the rest
-        read from the files (in one batch); and the mask of the blocks held copies gave.
-        Inside `carrying(step)` a copy that serves blocks is kept for that step too."""
-        if not self._held:
-            return self._read_span(span), np.zeros(span.size, dtype=bool)
-        used: list[int] = []
-        buf, from_held = current_blocks(
-            self._held, span, self._geometry.block_bytes, self._read_span, used
-        )
-        self._keep_for_carry(used)
-        self._count_from_held(span[from_held])
-        return buf, from_held
-
     def _count_from_held(self, blocks: np.ndarray) -> None:
         """Count arena `blocks` a held copy gave (instead of the device) on their files."""
         counts = np.bincount(self._piece_of(blocks), minlength=len(self.stores))
@@ -439,7 +479,9 @@ class ArenaFlash:
             self.stores[index].counters.blocks_from_held += int(counts[index])
 
     def detached_read(self, rows: np.ndarray) -> ArenaDetachedRead:
-        """A `FlashStore.detached_read` of each file that `rows` touch (call under the lock)."""
+        """A `FlashStore.detached_read` of each file that `rows` touch (call under the lock).
+        Drains first: a write still in flight would not be named stale by `finish`."""
+        self.drain()
         parts = [
             (self.stores[index], positions, local, self.stores[index].detached_read())
             for index, positions, local in self.split(rows)

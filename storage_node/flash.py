@@ -58,7 +58,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,28 +117,58 @@ def flash_dir_error(what: str, error: OSError, *, odirect: bool = False) -> Flas
 def transfer_all(
     op: Callable[[int, list, int], int],
     fd: int,
-    chunk: memoryview | mmap.mmap,
+    chunk: memoryview | mmap.mmap | bytes,
     offset: int,
     path: Path,
 ) -> None:
-    """`op` (os.preadv or os.pwritev) of all of `chunk` at `offset`.
+    """`op` (os.preadv or os.pwritev) of all of `chunk` at `offset` (`transfer_vectors`)."""
+    transfer_vectors(op, fd, [chunk], offset, path)
+
+
+IOV_MAX = 1024
+"""Most buffers one preadv/pwritev takes (Linux's UIO_MAXIOV)."""
+
+
+def transfer_vectors(
+    op: Callable[[int, list, int], int],
+    fd: int,
+    chunks: list,
+    offset: int,
+    path: Path,
+) -> None:
+    """`op` (os.preadv or os.pwritev) of all of `chunks`, one after another, at `offset`
+    (at most `IOV_MAX` buffers per call).
 
     Why: both may move fewer bytes than asked; a write short of a full disk returned a count
     that was ignored, leaving a truncated shard marked complete. The rest is retried, so a
     full disk raises ENOSPC; a read that reaches the end of the file is a `ShardFileError`.
     """
-    done = op(fd, [chunk], offset)
-    if done == len(chunk):
-        return
-    with memoryview(chunk) as whole:
-        while done < len(whole):
-            moved = op(fd, [whole[done:]], offset + done)
+    for first in range(0, len(chunks), IOV_MAX):
+        group = chunks[first : first + IOV_MAX]
+        total = sum(len(chunk) for chunk in group) if len(group) > 1 else len(group[0])
+        done = op(fd, group, offset)
+        while done < total:
+            moved = op(fd, _after(group, done), offset + done)
             if moved == 0:
                 raise ShardFileError(
                     f"shard file {path} ends at byte {offset + done}, before its layout does; "
                     "delete it to start fresh"
                 )
             done += moved
+        offset += total
+
+
+def _after(chunks: list, skip: int) -> list[memoryview]:
+    """`chunks` without their first `skip` bytes."""
+    rest = []
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        if skip >= len(view):
+            skip -= len(view)
+            continue
+        rest.append(view[skip:])
+        skip = 0
+    return rest
 
 
 def issue_runs(
@@ -152,35 +183,79 @@ def issue_runs(
 ) -> int:
     """`op` (os.preadv or os.pwritev) of consecutive runs of blocks laid one after another in
     `buf`: run k is `lengths[k]` blocks of file `files[k]` (descriptor, path) at byte
-    `offsets[k]`. The runs go out from up to `io_threads` threads of `pool`, one task per
-    thread (a future costs ~30 us of Python while a 4 KiB pread costs ~5 us of it); runs of
-    several files may share one call (`storage_node.arena.ArenaFlash` does).
+    `offsets[k]`; returns when every run is done.
 
     Returns:
         The threads that issued them (0 when there are no runs).
     """
     positions = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
-    with memoryview(buf) as whole:
-        chunks = [
-            whole[pos * block_bytes : (pos + length) * block_bytes]
-            for pos, length in zip(positions.tolist(), lengths.tolist(), strict=True)
-        ]
+    whole = memoryview(buf)
+    chunks = [
+        whole[pos * block_bytes : (pos + length) * block_bytes]
+        for pos, length in zip(positions.tolist(), lengths.tolist(), strict=True)
+    ]
+    try:
+        runs = start_runs(op, [[chunk] for chunk in chunks], files, offsets, pool, io_threads)
+        runs.wait()
+    finally:
+        for view in [*chunks, whole]:
+            view.release()
+    return runs.shares
 
-        def run_share(share: int) -> None:
-            for k in range(share, len(chunks), io_threads):
-                fd, path = files[k]
-                transfer_all(op, fd, chunks[k], offsets[k], path)
 
-        shares = min(io_threads, len(chunks))
-        try:
-            if shares == 1:
-                run_share(0)  # no thread hand-off for a single run
-            elif shares > 1:
-                list(pool.map(run_share, range(shares)))
-        finally:
-            for chunk in chunks:
-                chunk.release()
-    return shares
+def start_runs(
+    op: Callable[[int, list, int], int],
+    runs: list[list[memoryview]],
+    files: list[tuple[int, Path]],
+    offsets: list[int],
+    pool: ThreadPoolExecutor,
+    io_threads: int,
+    *,
+    inline_single: bool = True,
+) -> RunsInFlight:
+    """Start `op` of runs from up to `io_threads` threads of `pool`, one task per thread (a
+    future costs ~30 us of Python while a 4 KiB pread costs ~5 us of it): run k moves the
+    buffers `runs[k]`, one after another, at byte `offsets[k]` of file `files[k]`
+    (descriptor, path); runs of several files may share one call (`storage_node.arena`
+    does). A single share runs in the caller (no thread hand-off) unless `inline_single` is
+    False. The buffers must stay as they are until `RunsInFlight.wait()` returns."""
+
+    def run_share(share: int) -> None:
+        for k in range(share, len(runs), io_threads):
+            fd, path = files[k]
+            transfer_vectors(op, fd, runs[k], offsets[k], path)
+
+    shares = min(io_threads, len(runs))
+    started = RunsInFlight(shares)
+    if shares == 1 and inline_single:
+        run_share(0)
+    elif shares:
+        started.futures = [pool.submit(run_share, share) for share in range(shares)]
+    return started
+
+
+class RunsInFlight:
+    """Runs started by `start_runs`: `wait()` for all of them (raises the first error)."""
+
+    def __init__(self, shares: int) -> None:
+        self.shares = shares
+        """The threads that issue them (0 when there are no runs)."""
+        self.futures: list[Future] = []
+        self.views: list[memoryview] = []
+        """Views of the buffers the runs use, released once they are done."""
+
+    def done(self) -> bool:
+        return all(future.done() for future in self.futures)
+
+    def wait(self) -> None:
+        """Return when every run is done and release `views`. Every run is waited for
+        before an error is raised, since a run still in flight is using its buffers."""
+        futures_wait(self.futures)
+        for view in self.views:
+            view.release()
+        self.views = []
+        for future in self.futures:
+            future.result()
 
 
 @dataclass(frozen=True)
@@ -635,11 +710,18 @@ class FlashStore:
     # ------------------------------------------------------------------ batched I/O
 
     def _throttle(
-        self, num_bytes: int, bandwidth: float | None, latency: float | None, started: float
+        self,
+        num_bytes: int,
+        bandwidth: float | None,
+        latency: float | None,
+        started: float,
+        *,
+        sleep: bool = True,
     ) -> float:
         """Hold the caller until the emulated device has moved `num_bytes` (issued at
         `started`, `time.monotonic()`); returns when the device is done (`started` when the
-        transfer costs nothing).
+        transfer costs nothing). With `sleep` False the device's clock moves on but the
+        caller does not wait (a write left in flight: `storage_node.write_behind`).
 
         Why a device clock and not a sleep of the whole delay after the I/O: the real I/O
         already took part of the device's time (sleeping on top of it would make the device
@@ -655,7 +737,7 @@ class FlashStore:
             begin = max(started, self._device_busy_until)
             self._device_busy_until = end = begin + delay
             wait = end - time.monotonic()
-        if wait > 0:
+        if wait > 0 and sleep:
             time.sleep(wait)
         return end
 
@@ -717,14 +799,16 @@ class FlashStore:
         if self._open_marks:
             self._write_log.append((self._generation, blocks))
 
-    def throttle_transfer(self, num_bytes: int, started: float, *, write: bool) -> float:
+    def throttle_transfer(
+        self, num_bytes: int, started: float, *, write: bool, sleep: bool = True
+    ) -> float:
         """`_throttle` at this file's read or write figures; returns when the device is done."""
         emu = self._emulation
         if write:
             bandwidth, latency = emu.flash_write_bandwidth_mbps, emu.flash_write_latency_us
         else:
             bandwidth, latency = emu.flash_read_bandwidth_mbps, emu.flash_read_latency_us
-        return self._throttle(num_bytes, bandwidth, latency, started)
+        return self._throttle(num_bytes, bandwidth, latency, started, sleep=sleep)
 
     def _read_blocks(self, blocks: np.ndarray) -> mmap.mmap:
         """Read sorted unique blocks into one page-aligned buffer."""

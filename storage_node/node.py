@@ -472,8 +472,6 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
                 self._update_threads.shutdown(wait=True)
             for arena in self._arenas:
                 arena.cache.flush()
-                arena.flash.release_held()
-                for store in arena.flash.stores:
-                    store.close()
+                arena.flash.close()
             self._closed = True
             self._step_applied.notify_all()

@@ -37,6 +37,7 @@ class Checkpoints:
             directory.mkdir(parents=True, exist_ok=True)
             for arena in self._arenas:
                 arena.cache.flush()
+                arena.flash.drain()  # every write on the files before they are copied
             shards = []
             for piece in self._pieces.values():
                 piece.flash.sync()

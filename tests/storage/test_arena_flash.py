@@ -1,19 +1,27 @@
 """An arena's shard files as one row space: a batch of rows of every file read and written in
 one batch of requests, with the same bytes, counters and detached-read staleness as the files
-read one by one."""
+read one by one; writes left in flight (write-behind) are never seen half done."""
 
 from __future__ import annotations
+
+import errno
+import os
+import time
 
 import numpy as np
 import pytest
 
+from ndp.config import EmulationConfig
 from storage_node.arena import ArenaFlash
-from storage_node.flash import FlashStore
+from storage_node.errors import ShardFileError
+from storage_node.flash import IO_BUFFERS, FlashStore
 
 SIZES = (40, 7, 90)  # rows per file; 5 rows per 512-byte block (dim 8 + state 16 = 96 B)
 
 
-def open_files(directory, *, merge_gap_bytes=1024, io_threads=2) -> list[FlashStore]:
+def open_files(
+    directory, *, merge_gap_bytes=1024, io_threads=2, emulation=None
+) -> list[FlashStore]:
     return [
         FlashStore(
             directory / f"t{index}",
@@ -27,6 +35,7 @@ def open_files(directory, *, merge_gap_bytes=1024, io_threads=2) -> list[FlashSt
             page_bytes=512,
             io_threads=io_threads,
             merge_gap_bytes=merge_gap_bytes,
+            emulation=emulation,
         )
         for index, rows in enumerate(SIZES)
     ]
@@ -36,8 +45,25 @@ def open_files(directory, *, merge_gap_bytes=1024, io_threads=2) -> list[FlashSt
 def arena(tmp_path):
     arena = ArenaFlash(open_files(tmp_path / "batched"))
     yield arena
-    for store in arena.stores:
-        store.close()
+    arena.close()
+
+
+WRITE_LATENCY_S = 0.1
+"""Emulated latency of each file's part of a write batch: long enough that a write is still
+in flight when the next call comes."""
+
+
+def slow_writes(directory, latency_s: float) -> ArenaFlash:
+    """An arena whose device takes `latency_s` per file written (reads are instant)."""
+    slow = EmulationConfig(flash_write_latency_us=latency_s * 1e6)
+    return ArenaFlash(open_files(directory, emulation=slow))
+
+
+@pytest.fixture
+def slow_writes_arena(tmp_path):
+    arena = slow_writes(tmp_path / "slow", WRITE_LATENCY_S)
+    yield arena
+    arena.close()
 
 
 @pytest.fixture
@@ -88,6 +114,7 @@ def test_writes_over_every_file_land_in_their_files_and_leave_the_rest(arena, on
     expected[rows] = records
     np.testing.assert_array_equal(arena.read_rows(everything), expected)
     # and on disk, through each file alone
+    arena.drain()  # the files read behind the arena's back: its writes landed first
     np.testing.assert_array_equal(per_file_read(arena.stores, arena.bases, everything), expected)
     assert [s.counters.write_batches for s in arena.stores] == [1, 1, 1]
 
@@ -152,6 +179,7 @@ def test_a_carry_keeps_a_lookups_blocks_for_the_update_and_release_gives_them_ba
     arena.release_held(up_to_step=3)
     assert arena._held == [] and arena._held_bytes == 0
     # what the files hold is what the carry said
+    arena.drain()  # the files read behind the arena's back: its writes landed first
     np.testing.assert_array_equal(per_file_read(arena.stores, arena.bases, rows), looked_up + 1.0)
     arena.read_rows(rows)
     assert _reads(arena) > reads  # from the files again
@@ -180,6 +208,7 @@ def test_an_early_lookups_blocks_outlive_the_previous_steps_update_and_stay_exac
     assert _reads(arena) == reads
     arena.release_held(up_to_step=4)
     assert arena._held == []
+    arena.drain()  # the files read behind the arena's back: its writes landed first
     np.testing.assert_array_equal(per_file_read(arena.stores, arena.bases, step4), expected * 2.0)
 
 
@@ -212,15 +241,24 @@ def test_a_carry_drops_its_oldest_copies_past_its_cap_and_stays_exact(arena, mon
     arena.release_held()
 
 
+@pytest.mark.parametrize(
+    ("device", "seed"), [("instant", 0), ("instant", 1), ("instant", 2), ("slow_writes", 3)]
+)
 @pytest.mark.parametrize("cap_blocks", [6, 64], ids=["copies-dropped", "copies-kept"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_any_mix_of_carried_reads_writes_and_releases_reads_what_was_last_written(
-    arena, one_by_one, seed, cap_blocks, monkeypatch
+    request, tmp_path, one_by_one, device, seed, cap_blocks, monkeypatch
 ):
     """Lookahead's pattern at random: lookups and early lookups carried for their steps,
     updates (read, write back) in holding blocks, releases by step, a small cap dropping old
-    copies; every read must equal the same writes applied to the files one by one."""
+    copies; every read must equal the same writes applied to the files one by one (on a slow
+    device every write is still in flight when the next call comes)."""
     from storage_node import arena as arena_module
+
+    if device == "instant":
+        arena = request.getfixturevalue("arena")
+    else:
+        arena = slow_writes(tmp_path / "slow", 0.002)
+        request.addfinalizer(arena.close)
 
     monkeypatch.setattr(arena_module, "CARRY_MAX_BYTES", cap_blocks * 512)
     rng = np.random.default_rng(seed)
@@ -249,3 +287,111 @@ def test_any_mix_of_carried_reads_writes_and_releases_reads_what_was_last_writte
     )
     arena.release_held()
     assert arena._held == [] and arena._held_bytes == 0
+
+
+# ---------------------------------------------------------------------- write-behind
+
+
+def test_a_write_returns_in_flight_and_only_a_read_of_its_blocks_waits_for_it(
+    slow_writes_arena,
+):
+    arena = slow_writes_arena
+    rows = np.array([1, 41], dtype=np.int64)  # t0's block 0 and t1's block 0
+    written = np.full((2, 24), 5.0, dtype=np.float32)
+    started = time.monotonic()
+    arena.write_rows(rows, written)
+    assert arena.writes.in_flight  # the device needs 2 x WRITE_LATENCY_S for it
+    arena.read_rows(np.array([100, 130], dtype=np.int64))  # t2: blocks the write leaves alone
+    assert arena.writes.in_flight and arena.writes.waits == 0
+    np.testing.assert_array_equal(arena.read_rows(rows), written)  # waits, then reads
+    assert not arena.writes.in_flight and arena.writes.waits == 1
+    assert time.monotonic() - started >= 2 * WRITE_LATENCY_S
+
+
+def test_a_second_write_waits_for_the_first_so_the_last_write_lands_last(slow_writes_arena):
+    arena = slow_writes_arena
+    rows = np.array([3, 50], dtype=np.int64)
+    arena.write_rows(rows, np.full((2, 24), 1.0, dtype=np.float32))
+    arena.write_rows(rows, np.full((2, 24), 2.0, dtype=np.float32))
+    assert arena.writes.waits == 1
+    arena.drain()
+    np.testing.assert_array_equal(
+        per_file_read(arena.stores, arena.bases, rows), np.full((2, 24), 2.0)
+    )
+
+
+def test_the_buffer_of_a_write_in_flight_is_not_handed_out_until_it_is_written(
+    slow_writes_arena,
+):
+    arena = slow_writes_arena
+    arena.write_rows(np.array([0], dtype=np.int64), np.ones((1, 24), dtype=np.float32))
+    (in_flight,) = arena.writes._batch.buffers  # given back by the write (nothing holds it)...
+    size = len(in_flight)
+    taken = [IO_BUFFERS.take(size) for _ in range(4)]
+    assert all(buf is not in_flight for buf in taken)  # ...but only once written
+    for buf in taken:
+        IO_BUFFERS.give(buf)
+    arena.drain()
+    again = [IO_BUFFERS.take(size) for _ in range(8)]
+    assert any(buf is in_flight for buf in again)
+    for buf in again:
+        IO_BUFFERS.give(buf)
+
+
+def test_a_failed_write_in_flight_is_raised_by_the_next_call_that_waits_for_it(arena, monkeypatch):
+    def device_error(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "pwritev", device_error)
+    rows = np.array([2, 45], dtype=np.int64)
+    arena.write_rows(rows, np.zeros((2, 24), dtype=np.float32))
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="Input/output error"):
+        arena.read_rows(rows)
+    arena.drain()  # raised once: nothing is in flight any more
+
+
+def test_a_detached_read_and_a_release_of_everything_drain_the_writes(slow_writes_arena):
+    arena = slow_writes_arena
+    arena.write_rows(np.array([5], dtype=np.int64), np.ones((1, 24), dtype=np.float32))
+    arena.detached_read(np.array([5], dtype=np.int64)).finish()
+    assert not arena.writes.in_flight
+    arena.write_rows(np.array([6], dtype=np.int64), np.ones((1, 24), dtype=np.float32))
+    arena.release_held()  # a restore or close: the files are used behind the arena next
+    assert not arena.writes.in_flight
+
+
+def test_with_o_direct_a_write_goes_out_of_the_held_copies_and_a_fresh_read(tmp_path):
+    """O_DIRECT needs every buffer page-aligned: the held copies a write changes in place and
+    writes from, and the buffer of the blocks no copy had, are all pool buffers."""
+    try:
+        stores = [
+            FlashStore(
+                tmp_path / f"d{index}",
+                table_name=f"d{index}",
+                table_num_rows=300,
+                row_start=0,
+                num_rows=300,
+                embedding_dim=8,
+                state_width=16,
+                seed=index,
+                page_bytes=4096,
+                io_threads=2,
+                use_odirect=True,
+            )  # fmt: skip
+            for index in range(2)
+        ]
+    except ShardFileError as exc:  # e.g. tmpfs
+        pytest.skip(f"file system refuses O_DIRECT: {exc}")
+    arena = ArenaFlash(stores)
+    try:
+        with arena.carrying(1):
+            arena.read_rows(np.array([0, 350], dtype=np.int64))  # block 0 of each file
+        rows = np.array([1, 200, 351], dtype=np.int64)  # held, fresh (file 0 block 1), held
+        records = np.arange(3 * 24, dtype=np.float32).reshape(3, 24)
+        with arena.holding_reads():
+            arena.write_rows(rows, records)
+        arena.release_held()
+        np.testing.assert_array_equal(per_file_read(arena.stores, arena.bases, rows), records)
+    finally:
+        arena.close()

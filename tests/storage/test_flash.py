@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -366,3 +367,21 @@ def test_a_detached_read_that_never_ran_does_not_block_close(tmp_path):
     reader = store.detached_read()
     reader.finish(np.array([0]))
     store.close()  # would wait forever if the unread reader still counted
+
+
+def test_a_transfer_of_more_buffers_than_one_call_takes_moves_every_byte_in_order(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        count = flash_module.IOV_MAX * 2 + 5  # three calls
+        chunks = [bytes([i % 251]) * 16 for i in range(count)]
+        flash_module.transfer_vectors(os.pwritev, fd, chunks, 32, path)
+        back = [bytearray(16) for _ in range(count)]
+        flash_module.transfer_vectors(os.preadv, fd, back, 32, path)
+        assert [bytes(b) for b in back] == chunks
+        # a read past the end names the file instead of returning short
+        with pytest.raises(ShardFileError, match="ends at byte"):
+            flash_module.transfer_vectors(os.preadv, fd, [bytearray(64)], 32 + 16 * count - 8, path)
+    finally:
+        os.close(fd)
