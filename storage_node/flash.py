@@ -439,6 +439,20 @@ class DetachedRead:
         self._read_done = True
         return self._store._read_detached(np.asarray(rows, dtype=np.int64))
 
+    @contextmanager
+    def reading_elsewhere(self) -> Iterator[None]:
+        """Instead of `read`: this file's rows are read inside the block by another caller
+        (`storage_node.arena.ArenaFlash`'s one batch over several files); the file stays
+        open until the block ends."""
+        assert not self._read_done, "a DetachedRead reads once"
+        self._read_done = True
+        try:
+            if self._store._fd < 0:
+                raise ShardFileError(f"shard file {self._store.path} is closed")
+            yield
+        finally:
+            self._store._release_descriptor()
+
     def finish(self, rows: np.ndarray) -> np.ndarray:
         """bool [n]: which of `rows` were written since the read began (their records may be
         stale). Call exactly once, under the lock, whether or not `read` ran or raised."""

@@ -136,9 +136,16 @@ def test_held_blocks_make_a_write_back_skip_the_re_read_and_keep_earlier_writes(
     np.testing.assert_array_equal(got[[1, 4]], second)
 
 
-def test_a_detached_read_names_the_rows_a_batched_write_changed(arena):
-    detached = arena.detached_read(np.array([0, 40, 50], dtype=np.int64))
-    detached.read()
+def test_a_detached_read_names_the_rows_a_batched_write_changed(arena, one_by_one):
+    rows = np.array([0, 40, 50], dtype=np.int64)
+    detached = arena.detached_read(rows)
+    # every file's rows in one batch (one read per file touched), without the lock
+    np.testing.assert_array_equal(detached.read(), per_file_read(one_by_one, arena.bases, rows))
+    assert [s.counters.read_batches for s in arena.stores] == [1, 1, 1]
+    some = np.array([130, 3], dtype=np.int64)  # files 2 and 0 only
+    other = arena.detached_read(some)
+    np.testing.assert_array_equal(other.read(), per_file_read(one_by_one, arena.bases, some))
+    assert other.finish().tolist() == [False, False]
     arena.write_rows(np.array([1, 51], dtype=np.int64), np.zeros((2, 24), dtype=np.float32))
     # rows 0 and 1 share a block of t0; 50 and 51 (t2 rows 3, 4) one of t2; t1 not written
     assert detached.finish().tolist() == [True, False, True]
