@@ -43,6 +43,7 @@ from ndp.errors import ComponentDiedError, ComponentKind, ComponentTimeoutError,
 from ndp.plan import ShardingPlan
 from ndp.planner import plan_shards
 from ndp.ray_local import init_local_ray
+from ndp.routing import check_indices
 from storage_node.actor import launch_storage_node
 
 if TYPE_CHECKING:
@@ -133,7 +134,12 @@ class NdpEngine:
         Each worker gets its share of the batch and routes it to the storage nodes itself;
         when `prefetch` already handed the workers this very batch, they hold their routed
         shares and get only the step.
+
+        Raises:
+            DataError: an index outside its table anywhere in the batch, before any worker
+                starts (`routing.check_indices`); the engine can take the next step.
         """
+        check_indices(batch.sparse, self.plan, self.tables)
         held = self._held.pop(step, None) is batch
         for old in [s for s in self._held if s < step]:
             del self._held[old]
@@ -175,6 +181,7 @@ class NdpEngine:
 
     def predict(self, step: int, batch: Batch) -> torch.Tensor:
         """Logits [B] through the storage nodes, without updates (`step`: next training step)."""
+        check_indices(batch.sparse, self.plan, self.tables)
         self.flush()
         parts = batch.split(self.num_workers)
         refs = [

@@ -216,17 +216,40 @@ def _with_bad_index_in_second_half(batch: Batch) -> Batch:
     return Batch(dense=batch.dense, sparse=sparse, labels=batch.labels)
 
 
+def test_a_bad_index_in_one_workers_share_is_refused_before_any_worker_starts(ray_session):
+    """The coordinator checks the whole batch before splitting it: no worker trains its
+    share and waits in the all-reduce for the one that refuses, so the same step can be
+    taken again with good data."""
+    cfg = tiny_config("sgd")
+    batches = build_datasets(cfg)[0].batches(cfg.train.batch_size)
+    first, second = next(iter(batches)), next(iter(batches))
+    with NdpEngine(cfg) as engine:
+        engine.train_step(0, first)
+        with pytest.raises(DataError, match=r"feature '\w+': index 1000000000 outside"):
+            engine.train_step(1, _with_bad_index_in_second_half(second))
+        started = time.monotonic()
+        engine.train_step(1, second)
+        engine.flush()
+        assert time.monotonic() - started < 60  # nobody was left waiting for a peer
+
+
 def test_close_is_prompt_when_a_peer_is_left_blocked_in_the_all_reduce(ray_session):
     """Worker 1 refuses its share (a bad index) while worker 0 trains its share and waits in
     the dense all-reduce for a peer that never comes: close kills it instead of flushing it
-    (which would wait cluster.step_timeout_s, 10 minutes by default)."""
+    (which would wait cluster.step_timeout_s, 10 minutes by default). The shares go to the
+    workers directly: the coordinator's own check refuses such a batch before any worker
+    starts, so this stands for any failure of one worker inside a step."""
     cfg = tiny_config("sgd")
     batch = next(iter(build_datasets(cfg)[0].batches(cfg.train.batch_size)))
     engine = NdpEngine(cfg)
     addresses = [a["tcp"] for a in engine.node_addresses]
     engine.train_step(0, batch)
+    shares = _with_bad_index_in_second_half(batch).split(2)
+    refs = [
+        w.train_step.remote(1, share, []) for w, share in zip(engine._workers, shares, strict=True)
+    ]
     with pytest.raises(DataError, match="outside"):
-        engine.train_step(1, _with_bad_index_in_second_half(batch))
+        engine._wait(refs)
 
     started = time.monotonic()
     engine.close()

@@ -16,7 +16,13 @@ from ndp.errors import DataError
 from ndp.model.init import init_table
 from ndp.plan import Bags
 from ndp.planner import plan_shards
-from ndp.routing import distinct_rows, reassemble, route_gradients, route_lookup
+from ndp.routing import (
+    check_indices,
+    distinct_rows,
+    reassemble,
+    route_gradients,
+    route_lookup,
+)
 
 BATCH = 6
 DIM = 4
@@ -237,6 +243,39 @@ def test_index_outside_the_table_raises_data_error_naming_feature_and_value(setu
     )
     with pytest.raises(DataError, match="index -1"):
         route_lookup(negative, plan, tables)
+
+
+@pytest.mark.parametrize(
+    ("feature", "bad", "named"),
+    [("a", 30, "index 30 outside [0, 30) of table 'rw'"), ("b", -2, "index -2"),
+     ("c", 7, "index 7 outside [0, 7) of table 'tw'")],
+)  # fmt: skip
+def test_the_whole_batch_check_names_what_routing_would_of_any_feature(setup, feature, bad, named):
+    """`check_indices` (the coordinator's, before the batch is split among workers) refuses
+    exactly what `route_lookup` refuses, with the same message, in one pass over every
+    feature; a good batch, int32 indices and empty features pass."""
+    tables, plan, _ = setup("sum")
+    good = make_batch(weighted=False)
+    check_indices(good, plan, tables)
+    check_indices(
+        KeyedJaggedTensor.from_lengths_sync(
+            keys=good.keys(), values=good.values().to(torch.int32), lengths=good.lengths()
+        ),
+        plan,
+        tables,
+    )
+    values = good.values().clone()
+    start = good.offset_per_key()[good.keys().index(feature)]
+    values[start + 1] = bad
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=good.keys(), values=values, lengths=good.lengths()
+    )
+    with pytest.raises(DataError) as routed:
+        route_lookup(sparse, plan, tables)
+    with pytest.raises(DataError) as checked:
+        check_indices(sparse, plan, tables)
+    assert f"feature '{feature}': {named}" in str(checked.value)
+    assert str(checked.value) == str(routed.value)
 
 
 def test_route_gradients_sends_each_piece_the_full_pooled_gradient(setup):
