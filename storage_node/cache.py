@@ -16,9 +16,9 @@ table-batched kernels read weights with row stride D and the optimizer state as 
 its own (`storage_node.fused_update` hands them `weights` and `state` in place); records are
 assembled only where rows cross to or from flash.
 
-And a row -> slot index: a dense int32 array for shards up to `DENSE_INDEX_MAX_ROWS` rows,
-otherwise a pair of sorted arrays (keys, slots) searched with `np.searchsorted` and updated
-with vectorised insert/delete (O(C) per batch, no hashing in Python).
+And a row -> slot index (`storage_node.row_index`): a dense int32 array for row spaces up to
+`DENSE_INDEX_MAX_ROWS` rows, otherwise a hash table of two buckets per slot, probed in
+vectorised rounds (O(batch) per batch).
 
 Policies choose victims among slots that are occupied, unpinned and not hot, by the smallest
 score: `lru` last use; `lfu` access count since admission, then last use.
@@ -49,13 +49,25 @@ import numpy as np
 
 from ndp.rows import distinct_below
 from storage_node.flash import FlashStore
+from storage_node.row_index import (
+    DENSE_INDEX_MAX_ROWS,
+    HASH_INDEX_BYTES_PER_SLOT,
+    DenseRowIndex,
+    HashRowIndex,
+)
 from storage_node.stats import CacheCounters
 
-DENSE_INDEX_MAX_ROWS = 1 << 24
-"""Shards up to this many rows use a dense row -> slot array (4 bytes per row)."""
 SLOT_METADATA_BYTES = 34
 """Bytes of bookkeeping per slot (row id, flags, pins, last use, frequency, index entry);
 charged to the cache budget together with the row record."""
+HOT_RESELECT_MIN_SLOTS = 1 << 16
+"""Caches with more occupied slots re-select the hot set only after enough accesses
+(`RowCache.on_step`); smaller ones every applied step."""
+HOT_RESELECT_DIVISOR = 8
+SAMPLED_EVICTION_MIN_SLOTS = 1 << 20
+"""Caches with more occupied slots choose victims among a random sample of them."""
+EVICTION_SAMPLE_FACTOR = 16
+EVICTION_SAMPLE_MIN = 1024
 FREQ_WINDOW_FACTOR = 100
 """`hot+lfu` halves every row count after this many x capacity counted accesses (TinyLFU's
 reset: old popularity fades, but over many steps, not at every step)."""
@@ -117,59 +129,12 @@ class RowFrequency:
         self._counts.fill(0.0)
 
 
-class DenseRowIndex:
-    """row -> slot as one int32 array over the shard's rows."""
-
-    def __init__(self, num_rows: int) -> None:
-        self._slot_of_row = np.full(num_rows, -1, dtype=np.int32)
-
-    def find(self, rows: np.ndarray) -> np.ndarray:
-        return self._slot_of_row[rows].astype(np.int64)
-
-    def insert(self, rows: np.ndarray, slots: np.ndarray) -> None:
-        self._slot_of_row[rows] = slots
-
-    def remove(self, rows: np.ndarray) -> None:
-        self._slot_of_row[rows] = -1
-
-    def clear(self) -> None:
-        self._slot_of_row.fill(-1)
-
-
-class SortedRowIndex:
-    """row -> slot as sorted keys + values, for shards too large for a dense array."""
-
-    def __init__(self) -> None:
-        self._keys = np.zeros(0, dtype=np.int64)
-        self._slots = np.zeros(0, dtype=np.int64)
-
-    def _positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.searchsorted(self._keys, rows)
-        inside = pos < self._keys.size
-        found = np.zeros(rows.shape, dtype=bool)
-        found[inside] = self._keys[pos[inside]] == rows[inside]
-        return pos, found
-
-    def find(self, rows: np.ndarray) -> np.ndarray:
-        pos, found = self._positions(rows)
-        out = np.full(rows.shape, -1, dtype=np.int64)
-        out[found] = self._slots[pos[found]]
-        return out
-
-    def insert(self, rows: np.ndarray, slots: np.ndarray) -> None:
-        order = np.argsort(rows)
-        rows, slots = rows[order], slots[order]
-        pos = np.searchsorted(self._keys, rows)
-        self._keys = np.insert(self._keys, pos, rows)
-        self._slots = np.insert(self._slots, pos, slots)
-
-    def remove(self, rows: np.ndarray) -> None:
-        pos, found = self._positions(rows)
-        self._keys = np.delete(self._keys, pos[found])
-        self._slots = np.delete(self._slots, pos[found])
-
-    def clear(self) -> None:
-        self.__init__()
+def slot_bytes(row_bytes: int, num_rows: int) -> int:
+    """DRAM one cache slot costs in a row space of `num_rows` rows: the record, its
+    bookkeeping (`SLOT_METADATA_BYTES`, with a dense index's 4-byte entry) and, where the
+    row space is too large for a dense index, the hash index's buckets instead."""
+    hashed = num_rows > DENSE_INDEX_MAX_ROWS
+    return row_bytes + SLOT_METADATA_BYTES + (HASH_INDEX_BYTES_PER_SLOT - 4 if hashed else 0)
 
 
 def split_budget(budget: int, needs: Sequence[int], weights: Sequence[float]) -> list[int]:
@@ -227,7 +192,7 @@ class RowCache:
         lay = flash.layout
         self.row_bytes = lay.row_bytes
         self.capacity_rows = max(
-            1, min(lay.num_rows, capacity_bytes // (lay.row_bytes + SLOT_METADATA_BYTES))
+            1, min(lay.num_rows, capacity_bytes // slot_bytes(lay.row_bytes, lay.num_rows))
         )
         cap = self.capacity_rows
         self.hot_rows = min(int(hot_fraction * cap), cap - 1) if policy == "hot+lfu" else 0
@@ -252,11 +217,15 @@ class RowCache:
         self.row_freq = RowFrequency(lay.num_rows, cap) if policy == "hot+lfu" else None
         self._freq_window = FREQ_WINDOW_FACTOR * cap
         self._counted = 0
+        self._since_hot = 0
+        """Accesses counted since the hot set was last selected (`on_step`)."""
+        self._sampler = np.random.default_rng(0)
+        """Samples eviction candidates in a large cache (`_eviction_candidates`)."""
         self._tick = 0
-        self.index: DenseRowIndex | SortedRowIndex = (
+        self.index: DenseRowIndex | HashRowIndex = (
             DenseRowIndex(lay.num_rows)
             if lay.num_rows <= DENSE_INDEX_MAX_ROWS
-            else SortedRowIndex()
+            else HashRowIndex(cap)
         )
 
     # ------------------------------------------------------------------ reads and writes
@@ -390,6 +359,7 @@ class RowCache:
         if self.row_freq is not None and rows.size:
             self.row_freq.add(rows)
             self._counted += int(rows.size)
+            self._since_hot += int(rows.size)
             if self._counted >= self._freq_window:
                 self.row_freq.halve()
                 self._counted = 0
@@ -456,8 +426,11 @@ class RowCache:
         return rows[cached]
 
     def staging_room(self) -> int:
-        """Rows a `pin` can place now: free slots plus slots it may evict (unpinned, not hot)."""
-        return int(np.count_nonzero((self.slot_rows < 0) | ((self.pins == 0) & ~self.hot)))
+        """Rows a `pin` can place now: free slots plus slots it may evict (unpinned, not hot).
+        O(occupied slots): the free ones are the suffix past the watermark."""
+        filled = self._filled
+        evictable = np.count_nonzero((self.pins[:filled] == 0) & ~self.hot[:filled])
+        return self.capacity_rows - filled + int(evictable)
 
     def rows_to_stage(self, rows: np.ndarray) -> np.ndarray:
         """The rows `pin(rows)` reads from flash: those not cached, in order, as many as can
@@ -492,10 +465,20 @@ class RowCache:
     # ------------------------------------------------------------------ policy
 
     def on_step(self) -> None:
-        """End of an applied step: re-select the pinned hot set (`hot+lfu`)."""
+        """End of an applied step: re-select the pinned hot set (`hot+lfu`).
+
+        A cache of more than `HOT_RESELECT_MIN_SLOTS` occupied slots re-selects only once the
+        accesses counted since the last selection reach 1/`HOT_RESELECT_DIVISOR` of them.
+        Why: a selection looks up the count of every occupied slot's row (a count-min sketch
+        for a large row space: four gathers each); at 5% of a 50 GB table that is tens of ms
+        per node and step for a hot set that a few thousand accesses hardly move."""
         if self.hot_rows == 0 or self.row_freq is None or self.holds_all:
             return
-        occupied = np.flatnonzero(self.slot_rows >= 0)
+        filled = self._filled
+        if filled > HOT_RESELECT_MIN_SLOTS and self._since_hot * HOT_RESELECT_DIVISOR < filled:
+            return
+        self._since_hot = 0
+        occupied = np.arange(filled)  # the watermark: slots below it are occupied
         self.hot[:] = False
         if occupied.size:
             k = min(self.hot_rows, occupied.size)
@@ -508,9 +491,27 @@ class RowCache:
         self.last_use[slots] = self._tick
         self.freq[slots] += 1.0
 
+    def _eviction_candidates(self, wanted: int) -> np.ndarray:
+        """The evictable slots (occupied, unpinned, not hot) `wanted` victims are chosen from:
+        all of them, or in a cache of more than `SAMPLED_EVICTION_MIN_SLOTS` occupied slots
+        those of a random sample of `EVICTION_SAMPLE_FACTOR` x `wanted` occupied slots.
+
+        Why a sample there (Redis's approximated LRU / LFU does the same): choosing among
+        every slot costs O(slots) per batch of misses, and with tens of millions of slots
+        that scan, not the flash, would bound a full cache's step. Smaller caches choose
+        exactly among all."""
+        filled = self._filled
+        size = max(EVICTION_SAMPLE_FACTOR * wanted, EVICTION_SAMPLE_MIN)
+        if filled > SAMPLED_EVICTION_MIN_SLOTS and size < filled:
+            sample = np.unique(self._sampler.integers(0, filled, size=size))
+            sample = sample[(self.pins[sample] == 0) & ~self.hot[sample]]
+            if sample.size >= wanted:
+                return sample
+        return np.flatnonzero((self.slot_rows >= 0) & (self.pins == 0) & ~self.hot)
+
     def _victims(self, wanted: int) -> np.ndarray:
         """Up to `wanted` evictable slots with the smallest policy score."""
-        candidates = np.flatnonzero((self.slot_rows >= 0) & (self.pins == 0) & ~self.hot)
+        candidates = self._eviction_candidates(wanted)
         if candidates.size <= wanted:
             return candidates
         score = self._victim_scores(candidates)
@@ -536,7 +537,7 @@ class RowCache:
         order = np.argsort(-counts, kind="stable")
         if order.size <= free:
             return order
-        candidates = np.flatnonzero((self.slot_rows >= 0) & (self.pins == 0) & ~self.hot)
+        candidates = self._eviction_candidates(order.size - free)
         if candidates.size == 0:
             return order[:free]
         victim_counts = np.sort(self.row_freq.get(self.slot_rows[candidates]))

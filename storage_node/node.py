@@ -60,7 +60,7 @@ from ndp.model.spec import optimizer_state_width
 from ndp.plan import Bags, KeyedJagged, ShardSpec
 from ndp.rows import unique_inverse
 from storage_node.arena import Arena, ArenaFlash, Piece
-from storage_node.cache import SLOT_METADATA_BYTES, RowCache, split_budget
+from storage_node.cache import RowCache, slot_bytes, split_budget
 from storage_node.early_pools import EarlyPool, Request
 from storage_node.errors import (
     BadTensorError,
@@ -204,9 +204,9 @@ class StorageNodeCore(PrefetchPins, Inspection, Checkpoints, EarlyLookups, Updat
         budgets = split_budget(
             self.storage.cache_bytes,
             [
-                sum(s.row_end - s.row_start for s in specs)
-                * (self._row_bytes(dim) + SLOT_METADATA_BYTES)
+                rows * slot_bytes(self._row_bytes(dim), rows)
                 for dim, specs in by_dim.items()
+                for rows in [sum(s.row_end - s.row_start for s in specs)]
             ],
             [sum(lookups[s.table_name] for s in specs) for specs in by_dim.values()],
         )

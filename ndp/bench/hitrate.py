@@ -20,7 +20,7 @@ import numpy as np
 
 from ndp.bench.belady import belady_hits, belady_hits_batched, unique_per_batch
 from ndp.bench.traces import Trace
-from storage_node.cache import SLOT_METADATA_BYTES, RowCache
+from storage_node.cache import RowCache, slot_bytes
 from storage_node.flash import FlashStore
 
 POLICIES = ("lru", "lfu", "hot+lfu")
@@ -57,7 +57,7 @@ def replay_policy(
     try:
         cache = RowCache(
             flash,
-            capacity_bytes=capacity_rows * (flash.layout.row_bytes + SLOT_METADATA_BYTES),
+            capacity_bytes=capacity_rows * slot_bytes(flash.layout.row_bytes, num_rows),
             policy=policy,  # type: ignore[arg-type]
             hot_fraction=hot_fraction,
         )

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ndp.config import SparseOptimizerConfig, StorageConfig
 from ndp.model.init import init_rows
 from ndp.plan import Bags, ShardSpec
-from storage_node.cache import SLOT_METADATA_BYTES
+from storage_node.cache import slot_bytes
 from storage_node.client import StorageClient
 from storage_node.process_env import keep_wire_buffers_in_heap
 from storage_node.rpc_methods import channel_options
@@ -95,8 +95,8 @@ class LookupShape:
 
     def cache_bytes(self) -> int:
         """A node cache budget that holds every row of every table (SGD: no optimizer state)."""
-        per_row = 4 * self.embedding_dim + SLOT_METADATA_BYTES
-        return self.num_features * self.num_rows * per_row + (1 << 20)
+        rows = self.num_features * self.num_rows  # one arena: every table has the same dim
+        return rows * slot_bytes(4 * self.embedding_dim, rows) + (1 << 20)
 
 
 def _socket_path(work_dir: str) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage_node.cache import RowCache, SortedRowIndex, split_budget
+from storage_node import cache as cache_module
+from storage_node.cache import RowCache, split_budget
 from storage_node.flash import FlashStore
+from storage_node.row_index import HashRowIndex
 
 NUM_ROWS, DIM, STATE = 64, 4, 1
 FLOATS = DIM + STATE
@@ -44,12 +46,23 @@ def assert_index_consistent(cache: RowCache) -> None:
     np.testing.assert_array_equal(occupied, np.arange(cache._filled))
 
 
-@pytest.mark.parametrize("index", ["dense", "sorted"])
+@pytest.mark.parametrize("scale", ["small", "large"])
+@pytest.mark.parametrize("index", ["dense", "hashed"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "hot+lfu"])
-def test_random_operations_agree_with_an_in_memory_oracle(tmp_path, policy, index):
+def test_random_operations_agree_with_an_in_memory_oracle(
+    tmp_path, policy, index, scale, monkeypatch
+):
+    """Whatever the policy decides, every read is exact. `large`: the shortcuts of caches of
+    millions of slots (victims from a sample, the hot set re-selected only every so many
+    accesses) switched on at this size."""
+    if scale == "large":
+        monkeypatch.setattr(cache_module, "SAMPLED_EVICTION_MIN_SLOTS", 2)
+        monkeypatch.setattr(cache_module, "EVICTION_SAMPLE_FACTOR", 1)
+        monkeypatch.setattr(cache_module, "EVICTION_SAMPLE_MIN", 1)
+        monkeypatch.setattr(cache_module, "HOT_RESELECT_MIN_SLOTS", 2)
     cache = make_cache(tmp_path, rows=6, policy=policy)
-    if index == "sorted":
-        cache.index = SortedRowIndex()
+    if index == "hashed":
+        cache.index = HashRowIndex(cache.capacity_rows)
     oracle = cache.flash.read_rows(np.arange(NUM_ROWS))
     rng = np.random.default_rng(42)
     pinned: list[np.ndarray] = []
@@ -180,3 +193,21 @@ def test_a_budget_is_split_by_traffic_and_no_piece_gets_more_than_holds_all_its_
     # never more than the budget, with shares rounded down
     shares = split_budget(1001, [10_000] * 3, [1.0, 1.0, 1.0])
     assert shares == [333, 333, 333] and sum(shares) <= 1001
+
+
+def test_a_large_cache_takes_victims_from_a_sample_of_its_evictable_slots(tmp_path, monkeypatch):
+    """Past `SAMPLED_EVICTION_MIN_SLOTS` the victims are the weakest of a random sample of
+    occupied slots, never a pinned or hot one."""
+    monkeypatch.setattr(cache_module, "SAMPLED_EVICTION_MIN_SLOTS", 4)
+    monkeypatch.setattr(cache_module, "EVICTION_SAMPLE_FACTOR", 3)
+    monkeypatch.setattr(cache_module, "EVICTION_SAMPLE_MIN", 4)
+    cache = make_cache(tmp_path, rows=40, policy="lfu")
+    cache.fetch(np.arange(40))
+    cache.pins[:10] = 1  # a prefetch's rows
+    for _ in range(20):
+        candidates = cache._eviction_candidates(3)
+        assert candidates.size >= 3 and (candidates >= 10).all()  # evictable only
+        assert candidates.size <= 9  # a sample of 3 x 3 slots, not all 30 evictable
+    cache.fetch(np.arange(40, 45))  # misses: five victims, none pinned
+    assert (cache.index.find(np.arange(10)) >= 0).all()
+    cache.flash.close()
