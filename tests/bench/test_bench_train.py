@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,12 @@ import pytest
 from ndp.bench.train import (
     CRITEO_ROWS,
     DIM,
+    SCENARIOS,
     BenchOptions,
     _flash_and_memory_table,
     cpu_per_sample_line,
     scenario_config,
+    scenario_groups,
     target_lines,
 )
 from ndp.cli.bench import main
@@ -253,3 +256,53 @@ def test_unknown_scenario_on_the_command_line_names_the_known_ones(capsys):
     assert main(["train", "--scenarios", "fits_in_dram,huge"]) != 0
     err = capsys.readouterr().err
     assert "huge" in err and "large_zipf" in err
+
+
+def test_cache_full_is_measured_in_the_rounds_of_cache_5pct_whose_ratio_it_divides():
+    """Target 3 is cache_5pct over cache_full: measured in the same interleaved rounds, not
+    minutes apart while the machine's speed moves."""
+    assert scenario_groups(SCENARIOS) == [
+        ["fits_in_dram"],
+        ["large_zipf"],
+        ["cache_5pct", "cache_full"],
+        ["multihot"],
+    ]
+    assert scenario_groups(["cache_full", "fits_in_dram", "cache_5pct"]) == [
+        ["cache_5pct", "cache_full"],
+        ["fits_in_dram"],
+    ]
+    assert scenario_groups(["cache_full"]) == [["cache_full"]]
+
+
+def test_a_group_interleaves_its_scenarios_jobs_and_files_each_result_under_its_scenario(
+    monkeypatch,
+):
+    from ndp.bench import train as train_module
+
+    calls: list[str] = []
+
+    def jobs(scenario, raw, cfg, batches, options, budget):
+        names = ("ndp", "ndp_lookahead") if scenario == "cache_full" else ("all_gpu", "ndp")
+        return {
+            name: (lambda n=name: calls.append(f"{n}@{scenario}") or {"samples_per_s": 1.0})
+            for name in names
+        }
+
+    monkeypatch.setattr(train_module, "_scenario_jobs", jobs)
+    options = replace(
+        BenchOptions.quick().scaled(0.01), scenarios=("cache_5pct", "cache_full"), rounds=2
+    )
+    lines: list[str] = []
+    systems = train_module._run_all(options, lines.append, {})
+    assert set(systems["ndp"]) == {"cache_5pct", "cache_full"}
+    assert set(systems["ndp_lookahead"]) == {"cache_full"}
+    assert (
+        systems["ndp"]["cache_full"]["node_cache_budget_bytes"]
+        > (systems["ndp"]["cache_5pct"]["node_cache_budget_bytes"])
+    )
+    # one round of every job of both scenarios, then the next round in reverse
+    assert calls == [
+        "all_gpu@cache_5pct", "ndp@cache_5pct", "ndp@cache_full", "ndp_lookahead@cache_full",
+        "ndp_lookahead@cache_full", "ndp@cache_full", "ndp@cache_5pct", "all_gpu@cache_5pct",
+    ]  # fmt: skip
+    assert "cache_5pct: ndp [cache_full] (round 1/2)" in lines
