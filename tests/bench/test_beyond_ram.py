@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,57 @@ def test_os_paged_maps_the_nodes_shard_files_row_for_row(tmp_path):
     assert again.counters.files_reused == 1  # the header page is untouched
     np.testing.assert_array_equal(again.read_rows(np.array([0, 1, 699])), 7.0)
     again.close()
+
+
+def _resident_pages(path) -> int:
+    """Pages of `path` in the page cache (mincore over a fresh mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as file:  # ctypes needs a writable buffer; nothing is written
+        mapping = mmap.mmap(file.fileno(), 0)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    first = ctypes.c_char.from_buffer(mapping)
+    try:
+        address = ctypes.c_void_p(ctypes.addressof(first))
+        assert libc.mincore(address, ctypes.c_size_t(size), vec) == 0
+        return sum(v & 1 for v in vec)
+    finally:
+        del first
+        mapping.close()
+
+
+def test_os_paged_starts_with_none_of_the_shard_files_in_the_page_cache(tmp_path):
+    """Pages cached before os_paged maps the files (the nodes' buffered initialisation, an
+    earlier round) are charged to other memory cgroups, out of reach of its budget: they are
+    dropped before it maps them."""
+    num_rows = 3000
+    pieces = _pieces(tmp_path, [0, num_rows], num_rows)
+    path = pieces[0].path
+    Path(path).read_bytes()  # every page cached
+    if _resident_pages(path) == 0:
+        pytest.skip("this file system keeps no page cache for the file")
+    cfg = config_from_dict(
+        {"model": {"tables": [{"name": "t7", "num_rows": num_rows, "embedding_dim": 16,
+                               "features": ["cat_7"]}]}}
+    )  # fmt: skip
+    if _file_system(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("tmpfs pages cannot be dropped: they are the file")
+    _mapped_shard_files(cfg, [asdict(p) for p in pieces])
+    assert _resident_pages(path) == 0
+
+
+def _file_system(path) -> str:
+    """Type of the file system `path` is on (the longest mount point above it)."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = line.split()
+        if str(Path(path).resolve()).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
 
 
 def test_shard_files_of_another_size_in_the_flash_dir_are_refused(tmp_path):
