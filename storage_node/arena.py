@@ -235,11 +235,11 @@ class ArenaFlash:
             blocks_of.append(floats.reshape(fresh_blocks.size, -1))
         block_floats = geo.block_bytes // 4
         block_of_row = where[:, 0] // block_floats
-        offsets = where - (block_of_row * block_floats)[:, None]
+        in_block = where - (block_of_row * block_floats)[:, None]  # each row's floats
         row_source = source[block_of_row]
         for position in np.unique(row_source).tolist():
             mine = np.flatnonzero(row_source == position)
-            blocks_of[position][at[block_of_row[mine]][:, None], offsets[mine]] = records[mine]
+            blocks_of[position][at[block_of_row[mine]][:, None], in_block[mine]] = records[mine]
         piece_of_block = self._piece_of(span)
         touched, firsts, ends = _groups(piece_of_block)
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
