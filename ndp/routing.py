@@ -181,8 +181,7 @@ def _features(
     sparse: KeyedJaggedTensor,
 ) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(feature, values int64 [nnz], lengths int64 [B], weights f32 [nnz] | None) per key."""
-    if sparse.variable_stride_per_key():
-        raise DataError("sparse features with a different batch size per feature are not supported")
+    _check_one_batch_size(sparse)
     keys = sparse.keys()
     batch_size = sparse.stride()
     values = sparse.values().to(torch.int64)
@@ -217,8 +216,7 @@ def check_indices(
         DataError: as `route_lookup` (names feature, table, value and the fix).
         PlanError: a feature the plan does not know.
     """
-    if sparse.variable_stride_per_key():
-        raise DataError("sparse features with a different batch size per feature are not supported")
+    _check_one_batch_size(sparse)
     keys = sparse.keys()
     values = sparse.values()
     if not keys or values.numel() == 0:
@@ -238,6 +236,11 @@ def check_indices(
     feature = keys[key]
     table = _table_for(feature, plan, by_name)
     _check_range(feature, table, values[start : start + int(per_key[key])].to(torch.int64))
+
+
+def _check_one_batch_size(sparse: KeyedJaggedTensor) -> None:
+    if sparse.variable_stride_per_key():
+        raise DataError("sparse features with a different batch size per feature are not supported")
 
 
 def _table_for(feature: str, plan: ShardingPlan, by_name: Mapping[str, TableConfig]) -> TableConfig:

@@ -155,46 +155,12 @@ class ArenaFlash:
             return out
         if rows.size == 0:
             return np.zeros((0, self.layout.row_floats), dtype=np.float32)
-        span, where = self._span(rows)
-        if self._held:
-            return self._read_with_held(span, where)
-        buf = self._read_span(span)
-        records = np.frombuffer(buf, dtype=np.float32)[where]
-        self._hold(span, buf)  # after the copy
-        return records
-
-    def _read_with_held(self, span: np.ndarray, where: np.ndarray) -> np.ndarray:
-        """`read_rows` where copies are held: each row's record is taken straight from the
-        newest copy of its block, and only the blocks no copy has are read (and held).
-
-        Why not assemble the blocks first (`_current_blocks`, what a write needs): a row is
-        a few dozen bytes of a 4 KiB block, and copying every held block of a step's reads
-        into one buffer cost ~5 ms per node and step at cache_5pct."""
-        block_floats = self._geometry.block_bytes // 4
-        block_of_row = where[:, 0] // block_floats
-        offsets = (where[:, 0] % block_floats)[:, None] + np.arange(self.layout.row_floats)
-        source, at = held_sources(self._held, span)
-        records = np.empty((where.shape[0], self.layout.row_floats), dtype=np.float32)
-        row_source = source[block_of_row]
-        used = np.unique(source[source >= 0]).tolist()
-        for position in used:
-            rows_here = np.flatnonzero(row_source == position)
-            data = self._held[position][1].view(np.float32)
-            records[rows_here] = data[at[block_of_row[rows_here]][:, None], offsets[rows_here]]
-        self._keep_for_carry(used)
-        fresh = source < 0
-        self._count_from_held(span[~fresh])
-        if fresh.any():
-            blocks = span[fresh]
-            buf = self._read_span(blocks)
-            data = np.frombuffer(buf, dtype=np.float32, count=blocks.size * block_floats)
-            data = data.reshape(blocks.size, block_floats)
-            rows_here = np.flatnonzero(row_source < 0)
-            position_in_read = np.cumsum(fresh) - 1
-            records[rows_here] = data[
-                position_in_read[block_of_row[rows_here]][:, None], offsets[rows_here]
-            ]
-            self._hold(blocks, buf)
+        places = self._places(*self._span(rows))
+        records = np.empty((places.in_block.shape[0], self.layout.row_floats), dtype=np.float32)
+        for blocks, mine, block_at, in_block in places.by_buffer():
+            records[mine] = blocks[block_at, in_block]
+        if places.fresh_buf is not None:
+            self._hold(places.fresh_blocks, places.fresh_buf)  # after the copy
         return records
 
     def write_rows(self, rows: np.ndarray, records: np.ndarray) -> None:
@@ -218,45 +184,20 @@ class ArenaFlash:
         self.writes.wait()  # one batch in flight: it may be writing from the copies changed now
         geo = self._geometry
         span, where = self._span(rows)
-        source, at = held_sources(self._held, span)
-        fresh = source < 0
-        self._count_from_held(span[~fresh])
-        self._keep_for_carry(np.unique(source[~fresh]).tolist())
-        buffers = [buf for _, _, buf in self._held]
-        blocks_of = [data.view(np.float32) for _, data, _ in self._held]
-        fresh_blocks, fresh_buf = span[fresh], None
-        if fresh_blocks.size:
-            fresh_buf = self._read_span(fresh_blocks)
-            source[fresh], at[fresh] = len(buffers), np.arange(fresh_blocks.size)
-            buffers.append(fresh_buf)
-            floats = np.frombuffer(
-                fresh_buf, np.float32, count=fresh_blocks.size * geo.block_bytes // 4
-            )
-            blocks_of.append(floats.reshape(fresh_blocks.size, -1))
-        block_floats = geo.block_bytes // 4
-        block_of_row = where[:, 0] // block_floats
-        in_block = where - (block_of_row * block_floats)[:, None]  # each row's floats
-        row_source = source[block_of_row]
-        for position in np.unique(row_source).tolist():
-            mine = np.flatnonzero(row_source == position)
-            blocks_of[position][at[block_of_row[mine]][:, None], in_block[mine]] = records[mine]
+        places = self._places(span, where)
+        for blocks, mine, block_at, in_block in places.by_buffer():
+            blocks[block_at, in_block] = records[mine]
         piece_of_block = self._piece_of(span)
         touched, firsts, ends = _groups(piece_of_block)
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
             self.stores[index].note_write(span[first:end] - self.block_bases[index])
         started = time.monotonic()
-        runs = block_runs_from(span, source, at, buffers, geo)
-        files = [(store.fd, store.path) for store in self.stores]
-        run_piece = self._piece_of(runs.firsts)
-        offsets = geo.page_bytes + (runs.firsts - self.block_bases[run_piece]) * geo.block_bytes
+        runs = block_runs_from(span, places.source, places.at, places.buffers, geo)
+        files, offsets, requests = self._run_targets(runs.firsts, self.stores)
         done_at = self._throttle(touched, ends - firsts, started, write=True, sleep=False)
-        self.writes.start(
-            span, runs.chunks, [files[i] for i in run_piece.tolist()], offsets.tolist(),
-            buffers, runs.views, done_at,
-        )  # fmt: skip
-        if fresh_buf is not None:
-            self._hold(fresh_blocks, fresh_buf)
-        requests = np.bincount(run_piece, minlength=len(self.stores))
+        self.writes.start(span, runs.chunks, files, offsets, places.buffers, runs.views, done_at)
+        if places.fresh_buf is not None:
+            self._hold(places.fresh_blocks, places.fresh_buf)
         for index, first, end in zip(touched.tolist(), firsts.tolist(), ends.tolist(), strict=True):
             counters = self.stores[index].counters
             nbytes = (end - first) * geo.block_bytes
@@ -345,7 +286,7 @@ class ArenaFlash:
             IO_BUFFERS.give(buf)
 
     def _drop_held(self, dropped: Callable[[int | None], bool]) -> None:
-        kept: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]] = []
+        kept: list[tuple[np.ndarray, np.ndarray, mmap.mmap]] = []
         kept_tags: list[int | None] = []
         for entry, tag in zip(self._held, self._held_tags, strict=True):
             if dropped(tag):
@@ -382,15 +323,53 @@ class ArenaFlash:
         self, span: np.ndarray, stores: list[FlashStore]
     ) -> tuple[np.ndarray, list, list[int], np.ndarray]:
         """The runs of sorted arena blocks `span`, every file's in one list: (lengths in
-        blocks, (descriptor, path) of each run's file in `stores`, byte offsets, requests
-        per piece)."""
+        blocks, and `_run_targets` of their first blocks)."""
+        firsts, lengths = block_runs(span, self._geometry.max_run_blocks)
+        return (lengths, *self._run_targets(firsts, stores))
+
+    def _run_targets(
+        self, firsts: np.ndarray, stores: list[FlashStore]
+    ) -> tuple[list, list[int], np.ndarray]:
+        """For runs starting at arena blocks `firsts`: (descriptor, path) of each run's file
+        in `stores`, its byte offset there, and the requests per piece (int64 [pieces])."""
         geo = self._geometry
-        firsts, lengths = block_runs(span, geo.max_run_blocks)
         run_piece = self._piece_of(firsts)
         offsets = geo.page_bytes + (firsts - self.block_bases[run_piece]) * geo.block_bytes
         files = [(store.fd, store.path) for store in stores]
         run_files = [files[i] for i in run_piece.tolist()]
-        return lengths, run_files, offsets.tolist(), np.bincount(run_piece, minlength=len(files))
+        return run_files, offsets.tolist(), np.bincount(run_piece, minlength=len(files))
+
+    def _places(self, span: np.ndarray, where: np.ndarray) -> _RowPlaces:
+        """Where the records of a read or write of sorted arena blocks `span` live (`where`:
+        each row's float offsets in a buffer of those blocks, `_span`): in the held copy of
+        their block, or in one buffer of the blocks no copy has, read now in one batch (the
+        caller holds it, `_hold`). Counts the blocks copies gave, and inside
+        `carrying(step)` keeps the copies used for that step too.
+
+        Why rows, not whole blocks: a row is a few dozen bytes of a 4 KiB block; assembling
+        a step's held blocks into one buffer (and, for a write, copying it back into the
+        copies) cost ~5 ms per node and step at cache_5pct."""
+        block_floats = self._geometry.block_bytes // 4
+        source, at = held_sources(self._held, span)
+        fresh = source < 0
+        self._count_from_held(span[~fresh])
+        used = np.unique(source[~fresh])
+        self._keep_for_carry(used.tolist())
+        buffers = [self._held[p][2] for p in used.tolist()]
+        blocks = [self._held[p][1].view(np.float32) for p in used.tolist()]  # only those used
+        source = np.searchsorted(used, source)  # index into `buffers`; the fresh fixed below
+        fresh_blocks, fresh_buf = span[fresh], None
+        if fresh_blocks.size:
+            fresh_buf = self._read_span(fresh_blocks)
+            source[fresh], at[fresh] = len(buffers), np.arange(fresh_blocks.size)
+            buffers.append(fresh_buf)
+            floats = np.frombuffer(fresh_buf, np.float32, count=fresh_blocks.size * block_floats)
+            blocks.append(floats.reshape(fresh_blocks.size, -1))
+        block_of_row = where[:, 0] // block_floats
+        in_block = where - (block_of_row * block_floats)[:, None]
+        return _RowPlaces(
+            source, at, buffers, blocks, block_of_row, in_block, fresh_blocks, fresh_buf
+        )
 
     def _read_span(self, span: np.ndarray) -> mmap.mmap:
         """Read sorted arena blocks into one page-aligned buffer, counted per file (under the
@@ -534,9 +513,6 @@ class ArenaDetachedRead:
         numpy and thread hand-offs (~3 of the ~6 CPU-ms a prefetch took per node and step
         at cache_5pct in process)."""
 
-    def stores(self) -> list[FlashStore]:
-        return [store for store, _, _, _ in self.parts]
-
     def read(self) -> np.ndarray:
         """Records of the rows, float32 [n, row_floats] (without the node lock)."""
         if self._batch is not None and self.rows.size:
@@ -555,6 +531,38 @@ class ArenaDetachedRead:
         for _, positions, local, reader in self.parts:
             stale[positions] = reader.finish(local)
         return stale
+
+
+@dataclass
+class _RowPlaces:
+    """`ArenaFlash._places`: block i of the span is block `at[i]` of `buffers[source[i]]`
+    (`blocks[source[i]]`: the same bytes as float32 [n, block_floats])."""
+
+    source: np.ndarray
+    at: np.ndarray
+    buffers: list[mmap.mmap]
+    blocks: list[np.ndarray]
+    block_of_row: np.ndarray
+    """Each row's block (position in the span)."""
+    in_block: np.ndarray
+    """Each row's float offsets in its block, int64 [rows, row_floats]."""
+    fresh_blocks: np.ndarray
+    fresh_buf: mmap.mmap | None
+    """The blocks no held copy had, read for this call, and their buffer."""
+
+    def by_buffer(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per buffer the rows are in: (its blocks as float32, the rows' positions, their
+        block in it [m, 1], their float offsets [m, row_floats]): index the blocks with the
+        last two to reach the rows' records."""
+        row_source = self.source[self.block_of_row]
+        for position in np.unique(row_source).tolist():
+            mine = np.flatnonzero(row_source == position)
+            yield (
+                self.blocks[position],
+                mine,
+                self.at[self.block_of_row[mine]][:, None],
+                (self.in_block[mine]),
+            )
 
 
 @dataclass

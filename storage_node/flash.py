@@ -311,7 +311,7 @@ class FlashLayout:
 
 
 def held_sources(
-    held: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]], blocks: np.ndarray
+    held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]], blocks: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where the newest held copy of each of sorted unique `blocks` is: (position in `held`,
     -1 where no copy has the block; the block's index in that copy's blocks), int64 [n] each."""
@@ -328,16 +328,14 @@ def held_sources(
 
 
 def current_blocks(
-    held: list[tuple[np.ndarray, np.ndarray, mmap.mmap | None]],
+    held: list[tuple[np.ndarray, np.ndarray, mmap.mmap]],
     blocks: np.ndarray,
     block_bytes: int,
     read_blocks: Callable[[np.ndarray], mmap.mmap],
-    used: list[int] | None = None,
 ) -> tuple[mmap.mmap, np.ndarray]:
     """An aligned buffer of the current bytes of sorted unique `blocks`: the newest held copy
     of each (`holding_reads`: sorted blocks, their bytes, their buffer; oldest first), the
-    others read with `read_blocks`; and the mask of the blocks taken from held copies.
-    `used`, when given, receives the positions in `held` of the copies that served blocks."""
+    others read with `read_blocks`; and the mask of the blocks taken from held copies."""
     nbytes = blocks.size * block_bytes
     buf = IO_BUFFERS.take(nbytes)
     target = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(blocks.size, -1)
@@ -346,8 +344,6 @@ def current_blocks(
     for position in positions:
         found = source == position
         target[found] = held[position][1][at[found]]
-    if used is not None:
-        used.extend(positions)
     missing = source < 0
     if missing.any():
         rest = blocks[missing]
